@@ -1,0 +1,34 @@
+# One entry point for set-up and tests; `.ci/run` calls `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+# torch is pinned and installed first so pip never resolves an unpinned torch (which pulls
+# several GB of CUDA wheels). Elsewhere, pick your build, e.g.
+#   make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+BIN := $(VENV)/bin
+
+.PHONY: install test test-slow coverage demo clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	# make-a-video-pytorch is the reference for parity tests and benchmarks; its declared
+	# dependencies pull torchvision and a CUDA torch, so it goes in without them.
+	$(BIN)/python -m pip install -q --no-deps make-a-video-pytorch==0.4.0
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(BIN)/python -m pytest -n 2 --cov=spacetime --cov=unets --cov=diffusion --cov-report=term $(PYTEST_ARGS)
+
+test-slow: install
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis .coverage

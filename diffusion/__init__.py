@@ -1,0 +1,1 @@
+"""diffusion: the pluggable diffusion process, trainer, video data, text encoders and CLI."""

@@ -1,0 +1,1 @@
+"""unets: interchangeable video U-Nets assembled from spacetime layers by a registry."""
