@@ -1,0 +1,520 @@
+"""GaussianDiffusion: the DDPM process around any denoiser that follows the U-Net call
+convention (DESIGN.md), with video-diffusion-pytorch's arguments.
+
+Training (Ho et al. 2020, Algorithm 1): draw `t`, noise the data to
+`x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps` and regress the network output on the
+objective's target (eps, x0 or v), optionally weighted by min-SNR (Hang et al. 2023).
+Videos `(B, C, F, H, W)` and images `(B, C, H, W)` train the same network; an image is the
+network's single-frame case with time disabled (image-then-video pretraining, Ho et al. 2022
+"Video Diffusion Models", sec. 3.2; Make-A-Video).
+
+Sampling converts the (guided) network output to `(x0, eps)` once, thresholds `x0`, and
+hands that to a plain sampler function from `diffusion.samplers`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+
+from diffusion.guidance import denoiser_kwargs, guided_output
+from diffusion.samplers import SAMPLERS, ddpm_sample, sample_loop
+from diffusion.schedules import (
+    NoiseSchedule,
+    beta_schedule as make_betas,
+    check_objective,
+    eps_from_x0,
+    extract,
+    objective_target,
+    prediction_to_x0_eps,
+)
+
+LOSS_TYPES = ("l1", "l2", "huber")
+
+Cond = Float[Tensor, "b d"] | Float[Tensor, "b l d"] | list[str] | tuple[str, ...] | None
+Number = float | int
+
+
+def _quantile_rows(values: Tensor, q: float) -> Tensor:
+    """`torch.quantile(values, q, dim=-1)` (linear interpolation) for `(B, N)` values.
+
+    `torch.quantile` refuses inputs above 2**24 elements, which a batch of videos passes
+    easily; two `kthvalue` calls have no such limit."""
+    n = values.shape[-1]
+    position = q * (n - 1)
+    lower = math.floor(position)
+    upper = min(lower + 1, n - 1)
+    low = values.kthvalue(lower + 1, dim=-1).values
+    high = values.kthvalue(upper + 1, dim=-1).values
+    return low + (position - lower) * (high - low)
+
+
+def threshold_x0(
+    x0: Float[Tensor, "b *dims"], dynamic_percentile: float | int | None = None
+) -> Float[Tensor, "b *dims"]:
+    """Keep predicted clean samples in [-1, 1].
+
+    Static: clamp. Dynamic (Saharia et al. 2022, "Imagen", sec. 2.3): per sample, `s` is the
+    `dynamic_percentile` quantile of `|x0|` (at least 1); clamp to `[-s, s]` and divide by `s`,
+    which pulls saturated pixels inwards instead of flattening them at large guidance."""
+    if dynamic_percentile is None:
+        return x0.clamp(-1.0, 1.0)
+    s = _quantile_rows(rearrange(x0, "b ... -> b (...)").abs().float(), dynamic_percentile)
+    s = s.clamp(min=1.0).to(x0.dtype).view((-1,) + (1,) * (x0.ndim - 1))
+    return x0.clamp(-s, s) / s
+
+
+class GaussianDiffusion(nn.Module):
+    """The diffusion process around `denoise_fn` (video-diffusion-pytorch's arguments, plus
+    the schedule, objective, loss weighting, normalisation and text options below).
+
+    `denoise_fn(x_t, t, cond=..., ...)` is any module following the call convention of
+    DESIGN.md; only keywords that differ from their defaults are passed, so a plain
+    `forward(x, t)` works for unconditional use.
+
+    Conditions (`cond`): a tensor `(B, cond_dim)`, token embeddings `(B, L, D)` with an
+    optional `cond_mask` `(B, L)` bool, or a list of strings. Strings are encoded by
+    `text_encoder` (default: `diffusion.text.default_text_encoder()`); the denoiser gets the
+    pooled vector `(B, D)` as `cond`, or, if it sets the attribute `cond_on_tokens = True`,
+    the token embeddings as `cond` with their padding mask as `cond_mask`. With
+    `text_use_bert_cls=True` the first token's embedding replaces the pooled vector.
+
+    `null_cond_prob` is the default probability of dropping the condition during training
+    (classifier-free guidance needs it above 0, typically 0.1 to 0.2; the default 0 matches
+    video-diffusion-pytorch). The encoder is kept out of the module's parameters and state.
+    """
+
+    def __init__(
+        self,
+        denoise_fn: nn.Module,
+        *,
+        image_size: int | tuple[int, int],
+        num_frames: int,
+        text_use_bert_cls: bool = False,
+        channels: int = 3,
+        timesteps: int = 1000,
+        loss_type: str = "l1",
+        use_dynamic_thres: bool = False,
+        dynamic_thres_percentile: Number = 0.9,
+        beta_schedule: str = "cosine",
+        objective: str = "noise",
+        min_snr_loss_weight: bool = False,
+        min_snr_gamma: Number = 5.0,
+        auto_normalize: bool = True,
+        text_encoder: Any = None,
+        null_cond_prob: Number = 0.0,
+    ) -> None:
+        super().__init__()
+        if isinstance(image_size, int):
+            image_hw = (image_size, image_size)
+        else:
+            image_hw = tuple(image_size)
+        if len(image_hw) != 2 or min(image_hw) < 1:
+            raise ValueError(f"image_size must be a positive int or (height, width), got {image_size!r}")
+        if num_frames < 1 or channels < 1:
+            raise ValueError(f"num_frames and channels must be positive, got {num_frames} and {channels}")
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        if not 0.0 < dynamic_thres_percentile <= 1.0:
+            raise ValueError(f"dynamic_thres_percentile must lie in (0, 1], got {dynamic_thres_percentile}")
+        if min_snr_gamma <= 0:
+            raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma}")
+        if not 0.0 <= null_cond_prob <= 1.0:
+            raise ValueError(f"null_cond_prob must lie in [0, 1], got {null_cond_prob}")
+
+        self.denoise_fn = denoise_fn
+        self.image_size = image_size
+        self.image_hw: tuple[int, int] = image_hw
+        self.num_frames = num_frames
+        self.channels = channels
+        self.loss_type = loss_type
+        self.objective = check_objective(objective)
+        self.beta_schedule = beta_schedule
+        self.use_dynamic_thres = use_dynamic_thres
+        self.dynamic_thres_percentile = float(dynamic_thres_percentile)
+        self.min_snr_loss_weight = min_snr_loss_weight
+        self.min_snr_gamma = float(min_snr_gamma)
+        self.auto_normalize = auto_normalize
+        self.text_use_bert_cls = text_use_bert_cls
+        self.null_cond_prob = float(null_cond_prob)
+        # A frozen encoder is no part of the trained model: stored past nn.Module's
+        # registration so its weights stay out of parameters(), state_dict() and optimizers.
+        object.__setattr__(self, "text_encoder", text_encoder)
+
+        schedule = NoiseSchedule.from_betas(make_betas(beta_schedule, timesteps))
+        for name, table in schedule.tables().items():
+            self.register_buffer(name, table)
+        self.num_timesteps = timesteps
+
+    # --- schedule, normalisation --------------------------------------------------------
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        """The tables as currently held in the buffers (device and loaded values included)."""
+        return NoiseSchedule.from_tables(dict(self.named_buffers(recurse=False)))
+
+    def normalize(self, x: Tensor) -> Tensor:
+        return x * 2.0 - 1.0 if self.auto_normalize else x
+
+    def unnormalize(self, x: Tensor) -> Tensor:
+        return (x + 1.0) * 0.5 if self.auto_normalize else x
+
+    def q_sample(
+        self,
+        x_start: Float[Tensor, "b *dims"],
+        t: Int[Tensor, " b"],
+        noise: Float[Tensor, "b *dims"] | None = None,
+    ) -> Float[Tensor, "b *dims"]:
+        """Draw `x_t ~ q(x_t | x_0)` (Ho et al. 2020, eq. 4), in the model's [-1, 1] space."""
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        return (
+            extract(self.sqrt_alphas_cumprod, t, x_start.ndim) * x_start
+            + extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.ndim) * noise
+        )
+
+    # --- input checks and conditions ---------------------------------------------------
+
+    def _check_data(self, x: Tensor, what: str) -> None:
+        c, (h, w), f = self.channels, self.image_hw, self.num_frames
+        if x.ndim == 5 and tuple(x.shape[1:]) == (c, f, h, w):
+            return
+        if x.ndim == 4 and tuple(x.shape[1:]) == (c, h, w):
+            return
+        raise ValueError(
+            f"{what} must be videos (B, {c}, {f}, {h}, {w}) or images (B, {c}, {h}, {w}) "
+            f"(channels, num_frames, image_size of this GaussianDiffusion), got shape {tuple(x.shape)}"
+        )
+
+    def encode_text(self, texts: list[str]) -> tuple[Tensor, Tensor | None]:
+        """Encode strings into the condition the denoiser takes: `(pooled, None)`, or
+        `(tokens, mask)` when `denoise_fn.cond_on_tokens` is True."""
+        encoder = self.text_encoder
+        if encoder is None:
+            # Imported here: the text extra (transformers) is optional.
+            from diffusion.text import default_text_encoder
+
+            encoder = default_text_encoder()
+        with torch.no_grad():
+            embedding = encoder.encode(list(texts))
+        device = self.betas.device
+        if getattr(self.denoise_fn, "cond_on_tokens", False):
+            return embedding.tokens.to(device), embedding.mask.to(device)
+        if self.text_use_bert_cls:
+            return embedding.tokens[:, 0].to(device), None
+        return embedding.pooled.to(device), None
+
+    def prepare_cond(
+        self, cond: Any, cond_mask: Tensor | None, batch: int | None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Validate a condition (encoding strings) and return `(cond, cond_mask)`."""
+        if cond is None:
+            if cond_mask is not None:
+                raise ValueError("cond_mask was given without cond")
+            return None, None
+        if isinstance(cond, (list, tuple)):
+            if len(cond) == 0 or not all(isinstance(text, str) for text in cond):
+                raise TypeError("a list cond must be a non-empty list of strings")
+            if cond_mask is not None:
+                raise ValueError("cond_mask must not be given with string conditions (the text encoder makes it)")
+            cond, cond_mask = self.encode_text(list(cond))
+        elif not isinstance(cond, Tensor):
+            raise TypeError(f"cond must be a tensor, a list of strings or None, got {type(cond).__name__}")
+        if cond.ndim not in (2, 3):
+            raise ValueError(
+                f"cond must be (B, cond_dim) or token embeddings (B, L, D), got shape {tuple(cond.shape)}"
+            )
+        if batch is not None and cond.shape[0] != batch:
+            raise ValueError(f"cond has batch size {cond.shape[0]}, the data has {batch}")
+        if cond_mask is not None:
+            mask_shape = tuple(cond_mask.shape)
+            if cond.ndim != 3 or cond_mask.dtype != torch.bool or mask_shape != tuple(cond.shape[:2]):
+                raise ValueError(
+                    f"cond_mask must be a bool (B, L) mask for token embeddings (B, L, D); got a "
+                    f"{cond_mask.dtype} mask of shape {mask_shape} for cond of shape {tuple(cond.shape)}"
+                )
+        return cond, cond_mask
+
+    # --- training ----------------------------------------------------------------------
+
+    def forward(
+        self,
+        videos: Float[Tensor, "b c f h w"] | Float[Tensor, "b c h w"],
+        cond: Cond = None,
+        prob_focus_present: Number = 0.0,
+        focus_present_mask: Bool[Tensor, " b"] | None = None,
+        *,
+        cond_mask: Bool[Tensor, "b l"] | None = None,
+        enable_time: bool | Bool[Tensor, " b"] = True,
+        null_cond_prob: Number | None = None,
+        noise: Float[Tensor, "b c f h w"] | Float[Tensor, "b c h w"] | None = None,
+        times: Int[Tensor, " b"] | None = None,
+    ) -> Float[Tensor, ""]:
+        """The training loss for a batch of videos (or images) in [0, 1] (or [-1, 1] with
+        `auto_normalize=False`). `times` fixes the timesteps (default: uniform), `noise` the
+        noise; `null_cond_prob` overrides the constructor's condition-dropout rate."""
+        self._check_data(videos, "videos")
+        batch = videos.shape[0]
+        if noise is not None and noise.shape != videos.shape:
+            raise ValueError(
+                f"noise must have the data's shape {tuple(videos.shape)}, got {tuple(noise.shape)}"
+            )
+        if times is None:
+            times = torch.randint(0, self.num_timesteps, (batch,), device=videos.device)
+        elif bool(((times < 0) | (times >= self.num_timesteps)).any()):
+            raise ValueError(f"times must lie in [0, {self.num_timesteps}), got {times.tolist()}")
+        drop_prob = self.null_cond_prob if null_cond_prob is None else float(null_cond_prob)
+        if not 0.0 <= drop_prob <= 1.0:
+            raise ValueError(f"null_cond_prob must lie in [0, 1], got {drop_prob}")
+        cond, cond_mask = self.prepare_cond(cond, cond_mask, batch)
+
+        x_start = self.normalize(videos)
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        x_t = self.q_sample(x_start, times, noise)
+        kwargs = denoiser_kwargs(
+            cond=cond,
+            cond_mask=cond_mask,
+            # Dropping a condition that is not there means nothing; the call stays plain.
+            null_cond_prob=drop_prob if cond is not None else 0.0,
+            enable_time=enable_time,
+            focus_present_mask=focus_present_mask,
+            prob_focus_present=prob_focus_present,
+        )
+        prediction = self.denoise_fn(x_t, times, **kwargs)
+        self._check_prediction(prediction, x_t)
+
+        alpha, sigma = extract(self.sqrt_alphas_cumprod, times, x_t.ndim), extract(
+            self.sqrt_one_minus_alphas_cumprod, times, x_t.ndim
+        )
+        target = objective_target(self.objective, x_start, noise, alpha, sigma)
+        loss = self._elementwise_loss(prediction, target)
+        loss = rearrange(loss, "b ... -> b (...)").mean(dim=1)
+        if self.min_snr_loss_weight:
+            loss = loss * self._min_snr_weight(times)
+        return loss.mean()
+
+    def _elementwise_loss(self, prediction: Tensor, target: Tensor) -> Tensor:
+        if self.loss_type == "l1":
+            return F.l1_loss(prediction, target, reduction="none")
+        if self.loss_type == "l2":
+            return F.mse_loss(prediction, target, reduction="none")
+        return F.smooth_l1_loss(prediction, target, reduction="none")
+
+    def _min_snr_weight(self, t: Tensor) -> Tensor:
+        # Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting", eq. 8-10: the
+        # x0-space weight min(snr, gamma), expressed for the objective's own target (an eps
+        # error is snr times an x0 error, a v error snr + 1 times).
+        abar = self.alphas_cumprod[t]
+        snr = abar / (1.0 - abar)
+        clipped = snr.clamp(max=self.min_snr_gamma)
+        if self.objective == "noise":
+            return clipped / snr
+        if self.objective == "x0":
+            return clipped
+        return clipped / (snr + 1.0)
+
+    @staticmethod
+    def _check_prediction(prediction: Any, x_t: Tensor) -> None:
+        if not isinstance(prediction, Tensor) or prediction.shape != x_t.shape:
+            got = tuple(prediction.shape) if isinstance(prediction, Tensor) else type(prediction).__name__
+            raise ValueError(
+                f"denoise_fn must return a tensor shaped like its input {tuple(x_t.shape)}, got {got}"
+            )
+
+    # --- sampling ----------------------------------------------------------------------
+
+    def model_predictions(
+        self,
+        x: Float[Tensor, "b *dims"],
+        t: Int[Tensor, " b"],
+        *,
+        cond: Tensor | None = None,
+        cond_mask: Tensor | None = None,
+        cond_scale: Number = 1.0,
+        clip_denoised: bool = True,
+    ) -> tuple[Float[Tensor, "b *dims"], Float[Tensor, "b *dims"]]:
+        """The guided prediction at `(x, t)` as `(x0, eps)`, the one place where the
+        objective is undone. With `clip_denoised`, `x0` is thresholded and `eps` re-derived
+        from it so that every sampler sees a consistent pair."""
+        prediction = guided_output(
+            self.denoise_fn, x, t, cond=cond, cond_mask=cond_mask, cond_scale=cond_scale
+        )
+        self._check_prediction(prediction, x)
+        alpha = extract(self.sqrt_alphas_cumprod, t, x.ndim)
+        sigma = extract(self.sqrt_one_minus_alphas_cumprod, t, x.ndim)
+        x0, eps = prediction_to_x0_eps(self.objective, prediction, x, alpha, sigma)
+        if clip_denoised:
+            x0 = threshold_x0(x0, self.dynamic_thres_percentile if self.use_dynamic_thres else None)
+            eps = eps_from_x0(x, x0, alpha, sigma)
+        return x0, eps
+
+    def _model_fn(
+        self, cond: Tensor | None, cond_mask: Tensor | None, cond_scale: float | int, clip_denoised: bool
+    ) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        def model_fn(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+            return self.model_predictions(
+                x, t, cond=cond, cond_mask=cond_mask, cond_scale=cond_scale, clip_denoised=clip_denoised
+            )
+
+        return model_fn
+
+    def _initial_noise(
+        self, shape: tuple[int, ...], noise: Tensor | None, generator: torch.Generator | None
+    ) -> Tensor:
+        device, dtype = self.betas.device, self.betas.dtype
+        if noise is not None:
+            if tuple(noise.shape) != shape:
+                raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
+            return noise.to(device=device, dtype=dtype)
+        # Drawn on the generator's device, so a CPU-seeded generator reproduces on any device.
+        source = generator.device if generator is not None else device
+        return torch.randn(shape, generator=generator, device=source, dtype=dtype).to(device)
+
+    @torch.no_grad()
+    def _sample(
+        self,
+        frames: tuple[int, ...],
+        cond: Any,
+        cond_scale: float | int,
+        batch_size: int,
+        *,
+        cond_mask: Tensor | None,
+        sampler: str,
+        steps: int | None,
+        eta: float | int,
+        generator: torch.Generator | None,
+        clip_denoised: bool,
+        noise: Tensor | None,
+        progress: bool,
+    ) -> Tensor:
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        cond, cond_mask = self.prepare_cond(cond, cond_mask, None)
+        if cond is not None:
+            # As in video-diffusion-pytorch: one sample per condition.
+            batch_size = cond.shape[0]
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        shape = (batch_size, self.channels, *frames, *self.image_hw)
+        x = self._initial_noise(shape, noise, generator)
+        model_fn = self._model_fn(cond, cond_mask, float(cond_scale), clip_denoised)
+        bar, callback = _progress_bar(sampler, self.num_timesteps, steps) if progress else (None, None)
+        try:
+            x = sample_loop(
+                sampler, model_fn, x, self.schedule, steps=steps, eta=eta, generator=generator, callback=callback
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        return self.unnormalize(x)
+
+    def sample(
+        self,
+        cond: Cond = None,
+        cond_scale: Number = 1.0,
+        batch_size: int = 16,
+        *,
+        cond_mask: Bool[Tensor, "b l"] | None = None,
+        sampler: str = "ddpm",
+        steps: int | None = None,
+        eta: Number = 0.0,
+        generator: torch.Generator | None = None,
+        num_frames: int | None = None,
+        clip_denoised: bool = True,
+        noise: Float[Tensor, "b c f h w"] | None = None,
+        progress: bool = False,
+    ) -> Float[Tensor, "b c f h w"]:
+        """Sample videos `(B, C, F, H, W)` in [0, 1] ([-1, 1] with `auto_normalize=False`).
+
+        `sampler='ddpm'` runs all timesteps; `'ddim'` runs `steps` of them (default all) with
+        noise scale `eta`. With a `cond`, the batch size is the condition's. `num_frames`
+        overrides the training length; `noise` fixes the starting noise and `generator`
+        every random draw. `clip_denoised` keeps each predicted clean sample in [-1, 1]
+        (dynamically when `use_dynamic_thres`)."""
+        frames = self.num_frames if num_frames is None else num_frames
+        if frames < 1:
+            raise ValueError(f"num_frames must be positive, got {frames}")
+        return self._sample(
+            (frames,), cond, cond_scale, batch_size, cond_mask=cond_mask, sampler=sampler, steps=steps, eta=eta,
+            generator=generator, clip_denoised=clip_denoised, noise=noise, progress=progress,
+        )
+
+    def sample_images(
+        self,
+        cond: Cond = None,
+        cond_scale: Number = 1.0,
+        batch_size: int = 16,
+        *,
+        cond_mask: Bool[Tensor, "b l"] | None = None,
+        sampler: str = "ddpm",
+        steps: int | None = None,
+        eta: Number = 0.0,
+        generator: torch.Generator | None = None,
+        clip_denoised: bool = True,
+        noise: Float[Tensor, "b c h w"] | None = None,
+        progress: bool = False,
+    ) -> Float[Tensor, "b c h w"]:
+        """Sample images `(B, C, H, W)` from the same network with time disabled; the
+        arguments are those of `sample`."""
+        return self._sample(
+            (), cond, cond_scale, batch_size, cond_mask=cond_mask, sampler=sampler, steps=steps, eta=eta,
+            generator=generator, clip_denoised=clip_denoised, noise=noise, progress=progress,
+        )
+
+    @torch.no_grad()
+    def interpolate(
+        self,
+        x1: Float[Tensor, "b c f h w"] | Float[Tensor, "b c h w"],
+        x2: Float[Tensor, "b c f h w"] | Float[Tensor, "b c h w"],
+        t: int | None = None,
+        lam: Number = 0.5,
+        *,
+        cond: Cond = None,
+        cond_mask: Bool[Tensor, "b l"] | None = None,
+        cond_scale: Number = 1.0,
+        generator: torch.Generator | None = None,
+        clip_denoised: bool = True,
+    ) -> Tensor:
+        """Noise `x1` and `x2` to timestep `t` (default: the last), mix them `(1 - lam, lam)`
+        and denoise the mix with the ancestral sampler (as video-diffusion-pytorch's
+        `interpolate`, but in data space at both ends)."""
+        if x1.shape != x2.shape:
+            raise ValueError(
+                f"x1 and x2 must have the same shape, got {tuple(x1.shape)} and {tuple(x2.shape)}"
+            )
+        self._check_data(x1, "x1")
+        start = self.num_timesteps - 1 if t is None else t
+        if not 0 <= start < self.num_timesteps:
+            raise ValueError(f"t must lie in [0, {self.num_timesteps}), got {t}")
+        cond, cond_mask = self.prepare_cond(cond, cond_mask, x1.shape[0])
+        device = self.betas.device
+        times = torch.full((x1.shape[0],), start, device=device, dtype=torch.long)
+        noised = []
+        for x in (x1, x2):
+            noise = self._initial_noise(tuple(x.shape), None, generator)
+            noised.append(self.q_sample(self.normalize(x.to(device)), times, noise))
+        mix = (1.0 - lam) * noised[0] + lam * noised[1]
+        model_fn = self._model_fn(cond, cond_mask, float(cond_scale), clip_denoised)
+        return self.unnormalize(ddpm_sample(model_fn, mix, self.schedule, t_start=start, generator=generator))
+
+
+def _progress_bar(sampler: str, num_timesteps: int, steps: int | None) -> tuple[Any, Callable[..., None]]:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as error:
+        raise ImportError("progress=True needs tqdm: pip install 'spacetime-video[train]'") from error
+    total = num_timesteps if steps is None or sampler == "ddpm" else steps
+    bar = tqdm(total=total, desc=f"{sampler} sampling")
+
+    def callback(step: int, t: int, x: Tensor, x0: Tensor) -> None:
+        bar.update(1)
+
+    return bar, callback
