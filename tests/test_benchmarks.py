@@ -1,0 +1,107 @@
+"""Smoke runs of benchmarks/attention.py and benchmarks/unet.py (--quick, CPU), and the
+analytic counts and memory measurement they rest on."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from benchmarks import attention as attention_bench
+from benchmarks import common
+from benchmarks import unet as unet_bench
+
+
+def _single(folder, pattern):
+    found = sorted(folder.glob(pattern))
+    assert len(found) == 1, f"expected one {pattern} in {folder}, got {found}"
+    return found[0]
+
+
+def test_flop_and_byte_counts():
+    case = attention_bench.Case("temporal", 4, 3, 2, 8, "none", False, "fp32", "fwd")
+    assert attention_bench.flop_count(case) == 4 * 3 * 2 * 4 * 4 * 8
+    # Causal 4x4 keeps 1 + 2 + 3 + 4 of 16 pairs; backward is 2.5x forward.
+    causal = attention_bench.Case("temporal", 4, 3, 2, 8, "none", True, "fp32", "fwd+bwd")
+    assert attention_bench.kept_fraction(4, 4, True) == pytest.approx(10 / 16)
+    assert attention_bench.flop_count(causal) == pytest.approx(4 * 3 * 2 * 4 * 4 * 8 * 10 / 16 * 3.5)
+    # fp32 q, k, v read and o written; the bias adds heads * N * N once.
+    assert attention_bench.byte_count(case) == 4 * 3 * 2 * 8 * (4 * 4)
+    biased = attention_bench.Case("temporal", 4, 3, 2, 8, "t5", False, "bf16", "fwd")
+    assert attention_bench.byte_count(biased) == 2 * 3 * 2 * 8 * (4 * 4) + 2 * 2 * 4 * 4
+
+
+def test_roofline_and_peaks():
+    assert common.roofline_time(1e12, 1e9, 100.0, 1000.0) == pytest.approx(max(1e12 / 1e14, 1e9 / 1e12))
+    assert common.roofline_time(1.0, 1.0, None, 1000.0) is None
+    flops, gbps, source = common.device_peaks(torch.device("cpu"), tflops=2.0, gbps=50.0)
+    assert (flops, gbps, source) == (2.0, 50.0, "command line")
+    assert common.device_peaks(torch.device("cpu"))[:2] == (None, None)
+
+
+def test_cpu_peak_memory_sees_torch_allocations():
+    def allocate():
+        a = torch.ones(1 << 20)  # 4 MiB
+        del a
+        b = torch.ones(2 << 20)  # 8 MiB
+        c = torch.ones(1 << 20)  # + 4 MiB live together: 12 MiB peak
+        return float(b[0] + c[0])
+
+    peak = common.peak_memory(allocate, torch.device("cpu"))
+    assert 12 * 2**20 <= peak < 13 * 2**20
+
+
+def test_attention_quick(tmp_path):
+    assert attention_bench.main(["--quick", "--out", str(tmp_path)]) == 0
+    csv_path = _single(tmp_path, "*-attention.csv")
+    with csv_path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    timed = [r for r in rows if r["time_ms"]]
+    assert {"kind", "seq", "backend", "resolved", "time_ms", "tflops", "gbps", "peak_mem_mb"} <= set(rows[0])
+    assert {r["kind"] for r in timed} == {"spatial", "temporal"}
+    assert {r["pass"] for r in timed} == {"fwd", "fwd+bwd"}
+    assert {"math", "sdpa", "auto"} <= {r["backend"] for r in timed}
+    assert all(float(r["time_ms"]) > 0 and float(r["tflops"]) > 0 for r in timed)
+    # fwd+bwd allocates activations and gradients: some memory must be seen.
+    assert any(float(r["peak_mem_mb"]) > 0 for r in timed if r["pass"] == "fwd+bwd")
+
+    payload = json.loads(_single(tmp_path, "*-attention.json").read_text())
+    assert payload["environment"]["torch"] == torch.__version__
+    assert payload["auto"], "the auto-vs-fastest report is empty"
+    for entry in payload["auto"]:
+        assert entry["auto_chose"] in {"math", "sdpa"}
+        assert entry["auto/fastest"] >= 1.0 - 1e-9
+
+    report = _single(tmp_path, "*-attention.md").read_text()
+    assert report.startswith("# Attention benchmark")
+    assert "What `auto` chose" in report and "| spatial |" in report
+    assert _single(tmp_path, "*-attention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_unet_quick(tmp_path):
+    assert unet_bench.main(["--quick", "--out", str(tmp_path)]) == 0
+    payload = json.loads(_single(tmp_path, "*-unet.json").read_text())
+    rows = payload["rows"]
+    models = {r["model"] for r in rows}
+    assert {"space_time_unet", "unet3d", "make-a-video-pytorch"} == models
+    assert {(r["model"], r["mode"]) for r in rows} == {(m, mode) for m in models for mode in ("train", "sample")}
+    for r in rows:
+        assert r["time_ms"] > 0 and r["samples_per_s"] > 0 and r["gflop"] > 0
+        assert r["peak_mem_mb"] > 0
+    # Training keeps activations for backward: more memory than one inference step.
+    for model in models:
+        train, sample = (next(r for r in rows if r["model"] == model and r["mode"] == m) for m in ("train", "sample"))
+        assert train["peak_mem_mb"] > sample["peak_mem_mb"]
+        assert train["gflop"] > 2 * sample["gflop"]
+    comparison = {(c["mode"], c["metric"]): c for c in payload["comparison"]}
+    assert set(comparison) == {(m, k) for m in ("train", "sample") for k in ("time", "memory")}
+    assert comparison[("train", "time")]["target"] == 0.5
+    assert comparison[("train", "memory")]["target"] == 0.7
+    assert all(c["ratio"] > 0 for c in comparison.values())
+
+    with _single(tmp_path, "*-unet.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == len(rows)
+    report = _single(tmp_path, "*-unet.md").read_text()
+    assert report.startswith("# U-Net benchmark") and "Ours / make-a-video-pytorch" in report
