@@ -16,8 +16,10 @@ Unreadable files never crash training. At construction each file gets a probe (`
 this), and a file that fails is skipped with one warning naming it and a closing
 `skipped K of N videos` line. A file that passes the probe but fails later (a GIF truncated
 after its first frame) is skipped in `__getitem__` the same way: one warning, and the next
-readable item is returned in its place. Each decode runs under `decode_timeout` seconds, so
-a hostile file cannot hang a data loader worker.
+readable item is returned in its place. Each probe and decode runs under `decode_timeout`
+seconds, so a hostile file cannot hang a data loader worker (the abandoned decode stops at
+its next frame), and frames whose header claims more than `media.MAX_FRAME_PIXELS` pixels
+are refused before decoding (a decompression-bomb guard); see `diffusion.media`.
 """
 
 from __future__ import annotations
@@ -361,7 +363,9 @@ class VideoFolder(Dataset):
             for source in sources:
                 try:
                     if probe == "header":
-                        media.probe_video(source.path)
+                        # Under the decode time limit too: a header can promise a frame
+                        # that takes long to decode.
+                        decode_with_timeout(lambda cancel, path=source.path: media.probe_video(path), decode_timeout)
                     else:
                         self._decode(source)
                 except ImportError:

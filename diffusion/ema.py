@@ -4,6 +4,10 @@ Samples from the averaged weights are markedly better than from the raw ones (Ho
 DDPM, App. B uses decay 0.9999; video-diffusion-pytorch 0.995 every 10 steps). As there,
 the average is held equal to the model until `start_step`, so early, poor weights do not
 linger in it, and is updated every `update_every` steps.
+
+Sharded models (FSDP2, whose parameters are DTensors) are averaged shard by shard: the EMA
+copy is sharded like the model, and each rank updates its own local pieces without any
+communication.
 """
 
 from __future__ import annotations
@@ -47,9 +51,26 @@ class EMA:
         self.ema_model.requires_grad_(False)
         self.ema_model.eval()
 
+    def _pairs(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        from diffusion.distributed import local_tensor
+
+        ema_params = [local_tensor(p) for p in self.ema_model.parameters()]
+        params = [local_tensor(p.detach()) for p in model.parameters()]
+        if len(ema_params) != len(params):
+            raise RuntimeError("the model's parameters changed since its EMA copy was made")
+        return ema_params, params
+
+    @torch.no_grad()
+    def _copy_buffers(self, model: nn.Module) -> None:
+        for ema_buffer, buffer in zip(self.ema_model.buffers(), model.buffers()):
+            ema_buffer.copy_(buffer)
+
     @torch.no_grad()
     def copy_from(self, model: nn.Module) -> None:
-        self.ema_model.load_state_dict(model.state_dict())
+        ema_params, params = self._pairs(model)
+        for ema, param in zip(ema_params, params):
+            ema.copy_(param)
+        self._copy_buffers(model)
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
@@ -59,13 +80,9 @@ class EMA:
         if step < self.start_step:
             self.copy_from(model)
             return
-        ema_params = [p for p in self.ema_model.parameters()]
-        params = [p.detach() for p in model.parameters()]
-        if len(ema_params) != len(params):
-            raise RuntimeError("the model's parameters changed since its EMA copy was made")
+        ema_params, params = self._pairs(model)
         floating = [(e, p) for e, p in zip(ema_params, params) if e.is_floating_point()]
         if floating:
             # ema <- beta * ema + (1 - beta) * p, i.e. lerp towards p by (1 - beta)
             torch._foreach_lerp_([e for e, _ in floating], [p.to(e.dtype) for e, p in floating], 1.0 - self.beta)
-        for ema_buffer, buffer in zip(self.ema_model.buffers(), model.buffers()):
-            ema_buffer.copy_(buffer)
+        self._copy_buffers(model)

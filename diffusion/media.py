@@ -11,6 +11,12 @@ GIF reader here undoes that by repeating each frame `round(duration / frame dura
 times, where the frame duration is the one `write_gif` records in the GIF comment (or, for
 other GIFs, the shortest duration), so a video written by `write_gif` reads back with the
 number of frames it had.
+
+Hostile files. Every reader checks a frame's size from its header before decoding it
+(`MAX_FRAME_PIXELS`, a decompression-bomb guard well below what Pillow itself refuses),
+reads at most `max_frames` frames, and converts every image mode to 8-bit RGB by value:
+16-bit and 32-bit greyscale are scaled (Pillow's own conversion would clip them to white),
+alpha is composited over black, CMYK and palettes are converted.
 """
 
 from __future__ import annotations
@@ -43,6 +49,54 @@ _CODECS = {".mp4": "libx264", ".webm": "libvpx-vp9"}
 # is repeated at most this many times when read, so a hostile file cannot blow up memory.
 _MAX_GIF_REPEAT = 64
 _FRAME_DURATION = re.compile(r"spacetime-video frame_duration_ms=(\d+)")
+
+# Largest frame decoded (8192 x 8192): an 8K frame decodes to ~200 MB of RGB. Pillow warns
+# only above 89M pixels and refuses above 179M; a GIF or PNG of one colour claiming
+# 12000 x 12000 is a few kilobytes on disk and 430 MB once decoded.
+MAX_FRAME_PIXELS = 8192 * 8192
+# The GIF reader scans frame durations before its first frame; a file claiming millions of
+# frames is read no further than this.
+MAX_GIF_FRAMES = 100_000
+
+
+class FrameTooLargeError(ValueError):
+    """A frame's header claims more pixels than allowed (a possible decompression bomb)."""
+
+
+def check_frame_size(width: int, height: int, path: str | Path, max_pixels: int | None = None) -> None:
+    """Raise `FrameTooLargeError` for frames over `max_pixels` (None: `MAX_FRAME_PIXELS`)."""
+    if max_pixels is None:
+        max_pixels = MAX_FRAME_PIXELS
+    if width < 1 or height < 1:
+        raise ValueError(f"{path} has an empty frame size {width}x{height}")
+    if width * height > max_pixels:
+        raise FrameTooLargeError(
+            f"{path} has {width}x{height} frames ({width * height} pixels), more than the limit of "
+            f"{max_pixels} pixels (a possible decompression bomb)"
+        )
+
+
+def to_rgb(image: PILImage.Image) -> PILImage.Image:
+    """Any Pillow image mode as 8-bit RGB, by value (see the module docstring)."""
+    Image = _pillow()
+    mode = image.mode
+    if mode in ("RGB",):
+        return image
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        # 16-bit data (PNG 'I;16', and 16-bit PNGs Pillow opens as 'I') spans 0..65535;
+        # 32-bit float frames are taken as 0..1 when they fit, else 0..255.
+        if mode == "F":
+            scale = 255.0 if values.size and float(np.nanmax(values)) <= 1.0 else 1.0
+        else:
+            scale = 255.0 / 65535.0
+        grey = np.clip(np.nan_to_num(values * scale), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 # ---------------------------------------------------------------------------------------
@@ -138,18 +192,25 @@ def _as_text(value: bytes | str) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
-def _iter_gif(path: Path) -> Iterator[PILImage.Image]:
+def _iter_gif(path: Path, max_frames: int | None, max_pixels: int | None) -> Iterator[PILImage.Image]:
     Image = _pillow()
     with Image.open(path) as image:
         if image.format != "GIF":
             raise ValueError(f"{path} is not a GIF (Pillow reads it as {image.format})")
-        count = getattr(image, "n_frames", 1)
-        # First pass reads only the frame headers, for the durations; the second decodes
+        check_frame_size(*image.size, path, max_pixels)
+        # First pass reads the frame durations of at most `max_frames` frames (not
+        # `n_frames`, which would walk a hostile file to its end); the second decodes
         # lazily so a caller can stop early or give up between frames.
         durations = []
-        for index in range(count):
-            image.seek(index)
+        index = 0
+        limit = MAX_GIF_FRAMES if max_frames is None else min(max_frames, MAX_GIF_FRAMES)
+        while index < limit:
+            try:
+                image.seek(index)
+            except EOFError:
+                break
             durations.append(int(image.info.get("duration", 0) or 0))
+            index += 1
         shortest = min((d for d in durations if d > 0), default=0)
         # `write_gif` records the duration of one frame, which is the only way to recover
         # the frame count of a video whose frames Pillow merged into a single one.
@@ -159,7 +220,7 @@ def _iter_gif(path: Path) -> Iterator[PILImage.Image]:
         for index, duration in enumerate(durations):
             image.seek(index)
             # convert() composites the frame with the ones before it (GIF disposal rules)
-            frame = image.convert("RGB")
+            frame = to_rgb(image)
             repeat = 1
             if shortest > 0 and duration > 0:
                 repeat = min(max(round(duration / shortest), 1), _MAX_GIF_REPEAT)
@@ -167,51 +228,68 @@ def _iter_gif(path: Path) -> Iterator[PILImage.Image]:
                 yield frame
 
 
-def _iter_pyav(path: Path) -> Iterator[PILImage.Image]:
-    iio = _imageio()
+def _iter_pyav(path: Path, max_frames: int | None, max_pixels: int | None) -> Iterator[PILImage.Image]:
+    _imageio()
+    import av
+
     Image = _pillow()
-    for array in iio.imiter(path, plugin="pyav"):
-        yield Image.fromarray(np.asarray(array)).convert("RGB")
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError(f"{path} has no video stream")
+        stream = container.streams.video[0]
+        check_frame_size(stream.codec_context.width, stream.codec_context.height, path, max_pixels)
+        for index, frame in enumerate(container.decode(stream)):
+            if max_frames is not None and index >= max_frames:
+                break
+            # A stream may change size mid-way; each frame is checked before conversion.
+            check_frame_size(frame.width, frame.height, path, max_pixels)
+            yield Image.fromarray(frame.to_ndarray(format="rgb24"))
 
 
-def _iter_frame_folder(path: Path) -> Iterator[PILImage.Image]:
+def _iter_frame_folder(path: Path, max_frames: int | None, max_pixels: int | None) -> Iterator[PILImage.Image]:
     Image = _pillow()
     files = list_frame_files(path)
     if not files:
         raise ValueError(f"{path} holds no frames ({', '.join(IMAGE_EXTENSIONS)})")
-    for file in files:
+    for file in files[:max_frames]:
         with Image.open(file) as image:
-            yield image.convert("RGB")
+            check_frame_size(*image.size, file, max_pixels)
+            yield to_rgb(image)
 
 
-def iter_frames(path: str | Path) -> Iterator[PILImage.Image]:
+def iter_frames(
+    path: str | Path, *, max_frames: int | None = None, max_pixels: int | None = None
+) -> Iterator[PILImage.Image]:
     """Yield the frames of a video file (gif / mp4 / webm) or a folder of frames as RGB
     Pillow images, one at a time (callers can stop early or check a time limit between
-    frames)."""
+    frames). At most `max_frames` frames are read; a frame larger than `max_pixels` (None:
+    `MAX_FRAME_PIXELS`) raises `FrameTooLargeError` before it is decoded."""
     path = Path(path)
     if path.is_dir():
-        return _iter_frame_folder(path)
+        return _iter_frame_folder(path, max_frames, max_pixels)
     suffix = path.suffix.lower()
     if suffix == ".gif":
-        return _iter_gif(path)
+        return _iter_gif(path, max_frames, max_pixels)
     if suffix in (".mp4", ".webm"):
-        return _iter_pyav(path)
+        return _iter_pyav(path, max_frames, max_pixels)
     raise ValueError(
         f"cannot read {path}: expected a folder of frames or one of {', '.join(VIDEO_EXTENSIONS)}"
     )
 
 
-def probe_video(path: str | Path) -> None:
+def probe_video(path: str | Path, *, max_pixels: int | None = None) -> None:
     """Cheap validity check of a video source: reads headers, decodes at most one frame.
 
-    Raises (any exception) when the source is unreadable; returns None when it looks fine.
-    A file can pass this and still fail later (a GIF truncated after its first frame)."""
+    Raises (any exception) when the source is unreadable or its frames are larger than
+    `max_pixels` (None: `MAX_FRAME_PIXELS`); returns None when it looks fine. A file can pass this and still fail
+    later (a GIF truncated after its first frame)."""
     path = Path(path)
     if path.is_dir():
         files = list_frame_files(path)
         if not files:
             raise ValueError(f"{path} holds no frames")
         with _pillow().open(files[0]) as image:
+            check_frame_size(*image.size, files[0], max_pixels)
             image.verify()
         return
     if path.stat().st_size == 0:
@@ -221,6 +299,7 @@ def probe_video(path: str | Path) -> None:
         with _pillow().open(path) as image:
             if image.format != "GIF":
                 raise ValueError(f"{path} is not a GIF (Pillow reads it as {image.format})")
+            check_frame_size(*image.size, path, max_pixels)
             image.seek(0)
             image.load()
         return
@@ -231,6 +310,8 @@ def probe_video(path: str | Path) -> None:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise ValueError(f"{path} has no video stream")
+            context = container.streams.video[0].codec_context
+            check_frame_size(context.width, context.height, path, max_pixels)
             # Decoding one frame catches files whose header is fine but whose data is not.
             for _ in container.decode(video=0):
                 break

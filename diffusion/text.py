@@ -93,6 +93,16 @@ class TextEmbedding:
         )
 
 
+def _valid_unicode(text: str) -> str:
+    """`text` with lone surrogates (which a Python str may hold but UTF-8 cannot encode, so
+    Rust tokenizers reject them) replaced by U+FFFD; surrogate pairs are joined."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return text
+
+
 def _check_texts(texts: Any) -> list[str]:
     if isinstance(texts, str):
         raise TypeError(f"encode expects a list of strings, got a single str {texts[:40]!r}; wrap it in a list")
@@ -103,7 +113,7 @@ def _check_texts(texts: Any) -> list[str]:
         raise TypeError(f"encode expects a list of strings, got elements of type {sorted(set(bad))}")
     if len(texts) == 0:
         raise ValueError("encode expects at least one text, got an empty list")
-    return list(texts)
+    return [_valid_unicode(text) for text in texts]
 
 
 class TextEncoder(abc.ABC):

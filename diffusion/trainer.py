@@ -21,6 +21,27 @@ plain types only, read with `torch.load(weights_only=True)`). A checkpoint is as
 temporary folder and renamed into place, then the `latest` pointer file is replaced
 atomically, so a crash at any moment leaves the previous checkpoint intact and `latest`
 pointing at a complete one.
+
+Data parallelism (`diffusion.distributed`). Started by `torchrun --nproc_per_node=N`, the
+same Trainer joins the process group (gloo on CPU, nccl on CUDA) and wraps the model in
+DistributedDataParallel (`parallel="auto"` / `"ddp"`) or shards it with FSDP2
+(`parallel="fsdp"`). `train_batch_size` stays the global batch of a micro-step; rank r
+trains on the r-th slice of it, and the data positions, diffusion timesteps, noise and
+image / video choices of every sample are functions of `(seed, step, micro-batch, index in
+the global batch)`, never of the rank. So a run on N processes follows the same trajectory
+as one on 1 process (up to the order of fp32 additions in the gradient all-reduce, ~1e-6
+relative), and a checkpoint resumes under any N. Randomness drawn inside the denoiser
+(condition dropout, focus-present masks) comes from a per-rank stream seeded by
+`(seed, step, rank)`: reproducible for a fixed N, equal across N in distribution only.
+Gradient accumulation communicates once per optimizer step (`no_sync` / FSDP2's
+`set_requires_gradient_sync(False)` on the other micro-batches). Rank 0 alone writes
+checkpoints, metrics and samples, and logs. With FSDP every rank keeps the EMA of its own
+shards; a checkpoint gathers full tensors to rank 0 and has the format of a
+single-process one, and samples come from an unsharded copy on rank 0 (so rank 0 needs
+room for one full model besides its shards). Checkpoints are read by every rank, which
+assumes a results folder all processes can see. A stop request (Ctrl-C, SIGTERM from
+torchrun or a scheduler, a time budget changing `train_num_steps` on rank 0) is agreed on
+by all ranks before each step, so they stop, and save, together.
 """
 
 from __future__ import annotations
@@ -47,14 +68,18 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from diffusion import checkpoint as ckpt
-from diffusion.ema import EMA
+from diffusion import distributed
+from diffusion.ema import EMA, frozen_copy
 
 logger = logging.getLogger(__name__)
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 CHECKPOINT_PREFIX = "checkpoint-"
 LATEST = "latest"
-STATE_VERSION = 1
+# 2: optimizer state keyed by parameter names (torch.distributed.checkpoint.state_dict),
+# which FSDP and plain runs share; version 1 (keyed by position) is still read.
+STATE_VERSION = 2
+READABLE_STATE_VERSIONS = (1, 2)
 
 Number = float | int
 
@@ -69,9 +94,9 @@ def _derive_seed(seed: int, step: int, purpose: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def seed_step(seed: int, step: int) -> None:
-    """Seed every global generator from `(seed, step)` alone."""
-    value = _derive_seed(seed, step, "step")
+def seed_step(seed: int, step: int, rank: int = 0) -> None:
+    """Seed every global generator from `(seed, step)` (and the rank, for ranks > 0)."""
+    value = _derive_seed(seed, step, "step" if rank == 0 else f"step-rank{rank}")
     torch.manual_seed(value)  # CPU and every CUDA device
     random.seed(value)
     np.random.seed(value % (1 << 32))
@@ -85,11 +110,34 @@ class StepOrderSampler(Sampler[int]):
     """Infinite stream of data indices; position `p` is a pure function of `(seed, p)`.
 
     Epoch `e = p // N` visits a permutation drawn from a generator seeded by `(seed, e)`, so
-    the stream can be restarted at any position (a resumed step) without replaying it."""
+    the stream can be restarted at any position (a resumed step) without replaying it.
 
-    def __init__(self, length: int, *, seed: int, start: int = 0, shuffle: bool = True):
+    With `world_size > 1` the global stream is cut into batches of `global_batch`
+    positions and this rank yields only its slice of each: positions
+    `g * global_batch + rank * local + k` for `k < local = global_batch // world_size`."""
+
+    def __init__(
+        self,
+        length: int,
+        *,
+        seed: int,
+        start: int = 0,
+        shuffle: bool = True,
+        global_batch: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if length < 1:
             raise ValueError(f"the data set is empty: need at least 1 item, got {length}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank {rank} of {world_size}")
+        if global_batch % world_size != 0:
+            raise ValueError(f"global_batch {global_batch} is not divisible by world_size {world_size}")
+        if start % global_batch != 0:
+            raise ValueError(f"start {start} must be a multiple of global_batch {global_batch}")
+        self.global_batch = global_batch
+        self.rank = rank
+        self.world_size = world_size
         self.length = length
         self.seed = seed
         self.start = start
@@ -108,10 +156,13 @@ class StepOrderSampler(Sampler[int]):
         return self._order[offset]
 
     def __iter__(self) -> Iterator[int]:
+        local = self.global_batch // self.world_size
         position = self.start
         while True:
-            yield self.index(position)
-            position += 1
+            first = position + self.rank * local
+            for offset in range(local):
+                yield self.index(first + offset)
+            position += self.global_batch
 
 
 def collate(items: Sequence[Any]) -> dict[str, Any]:
@@ -209,6 +260,12 @@ class Trainer:
     When conditioning on captions, the model's (and its EMA copy's) `text_encoder` is
     replaced by a `CachedTextEncoder` around it; embeddings are unchanged.
     progress: tqdm bar (None: only when stderr is a terminal); log_every: metrics cadence.
+    parallel: under torchrun, "auto" / "ddp" (DistributedDataParallel) or "fsdp" (FSDP2
+        `fully_shard` of each `nn.ModuleList` entry, then the whole model); "none" trains
+        independently on every process (rank 0 alone writes files). Ignored for one process. See the
+        module docstring; `train_batch_size` must be divisible by the number of processes.
+    find_unused_parameters: passed to DistributedDataParallel (True: image batches and
+        unconditional batches leave some parameters without gradients).
     """
 
     def __init__(
@@ -252,6 +309,8 @@ class Trainer:
         log_every: int = 1,
         write_mp4: bool = True,
         fps: Number = 8.0,
+        parallel: str = "auto",
+        find_unused_parameters: bool = True,
     ):
         for name, value, low in (
             ("train_batch_size", train_batch_size, 1),
@@ -293,10 +352,21 @@ class Trainer:
                 diffusion_model.num_frames,
             )
 
-        if device is None:
+        if parallel not in distributed.PARALLEL_MODES:
+            raise ValueError(f"parallel must be one of {distributed.PARALLEL_MODES}, got {parallel!r}")
+        if device is None and not distributed.launched_by_torchrun():
             first = next(diffusion_model.parameters(), None)
             device = first.device if first is not None else torch.device("cpu")
-        self.device = torch.device(device)
+        self.dist = distributed.setup(device)
+        self.parallel = distributed.resolve_parallel(parallel, self.dist)
+        self.world_size = self.dist.world_size if self.parallel != "none" else 1
+        self.rank = self.dist.rank if self.parallel != "none" else 0
+        if train_batch_size % self.world_size != 0:
+            raise ValueError(
+                f"train_batch_size is the global batch and must be divisible by the {self.world_size} processes, "
+                f"got {train_batch_size}"
+            )
+        self.device = self.dist.device
         self.model = diffusion_model.to(self.device)
 
         if dataset is None:
@@ -319,6 +389,7 @@ class Trainer:
             raise ValueError("need at least 1 video to train on, the data set is empty")
 
         self.batch_size = train_batch_size
+        self.local_batch_size = train_batch_size // self.world_size
         self.image_size = diffusion_model.image_size
         self.train_lr = train_lr
         self.train_num_steps = train_num_steps
@@ -343,12 +414,37 @@ class Trainer:
         self.fps = fps
         self.progress = progress
         self.results_folder = Path(results_folder)
-        self.results_folder.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.results_folder / "metrics.jsonl"
+        error = None
+        if self.is_main:
+            try:
+                self.results_folder.mkdir(parents=True, exist_ok=True)
+                ckpt.check_writable(self.results_folder)
+            except OSError as err:
+                error = err
+        self._collective(distributed.broadcast_error, error)
 
         self.ema = EMA(self.model, beta=ema_decay, update_every=update_ema_every, start_step=step_start_ema)
         self.ema_model = self.ema.ema_model
+        # Samples under FSDP come from an unsharded copy on rank 0 that is loaded with the
+        # gathered EMA weights when a grid is due.
+        self._sampling_model: nn.Module | None = None
+        if compile:
+            # The denoiser, not the whole process: the diffusion wrapper's input checks, string
+            # conditions and host-side branches would only break the graph. `Module.compile`
+            # compiles in place, so parameter names (and checkpoints) stay as they are.
+            self.model.denoise_fn.compile()
+        self.train_model: nn.Module = self.model
+        if self.parallel == "ddp":
+            self.train_model = distributed.wrap_ddp(self.model, self.dist, find_unused_parameters=find_unused_parameters)
+        elif self.parallel == "fsdp":
+            if self.is_main:
+                self._sampling_model = frozen_copy(self.model).to("cpu")
+            distributed.fully_shard_model(self.model)
+            distributed.fully_shard_model(self.ema_model)
+        self._fixed_randomness = self._accepts_fixed_randomness()
 
+        # Built after sharding: FSDP replaces the parameters by sharded ones.
         self.opt = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad],
             lr=train_lr,
@@ -360,11 +456,6 @@ class Trainer:
         self.amp = amp
         self.amp_dtype = _autocast_dtype(self.device) if amp else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp and self.amp_dtype == torch.float16)
-        if compile:
-            # The denoiser, not the whole process: the diffusion wrapper's input checks, string
-            # conditions and host-side branches would only break the graph. `Module.compile`
-            # compiles in place, so parameter names (and checkpoints) stay as they are.
-            self.model.denoise_fn.compile()
 
         self.condition_on_captions = self._decide_captions(condition_on_captions)
         self.text_encoder = None
@@ -384,8 +475,40 @@ class Trainer:
                 self.load(LATEST)
             else:
                 logger.info("resume=True but no checkpoint in %s yet: starting from step 0", self.results_folder)
+                if self.is_main:
+                    # Metrics of a run killed before its first checkpoint describe steps
+                    # that will now be trained again.
+                    self._truncate_metrics(0)
 
     # --- set-up helpers ----------------------------------------------------------------
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that writes files and logs (rank 0, or the only one)."""
+        return self.dist.is_main
+
+    def _collective(self, function: Callable[..., Any], *args: Any) -> Any:
+        # A wrapper of "none" runs every process on its own: no collective calls then.
+        context = self.dist if self.parallel != "none" else distributed.DistributedContext(device=self.device)
+        return function(*args, context)
+
+    def _accepts_fixed_randomness(self) -> bool:
+        """Whether the diffusion model takes `times=` and `noise=` (GaussianDiffusion does),
+        which makes a sample's timestep and noise independent of the rank it lands on."""
+        import inspect
+
+        try:
+            parameters = inspect.signature(self.model.forward).parameters
+        except (TypeError, ValueError):
+            return False
+        accepted = {"times", "noise"} <= parameters.keys() and hasattr(self.model, "num_timesteps")
+        if not accepted and self.world_size > 1:
+            logger.warning(
+                "%s.forward takes no times= / noise=: timesteps and noise depend on the rank, so runs with "
+                "different numbers of processes differ",
+                type(self.model).__name__,
+            )
+        return accepted
 
     def _lr_factor(self, step: int) -> float:
         if self.warmup_steps and step < self.warmup_steps:
@@ -438,8 +561,9 @@ class Trainer:
         self.text_encoder = encoder
         # The diffusion model turns strings into its denoiser's condition (pooled vector or
         # tokens); giving it the caching encoder keeps that logic in one place.
-        for model in (self.model, self.ema_model):
-            object.__setattr__(model, "text_encoder", encoder)
+        for model in (self.model, self.ema_model, self._sampling_model):
+            if model is not None:
+                object.__setattr__(model, "text_encoder", encoder)
 
     # --- checkpoints -------------------------------------------------------------------
 
@@ -496,26 +620,83 @@ class Trainer:
         python_state = state["python"]
         random.setstate((python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"]))
 
+    def _state_dicts(self) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:
+        """Model, EMA and optimizer state as full (unsharded) tensors on this rank; under
+        FSDP a collective call that leaves them on rank 0 only (empty elsewhere)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        sharded = self.parallel == "fsdp"
+        options = StateDictOptions(full_state_dict=sharded, cpu_offload=sharded)
+        if sharded:
+            model_state = get_model_state_dict(self.model, options=options)
+            ema_state = get_model_state_dict(self.ema_model, options=options)
+        else:
+            model_state, ema_state = self.model.state_dict(), self.ema_model.state_dict()
+        # Keyed by parameter name, the same for sharded and plain models.
+        optimizer_state = get_optimizer_state_dict(self.model, self.opt, options=options)
+        return model_state, ema_state, optimizer_state
+
     def save(self, milestone: int | str) -> Path:
-        """Write checkpoint `milestone` (see the module docstring) and point `latest` at it."""
+        """Write checkpoint `milestone` (see the module docstring) and point `latest` at it.
+
+        Under torchrun every rank calls this (FSDP gathers the shards); rank 0 writes. A
+        failed write (disk full, folder not writable) raises `CheckpointWriteError` (an
+        `OSError`) on rank 0 and `distributed.RemoteError` on the others; the previous
+        checkpoint and `latest` are left as they were."""
         name = _milestone_name(milestone)
         target = self.checkpoint_dir(name)
+        model_state, ema_state, optimizer_state = self._state_dicts()
+        error = None
+        if self.is_main:
+            try:
+                self._write_checkpoint(target, name, model_state, ema_state, optimizer_state)
+            except ckpt.CheckpointWriteError as err:
+                previous = self.latest_checkpoint()
+                kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+                error = ckpt.CheckpointWriteError(f"{err}; {kept}", errno=err.errno, path=err.filename)
+            except Exception as err:  # handed to the other ranks, then raised here
+                error = err
+        self._collective(distributed.broadcast_error, error)
+        if self.is_main:
+            logger.info("saved checkpoint %s at step %d", target, self.step)
+        return target
+
+    def _write_checkpoint(
+        self,
+        target: Path,
+        name: str,
+        model_state: Mapping[str, Tensor],
+        ema_state: Mapping[str, Tensor],
+        optimizer_state: Mapping[str, Any],
+    ) -> None:
+        # Debris of writes a kill interrupted: this process is the folder's only writer.
         for stale in self.results_folder.glob(f".{target.name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
+        for stale in self.results_folder.glob(f".{LATEST}.*.tmp"):
+            stale.unlink(missing_ok=True)
         staging = self.results_folder / f".{target.name}.tmp-{os.getpid()}"
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir(parents=True)
         try:
-            ckpt.save_tensors(self.model.state_dict(), staging / "model.safetensors", metadata={"step": str(self.step)})
-            ckpt.save_tensors(self.ema_model.state_dict(), staging / "ema.safetensors", metadata={"step": str(self.step)})
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir(parents=True)
+        except OSError as err:
+            raise ckpt.CheckpointWriteError.from_os_error(err, f"cannot create {staging}") from err
+        try:
+            ckpt.save_tensors(model_state, staging / "model.safetensors", metadata={"step": str(self.step)})
+            ckpt.save_tensors(ema_state, staging / "ema.safetensors", metadata={"step": str(self.step)})
             state = {
                 "version": STATE_VERSION,
                 "step": self.step,
                 "milestone": name,
                 "seed": self.seed,
+                "world_size": self.world_size,
+                "parallel": self.parallel,
                 "data": {"length": len(self.ds), "shuffle": self.shuffle, "batch_size": self.batch_size},
-                "optimizer": self.opt.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": {
                     "base_lrs": list(self.base_lrs),
                     "lr_schedule": self.lr_schedule,
@@ -530,24 +711,28 @@ class Trainer:
             # Swap the finished folder into place. A folder cannot be renamed over a non-empty
             # one, so an existing checkpoint of the same name is moved aside first.
             retired = None
-            if target.exists():
-                retired = self.results_folder / f".{target.name}.old-{os.getpid()}"
-                if retired.exists():
-                    shutil.rmtree(retired)
-                os.replace(target, retired)
-            os.replace(staging, target)
+            try:
+                if target.exists():
+                    retired = self.results_folder / f".{target.name}.old-{os.getpid()}"
+                    if retired.exists():
+                        shutil.rmtree(retired)
+                    os.replace(target, retired)
+                os.replace(staging, target)
+            except OSError as err:
+                if retired is not None and not target.exists():
+                    os.replace(retired, target)  # put the old one back
+                raise ckpt.CheckpointWriteError.from_os_error(err, f"cannot move {staging} to {target}") from err
             ckpt.atomic_write_text(self.results_folder / LATEST, target.name + "\n")
             if retired is not None:
                 shutil.rmtree(retired, ignore_errors=True)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        logger.info("saved checkpoint %s at step %d", target, self.step)
-        return target
 
     def load(self, milestone: int | str = LATEST, **load_kwargs: Any) -> None:
         """Restore checkpoint `milestone` ('latest' or -1 for the newest). Extra keywords go to
-        `load_state_dict` (e.g. `strict=False`)."""
+        `load_state_dict` (e.g. `strict=False`). Under torchrun every rank reads the files
+        (a shared results folder); a checkpoint written by any number of processes loads."""
         if milestone in (LATEST, -1):
             folder = self.latest_checkpoint()
             if folder is None:
@@ -558,11 +743,31 @@ class Trainer:
                 available = sorted(p.name for p in self.results_folder.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
                 raise FileNotFoundError(f"no complete checkpoint at {folder}; found {available}")
         state = ckpt.load_state(folder / "state.pt")
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"{folder} has checkpoint version {state.get('version')}, this Trainer reads {STATE_VERSION}")
-        self.model.load_state_dict(ckpt.load_tensors(folder / "model.safetensors", device=self.device), **load_kwargs)
-        self.ema_model.load_state_dict(ckpt.load_tensors(folder / "ema.safetensors", device=self.device), **load_kwargs)
-        self.opt.load_state_dict(state["optimizer"])
+        if state.get("version") not in READABLE_STATE_VERSIONS:
+            raise ValueError(
+                f"{folder} has checkpoint version {state.get('version')}, this Trainer reads {READABLE_STATE_VERSIONS}"
+            )
+        sharded = self.parallel == "fsdp"
+        device = "cpu" if sharded else self.device
+        model_state = ckpt.load_tensors(folder / "model.safetensors", device=device)
+        ema_state = ckpt.load_tensors(folder / "ema.safetensors", device=device)
+        if sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            options = StateDictOptions(full_state_dict=True, strict=load_kwargs.get("strict", True))
+            set_model_state_dict(self.model, model_state, options=options)
+            set_model_state_dict(self.ema_model, ema_state, options=options)
+        else:
+            self.model.load_state_dict(model_state, **load_kwargs)
+            self.ema_model.load_state_dict(ema_state, **load_kwargs)
+        if state["version"] == 1:
+            self.opt.load_state_dict(state["optimizer"])
+        else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(
+                self.model, self.opt, state["optimizer"], options=StateDictOptions(full_state_dict=sharded)
+            )
         self.base_lrs = list(state["scheduler"]["base_lrs"])
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
@@ -581,7 +786,10 @@ class Trainer:
                 len(self.ds),
                 self.batch_size,
             )
-        self._truncate_metrics(self.step)
+        if state.get("world_size", 1) != self.world_size:
+            logger.info("checkpoint written by %d process(es), resumed by %d", state.get("world_size", 1), self.world_size)
+        if self.is_main:
+            self._truncate_metrics(self.step)
         logger.info("loaded checkpoint %s (step %d)", folder, self.step)
 
     # --- metrics -----------------------------------------------------------------------
@@ -603,17 +811,28 @@ class Trainer:
         ckpt.atomic_write_text(self.metrics_path, "".join(f"{line}\n" for line in kept))
 
     def _log_metrics(self, record: Mapping[str, Any]) -> None:
-        with open(self.metrics_path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        try:
+            with open(self.metrics_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+        except OSError as err:
+            raise ckpt.CheckpointWriteError.from_os_error(err, f"cannot append to {self.metrics_path}") from err
 
     # --- one step ----------------------------------------------------------------------
 
     def _batches(self) -> Iterator[dict[str, Any]]:
         start = self.step * self.gradient_accumulate_every * self.batch_size
-        sampler = StepOrderSampler(len(self.ds), seed=self.seed, start=start, shuffle=self.shuffle)
+        sampler = StepOrderSampler(
+            len(self.ds),
+            seed=self.seed,
+            start=start,
+            shuffle=self.shuffle,
+            global_batch=self.batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
         loader = DataLoader(
             self.ds,
-            batch_size=self.batch_size,
+            batch_size=self.local_batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate,
@@ -634,46 +853,79 @@ class Trainer:
             return {"cond": list(batch["caption"])}
         return {}
 
+    def _local_rows(self) -> slice:
+        """This rank's rows of a global micro-batch."""
+        first = self.rank * self.local_batch_size
+        return slice(first, first + self.local_batch_size)
+
     def _image_batch(self, videos: Tensor, generator: torch.Generator) -> Tensor:
-        """One random frame per video, as images `(B, C, H, W)`."""
+        """One random frame per video, as images `(B, C, H, W)`. The frames are drawn for
+        the whole global micro-batch and this rank keeps its rows."""
         b, _, f = videos.shape[:3]
-        frame = torch.randint(0, f, (b,), generator=generator).to(videos.device)
+        frame = torch.randint(0, f, (self.batch_size,), generator=generator)[self._local_rows()].to(videos.device)
         return videos[torch.arange(b, device=videos.device), :, frame]
 
     def _mixed_batch(self, videos: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Replace `round(image_ratio * B)` videos by frames drawn independently (with
-        replacement) from the same video, and disable time for them.
+        """Replace `round(image_ratio * B)` videos of the global micro-batch by frames drawn
+        independently (with replacement) from the same video, and disable time for them.
 
         Frames come from the sample's own video so that its caption still describes them;
         with time disabled the network sees them as unrelated images."""
         b, _, f = videos.shape[:3]
-        count = int(round(self.image_ratio * b))
+        count = int(round(self.image_ratio * self.batch_size))
         enable_time = torch.ones(b, dtype=torch.bool)
         if count == 0:
             return videos, enable_time.to(videos.device)
-        chosen = torch.randperm(b, generator=generator)[:count]
+        chosen = torch.randperm(self.batch_size, generator=generator)[:count]
         frames = torch.randint(0, f, (count, f), generator=generator)
+        rows = self._local_rows()
+        here = (chosen >= rows.start) & (chosen < rows.stop)
+        if not bool(here.any()):
+            return videos, enable_time.to(videos.device)
+        local, frames = chosen[here] - rows.start, frames[here]
         videos = videos.clone()
-        rows = chosen.to(videos.device)
-        videos[rows] = videos[rows[:, None], :, frames.to(videos.device)].transpose(1, 2)
-        enable_time[chosen] = False
+        index = local.to(videos.device)
+        videos[index] = videos[index[:, None], :, frames.to(videos.device)].transpose(1, 2)
+        enable_time[local] = False
         return videos, enable_time.to(videos.device)
+
+    def _sample_randomness(self, step: int, micro: int, shape: torch.Size) -> dict[str, Tensor]:
+        """Diffusion timesteps and noise for this rank's rows, each sample's drawn from a
+        generator seeded by its index in the global micro-batch (not by the rank)."""
+        if not self._fixed_randomness:
+            return {}
+        first = self._local_rows().start
+        times, noise = [], []
+        for row in range(shape[0]):
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(_derive_seed(self.seed, step, f"sample-{micro}-{first + row}"))
+            times.append(torch.randint(0, self.model.num_timesteps, (1,), generator=generator, device=self.device))
+            noise.append(torch.randn(tuple(shape[1:]), generator=generator, device=self.device))
+        return {"times": torch.cat(times), "noise": torch.stack(noise)}
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if not self.amp:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
+    def _non_finite(self, what: str, step: int, where: str = "") -> NonFiniteLossError:
+        self.opt.zero_grad(set_to_none=True)
+        return NonFiniteLossError(
+            f"{what} at step {step}{where}: training stopped without saving this state; "
+            f"the last good checkpoint is {self.latest_checkpoint()}"
+        )
+
     def _train_step(self, batches: Iterator[dict[str, Any]], train_kwargs: Mapping[str, Any]) -> dict[str, Any]:
         step = self.step
-        seed_step(self.seed, step)
-        generator = torch.Generator().manual_seed(_derive_seed(self.seed, step, "images"))
+        seed_step(self.seed, step, self.rank)
         image_phase = step < self.image_phase_steps
+        parallel = self.world_size > 1
         total = 0.0
         for micro in range(self.gradient_accumulate_every):
             batch = next(batches)
             videos = batch["video"].to(self.device, non_blocking=True)
             kwargs: dict[str, Any] = dict(self._conditioning(batch))
+            generator = torch.Generator().manual_seed(_derive_seed(self.seed, step, f"images-{micro}"))
             if image_phase:
                 videos = self._image_batch(videos, generator)
                 kwargs["enable_time"] = False
@@ -681,26 +933,32 @@ class Trainer:
                 kwargs.update(train_kwargs)
                 if self.image_ratio > 0:
                     videos, kwargs["enable_time"] = self._mixed_batch(videos, generator)
-            with self._autocast():
-                loss = self.model(videos, **kwargs)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"loss is {loss.item()} at step {step} (micro-batch {micro}): training stopped without "
-                    f"saving this state; the last good checkpoint is {self.latest_checkpoint()}"
-                )
-            self.scaler.scale(loss / self.gradient_accumulate_every).backward()
+            kwargs.update(self._sample_randomness(step, micro, videos.shape))
+            # Gradients are all-reduced (DDP) or reduce-scattered (FSDP) once, after the
+            # last micro-batch; the others only accumulate locally.
+            last = micro == self.gradient_accumulate_every - 1
+            with distributed.gradient_sync(self.train_model, last):
+                with self._autocast():
+                    loss = self.train_model(videos, **kwargs)
+                # One rank alone must not raise here: the others would wait for its
+                # gradients. Distributed runs check the all-reduced loss below instead.
+                if not parallel and not torch.isfinite(loss):
+                    raise self._non_finite(f"loss is {loss.item()}", step, f" (micro-batch {micro})")
+                self.scaler.scale(loss / self.gradient_accumulate_every).backward()
             total += loss.item() / self.gradient_accumulate_every
+        if parallel:
+            (summed,) = self._collective(distributed.all_reduce_sum, [total])
+            total = summed / self.world_size
+            if not math.isfinite(total):
+                raise self._non_finite(f"loss is {total}", step, " (on at least one rank)")
 
         self.scaler.unscale_(self.opt)
         params = [p for group in self.opt.param_groups for p in group["params"]]
         limit = self.max_grad_norm if self.max_grad_norm is not None else float("inf")
-        grad_norm = float(nn.utils.clip_grad_norm_(params, limit))
+        grad_norm = float(distributed.full_value(nn.utils.clip_grad_norm_(params, limit)))
         if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
             # With fp16 loss scaling an overflow is expected and the scaler skips the step.
-            raise NonFiniteLossError(
-                f"gradient norm is {grad_norm} at step {step}: training stopped without saving this state; "
-                f"the last good checkpoint is {self.latest_checkpoint()}"
-            )
+            raise self._non_finite(f"gradient norm is {grad_norm}", step)
         # The learning rate is a pure function of the step (no scheduler object whose
         # state could drift from the step counter on resume).
         factor = self._lr_factor(step)
@@ -734,9 +992,36 @@ class Trainer:
     @torch.no_grad()
     def sample_and_save(self, milestone: int | str) -> Path:
         """Sample a `num_sample_rows`^2 grid from the EMA model and write it as GIF (and MP4
-        with the video extra), with the captions in a `.txt` beside it."""
+        with the video extra), with the captions in a `.txt` beside it. Under torchrun every
+        rank calls this and rank 0 samples; the path is returned on every rank."""
         from diffusion import media
 
+        gif = self.results_folder / f"{milestone}.gif"
+        model = self._ema_for_sampling()
+        if model is None:
+            return gif
+        try:
+            self._sample_grid(model, gif, media)
+        finally:
+            if self._sampling_model is not None:
+                self._sampling_model.to("cpu")
+        return gif
+
+    def _ema_for_sampling(self) -> nn.Module | None:
+        """The EMA model to sample from on this rank, or None where no samples are drawn.
+        Under FSDP, gathers the EMA shards (a collective call) into rank 0's unsharded copy."""
+        if self.parallel != "fsdp":
+            return self.ema_model if self.is_main else None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.ema_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.is_main:
+            return None
+        assert self._sampling_model is not None, "rank 0 keeps an unsharded copy under FSDP"
+        self._sampling_model.load_state_dict(state)
+        return self._sampling_model.to(self.device).eval()
+
+    def _sample_grid(self, model: nn.Module, gif: Path, media: Any) -> None:
         count = self.num_sample_rows**2
         captions, conds = self._sample_conditions(count)
         generator = torch.Generator().manual_seed(_derive_seed(self.seed, 0, "samples"))
@@ -752,9 +1037,8 @@ class Trainer:
             # bf16 than in fp32, and samples need no gradients whose memory bf16 would halve.
             autocast = self._autocast() if self.device.type == "cuda" else contextlib.nullcontext()
             with autocast:
-                videos.append(self.ema_model.sample(**kwargs).float().clamp(0.0, 1.0).cpu())
+                videos.append(model.sample(**kwargs).float().clamp(0.0, 1.0).cpu())
         grid = torch.cat(videos)
-        gif = self.results_folder / f"{milestone}.gif"
         media.write_sample_grid(grid, gif, nrow=self.num_sample_rows, fps=self.fps)
         if captions is not None:
             ckpt.atomic_write_text(gif.with_suffix(".txt"), "".join(f"{c}\n" for c in captions))
@@ -767,13 +1051,15 @@ class Trainer:
                     self._warned_mp4 = True
         if self.history:
             media.plot_loss(self.history, self.results_folder / "loss.png", smoothing=min(50, max(2, len(self.history) // 20)))
-        return gif
 
     # --- the loop ----------------------------------------------------------------------
 
     @contextlib.contextmanager
     def _deferred_sigint(self) -> Iterator[None]:
-        """First Ctrl-C: finish the current step, save, return. Second: stop at once."""
+        """First Ctrl-C: finish the current step, save, return. Second: stop at once.
+
+        Under torchrun SIGTERM is handled the same way: torchrun (and schedulers such as
+        Slurm on pre-emption) stop workers with SIGTERM before they SIGKILL them."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -785,15 +1071,17 @@ class Trainer:
             self._interrupt_requested = True
             logger.warning("interrupt: finishing step %d, then saving (Ctrl-C again to stop at once)", self.step)
 
-        previous = signal.signal(signal.SIGINT, handler)
+        signals = [signal.SIGINT] + ([signal.SIGTERM] if self.world_size > 1 else [])
+        previous = {number: signal.signal(number, handler) for number in signals}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for number, old in previous.items():
+                signal.signal(number, old)
 
     def _progress_bar(self) -> Any:
         show = self.progress if self.progress is not None else sys.stderr.isatty()
-        if not show:
+        if not show or not self.is_main:
             return None
         try:
             from tqdm.auto import tqdm
@@ -802,6 +1090,19 @@ class Trainer:
                 raise ImportError("progress=True needs tqdm: pip install 'spacetime-video[train]'") from err
             return None
         return tqdm(total=self.train_num_steps, initial=self.step, desc="training", dynamic_ncols=True)
+
+    def _agree_on_control(self) -> None:
+        """Make every rank see the same stop request and step budget before a step: any
+        rank's interrupt counts, and rank 0's `train_num_steps` (which a time budget in
+        `log_fn` may lower) is everyone's. One tiny all-reduce per step."""
+        if self.world_size == 1:
+            return
+        interrupt, steps = self._collective(
+            distributed.all_reduce_sum,
+            [float(self._interrupt_requested), float(self.train_num_steps) if self.is_main else 0.0],
+        )
+        self._interrupt_requested = interrupt > 0
+        self.train_num_steps = int(steps)
 
     def _interrupt_save(self) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -833,7 +1134,10 @@ class Trainer:
         last = time.perf_counter()
         try:
             with self._deferred_sigint():
-                while self.step < self.train_num_steps:
+                while True:
+                    self._agree_on_control()
+                    if self.step >= self.train_num_steps:
+                        break
                     if self._interrupt_requested:
                         self._interrupt_save()
                         return
@@ -842,7 +1146,7 @@ class Trainer:
                     record["it_per_s"] = 1.0 / max(now - last, 1e-9)
                     last = now
                     self.history.append((record["step"], record["loss"]))
-                    if record["step"] % self.log_every == 0:
+                    if record["step"] % self.log_every == 0 and self.is_main:
                         self._log_metrics(record)
                     if bar is not None:
                         bar.update(1)
@@ -860,7 +1164,8 @@ class Trainer:
                     self._interrupt_save()
                     return
         except KeyboardInterrupt:
-            if self._hard_interrupt:
+            if self._hard_interrupt or self.world_size > 1:
+                # Under torchrun the other ranks cannot be told to join a save from here.
                 # A second Ctrl-C may land inside the optimizer update: that state is torn,
                 # so nothing is saved and the last checkpoint stays the one to resume from.
                 logger.warning("stopped at once during step %d; nothing saved", self.step)
