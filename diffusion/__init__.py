@@ -1,1 +1,24 @@
 """diffusion: the pluggable diffusion process, trainer, video data, text encoders and CLI."""
+
+from diffusion.gaussian import GaussianDiffusion, threshold_x0
+from diffusion.samplers import ddim_sample, ddim_timesteps, ddpm_sample, sample_loop
+from diffusion.schedules import (
+    NoiseSchedule,
+    beta_schedule,
+    cosine_beta_schedule,
+    linear_beta_schedule,
+    prediction_to_x0_eps,
+    sigmoid_beta_schedule,
+)
+from diffusion.data import VideoFolder, collate_videos
+from diffusion.ema import EMA
+from diffusion.evaluate import evaluate_folder, evaluate_videos, results_table
+from diffusion.moving_digits import MovingDigits, parse_caption, write_moving_digits
+from diffusion.text import (
+    CachedTextEncoder,
+    HFTextEncoder,
+    TextEmbedding,
+    TextEncoder,
+    default_text_encoder,
+)
+from diffusion.trainer import NonFiniteLossError, Trainer
