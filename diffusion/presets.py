@@ -1,0 +1,126 @@
+"""Named run configurations for `spacetime train --preset NAME`.
+
+Each preset is a full run configuration (the sections of `diffusion.config`). The
+`moving-digits` preset is the demo (`make demo`): a text-conditioned model trained on the
+embedded moving-digits data on a CPU within a wall-clock budget, sampled with DDIM and
+classifier-free guidance. `moving-digits-long` is the same recipe with a larger model and
+no tight budget; `debug` is a tiny run for tests.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from diffusion.moving_digits import DIRECTION_NAMES, make_caption
+
+# The demo's 16 captions: every digit at least once and every direction twice, paired so
+# that no digit is always seen with the same direction.
+DEMO_CAPTIONS: tuple[str, ...] = tuple(
+    make_caption(i % 10, DIRECTION_NAMES[(3 * i) % len(DIRECTION_NAMES)]) for i in range(16)
+)
+
+# 16 px frames with the 8x8 digits at their native size, moving 1 px per frame: the
+# smallest videos on which the direction and digit metrics still score ~100% on real data
+# (tests/test_evaluate.py), so a CPU spends its few minutes on learning, not on pixels.
+_DIGITS_VIDEO = {"image_size": 16, "num_frames": 8, "channels": 1}
+_DIGITS_DATA = {"kind": "moving-digits", "num_videos": 4000, "digit_size": 8, "speed": 1.0, "seed": 0}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "moving-digits": {
+        "unet": "space_time_unet",
+        "model": {
+            "dim": 16,
+            "dim_mult": [1, 2, 4],
+            "self_attns": [False, False, True],
+            "temporal_compression": [False, False, False],
+            "resnet_block_depths": [1, 1, 1],
+            "attn_heads": 2,
+            "attn_dim_head": 16,
+            "ff_mult": 2,
+            "cond_dim": 384,
+        },
+        "diffusion": {
+            **_DIGITS_VIDEO,
+            "timesteps": 1000,
+            "beta_schedule": "cosine",
+            "objective": "v",
+            "loss_type": "l2",
+            # Min-SNR weighting (Hang et al. 2023) spends the few steps on the noisy end,
+            # where the layout (which digit, which way) is decided.
+            "min_snr_loss_weight": True,
+            "min_snr_gamma": 5.0,
+            "null_cond_prob": 0.1,
+            # Cross-attend to the caption's tokens: the digit is one word of the caption, a
+            # small change to its pooled embedding but a token of its own.
+            "cond_on_tokens": True,
+        },
+        "trainer": {
+            "train_num_steps": 3000,
+            "max_seconds": 570.0,
+            "train_batch_size": 16,
+            "gradient_accumulate_every": 1,
+            "train_lr": 2e-3,
+            "warmup_steps": 50,
+            "lr_schedule": "cosine",
+            "min_lr_ratio": 0.05,
+            "max_grad_norm": 1.0,
+            "ema_decay": 0.99,
+            "step_start_ema": 50,
+            "update_ema_every": 1,
+            "save_and_sample_every": 500,
+            "num_sample_rows": 2,
+            "cond_scale": 3.0,
+            "sample_kwargs": {"sampler": "ddim", "steps": 25},
+            "log_every": 10,
+            "write_mp4": False,
+        },
+        "data": dict(_DIGITS_DATA),
+        "sample": {
+            "sampler": "ddim",
+            "steps": 50,
+            "cond_scale": 3.0,
+            "num_samples": 1,
+            "batch_size": 16,
+            "seed": 0,
+            "captions": list(DEMO_CAPTIONS),
+        },
+    },
+    "debug": {
+        "unet": "space_time_unet",
+        "preset": "debug",
+        "model": {"cond_dim": 384, "temporal_compression": [False, False]},
+        "diffusion": {"image_size": 8, "num_frames": 4, "channels": 1, "timesteps": 20, "objective": "v",
+                      "null_cond_prob": 0.1},
+        "trainer": {"train_num_steps": 4, "train_batch_size": 2, "gradient_accumulate_every": 1,
+                    "save_and_sample_every": 2, "num_sample_rows": 1, "step_start_ema": 0, "update_ema_every": 1,
+                    "sample_kwargs": {"sampler": "ddim", "steps": 3}, "write_mp4": False},
+        "data": {"kind": "moving-digits", "num_videos": 16, "digit_size": 4, "speed": 1.0},
+        "sample": {"sampler": "ddim", "steps": 3, "cond_scale": 2.0, "captions": list(DEMO_CAPTIONS[:2])},
+    },
+}
+
+# The same recipe, wider and trained for longer (no tight wall-clock budget).
+PRESETS["moving-digits-long"] = copy.deepcopy(PRESETS["moving-digits"])
+PRESETS["moving-digits-long"]["model"].update({"dim": 32, "resnet_block_depths": [2, 2, 2]})
+PRESETS["moving-digits-long"]["trainer"].update(
+    {"train_num_steps": 20000, "max_seconds": 0.0, "train_batch_size": 32, "train_lr": 1e-3, "ema_decay": 0.995,
+     "step_start_ema": 500, "save_and_sample_every": 2000}
+)
+PRESETS["moving-digits-long"]["data"]["num_videos"] = 20000
+
+
+def available_presets() -> list[str]:
+    """Names of the run presets, sorted."""
+    return sorted(PRESETS)
+
+
+def get_preset(name: str) -> dict[str, Any]:
+    """A deep copy of run preset `name`; unknown names raise ValueError listing the others."""
+    if name not in PRESETS:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(PRESETS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown preset {name!r}{hint}; available: {', '.join(available_presets())}")
+    return copy.deepcopy(PRESETS[name])
