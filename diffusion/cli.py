@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import runpy
 import sys
@@ -53,8 +54,15 @@ class UsageError(ValueError):
     """A command-line mistake (missing file, conflicting options): printed without a traceback."""
 
 
+def _is_main_process() -> bool:
+    # Under torchrun every rank runs this same command; only rank 0 speaks and writes run files.
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _say(text: str = "") -> None:
     # The command line's results go to stdout; progress and diagnostics go through logging.
+    if not _is_main_process():
+        return
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
 
@@ -238,7 +246,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     diffusion = build_diffusion(config)
     dataset = build_dataset(config)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write_text(out / CONFIG_NAME, json.dumps(resolved_config(config, diffusion), indent=2) + "\n")
+    if _is_main_process():
+        ckpt.atomic_write_text(out / CONFIG_NAME, json.dumps(resolved_config(config, diffusion), indent=2) + "\n")
     params = sum(p.numel() for p in diffusion.denoise_fn.parameters())
     logger.info("%s U-Net with %.2fM parameters; %d training videos; run folder %s",
                 config["unet"], params / 1e6, len(dataset), out)

@@ -23,8 +23,16 @@ What `auto` tries, in order, taking the first backend that accepts the inputs:
         at least two keys, and PyTorch itself only prefers it on sm90/sm100 with a recent cuDNN
         (older versions mishandle sequence lengths that are not multiples of 128).
         sdpa lets PyTorch pick (it reaches its own math kernel for fp64); math is last.
-    other devices (CPU, MPS, ...): sdpa -> math
-        On CPU, PyTorch's SDPA runs its own fused flash kernel, which accepts masks and biases.
+    other devices (CPU, MPS, ...): math -> sdpa when the bias needs a gradient or there are
+    at most `CPU_MATH_MAX_KEYS` (16) keys; sdpa -> math otherwise.
+        On CPU, PyTorch's SDPA runs its own fused flash kernel, which accepts masks and biases
+        and is the fastest for long sequences. But with a bias that needs a gradient (learned
+        position biases) SDPA's CPU backward runs its own unfused math path, slower than ours,
+        which also recomputes large attention weights in backward instead of keeping them
+        (`_MathAttention`); and on short sequences (temporal attention over 8-16 frames) the fused kernel's per-row
+        overhead dominates: measured on one EPYC core, fp32, 2048 x 4 heads x 32 dims, math was
+        1.35-3.7x faster forward + backward at 8 and 16 keys, and faster or on par forward-only
+        (benchmarks/results/cpu-amd-epyc-2026-11-21-attention.md).
 flex and xformers are never picked by `auto`: flex compiles a kernel per shape (tens of seconds
 on first use), and xformers' CUTLASS kernel is the one `efficient` already reaches through
 PyTorch, so making results depend on whether a package is installed buys nothing.
@@ -322,23 +330,73 @@ def _fused_bias(bias: Tensor | None, q: Tensor, k: Tensor, causal: bool) -> Tens
 # math: the reference.
 
 
-def _run_math(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal: bool) -> Tensor:
+def _math_probs(q: Tensor, k: Tensor, bias: Tensor | None, causal: bool) -> Tensor:
+    """softmax(q k^T / sqrt(D) + bias), in fp32 for half inputs."""
     # Half inputs are computed in fp32: this backend is the reference the fused kernels are
     # tested against, and fused kernels also accumulate the logits and softmax in fp32. The
     # price is fp32 logits in memory, so it is the last resort of `auto` on GPUs.
     compute = torch.float32 if q.dtype in _HALF else q.dtype
-    qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
-    sim = torch.einsum("b h i d, b h j d -> b h i j", qc, kc) * q.shape[-1] ** -0.5
+    sim = torch.einsum("b h i d, b h j d -> b h i j", q.to(compute), k.to(compute))
+    sim.mul_(q.shape[-1] ** -0.5)
     # finfo.min rather than -inf: a row with every key masked stays finite (uniform weights).
     masked = torch.finfo(compute).min
     if bias is not None:
         if bias.dtype == torch.bool:
-            sim = sim.masked_fill(~bias, masked)
+            sim.masked_fill_(~bias, masked)
         else:
-            sim = sim + bias.to(compute)
+            sim.add_(bias.to(compute))
     if causal:
-        sim = sim.masked_fill(~_causal_keep(q.shape[2], k.shape[2], q.device), masked)
-    out = torch.einsum("b h i j, b h j d -> b h i d", sim.softmax(dim=-1), vc)
+        sim.masked_fill_(~_causal_keep(q.shape[2], k.shape[2], q.device), masked)
+    return sim.softmax(dim=-1)
+
+
+class _MathAttention(torch.autograd.Function):
+    """The math backend with its attention weights recomputed in backward.
+
+    Autograd through the plain expression keeps the `(B, heads, Nq, Nk)` weights alive until
+    backward: at 16x16 latents that one tensor per layer outweighs the layer's activations.
+    Recomputing it costs one `q k^T` product and a softmax in backward (the FlashAttention
+    trade, Dao et al. 2022, Sec. 3.1) and saves only q, k, v and the bias."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, causal):  # type: ignore[override]
+        probs = _math_probs(q, k, bias, causal)
+        out = torch.einsum("b h i j, b h j d -> b h i d", probs, v.to(probs.dtype))
+        ctx.save_for_backward(q, k, v, bias)
+        ctx.causal = causal
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        q, k, v, bias = ctx.saved_tensors
+        probs = _math_probs(q, k, bias, ctx.causal)
+        compute = probs.dtype
+        grad_out = grad_out.to(compute)
+        grad_v = torch.einsum("b h i j, b h i d -> b h j d", probs, grad_out)
+        grad_probs = torch.einsum("b h i d, b h j d -> b h i j", grad_out, v.to(compute))
+        # Softmax backward, in place on grad_probs: dS = P * (dP - sum_j P dP).
+        grad_sim = torch._softmax_backward_data(grad_probs, probs, -1, compute)
+        del probs, grad_probs
+        grad_bias = None
+        if bias is not None and ctx.needs_input_grad[3]:
+            grad_bias = grad_sim.sum_to_size(bias.shape).to(bias.dtype)
+        # The logit scale goes on the small (N, D) products: grad_bias may alias grad_sim.
+        scale = q.shape[-1] ** -0.5
+        grad_q = torch.einsum("b h i j, b h j d -> b h i d", grad_sim, k.to(compute)).mul_(scale)
+        grad_k = torch.einsum("b h i j, b h i d -> b h j d", grad_sim, q.to(compute)).mul_(scale)
+        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), grad_bias, None
+
+
+def _run_math(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal: bool) -> Tensor:
+    nq, nk, dim = q.shape[2], k.shape[2], q.shape[3]
+    # Recompute only where the weights outweigh the q, k, v that backward keeps anyway (spatial
+    # attention); for short sequences (temporal, small latents) keeping them is cheaper.
+    if nq * nk > (nq + 2 * nk) * dim and torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, bias)
+    ):
+        return _MathAttention.apply(q, k, v, bias, causal)
+    probs = _math_probs(q, k, bias, causal)
+    out = torch.einsum("b h i j, b h j d -> b h i d", probs, v.to(probs.dtype))
     return out.to(q.dtype)
 
 
@@ -709,7 +767,20 @@ _AUTO_ORDER = {
         AttentionBackend.MATH,
     ),
     "other": (AttentionBackend.SDPA, AttentionBackend.MATH),
+    # CPU and other non-CUDA devices, for a bias that needs a gradient or a short key sequence.
+    "other_math_first": (AttentionBackend.MATH, AttentionBackend.SDPA),
 }
+
+# Off CUDA, `auto` runs math first up to this many keys (see the module docstring).
+CPU_MATH_MAX_KEYS = 16
+
+
+def _auto_order(inputs: _Inputs) -> tuple[AttentionBackend, ...]:
+    if inputs.device.type == "cuda":
+        return _AUTO_ORDER["cuda"]
+    if inputs.bias_needs_grad or inputs.k.shape[2] <= CPU_MATH_MAX_KEYS:
+        return _AUTO_ORDER["other_math_first"]
+    return _AUTO_ORDER["other"]
 
 
 def backend_capabilities() -> dict[str, BackendCapability]:
@@ -814,7 +885,7 @@ def _choose(requested: AttentionBackend, inputs: _Inputs) -> AttentionBackend:
             )
         return requested
     on_cuda = inputs.device.type == "cuda"
-    for name in _AUTO_ORDER["cuda" if on_cuda else "other"]:
+    for name in _auto_order(inputs):
         if not _reasons(name, inputs):
             if name is AttentionBackend.MATH and on_cuda and not torch.compiler.is_compiling():
                 _warn_math_fallback(inputs)  # pragma: no cover - needs CUDA

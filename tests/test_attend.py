@@ -298,7 +298,8 @@ def spy(monkeypatch):
 
 
 def test_precedence(monkeypatch, spy):
-    q, k, v, _ = make_inputs(1, 2, 3, 3, 8, None)
+    # More keys than CPU_MATH_MAX_KEYS, so `auto` picks sdpa on CPU, distinct from math.
+    q, k, v, _ = make_inputs(1, 2, 3, 32, 8, None)
     attend(q, k, v)
     monkeypatch.setenv(ENV_VAR, "MATH ")
     attend(q, k, v)
@@ -328,7 +329,7 @@ def test_context_is_thread_local():
     import threading
 
     seen = []
-    q, k, v, _ = make_inputs(1, 1, 2, 2, 4, None)
+    q, k, v, _ = make_inputs(1, 1, 2, 32, 4, None)  # long enough for auto -> sdpa on CPU
     with attention_backend("math"):
         worker = threading.Thread(target=lambda: seen.append(resolve_backend(q, k, v)))
         worker.start()
@@ -340,14 +341,19 @@ def test_context_is_thread_local():
 @pytest.mark.parametrize("bias_kind", BIAS_KINDS)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("grad", [False, True])
-def test_auto_picks_a_backend_that_accepts(bias_kind, causal, grad, spy):
-    inputs = leaves(make_inputs(2, 2, 3, 5, 8, bias_kind), grad)
+@pytest.mark.parametrize("nk", [5, attend_module.CPU_MATH_MAX_KEYS + 1])
+def test_auto_picks_a_backend_that_accepts(bias_kind, causal, grad, nk, spy):
+    inputs = leaves(make_inputs(2, 2, 3, nk, 8, bias_kind), grad)
     name = resolve_backend(*inputs, causal=causal)
     assert backend_support(name, *inputs, causal=causal) == []
     assert backend_support("auto", *inputs, causal=causal) == []
     attend(*inputs, causal=causal)
     assert spy == [name]
-    assert name == "sdpa"  # CPU order: sdpa, then math
+    # CPU rule: math first for a bias that needs a gradient or at most CPU_MATH_MAX_KEYS keys,
+    # sdpa first otherwise.
+    bias_grad = grad and bias_kind is not None and bias_kind.startswith("float")
+    short = nk <= attend_module.CPU_MATH_MAX_KEYS
+    assert name == ("math" if bias_grad or short else "sdpa")
 
 
 @pytest.fixture
@@ -394,6 +400,47 @@ def test_flex_block_masks_are_cached():
         mask = attend_module._block_masks[(3, 5, "cpu")]
         attend(q, k, v, causal=True, backend="flex")
     assert attend_module._block_masks[(3, 5, "cpu")] is mask
+
+
+# -- math's recomputing backward ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias_kind", BIAS_KINDS, ids=[str(b) for b in BIAS_KINDS])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("nq, nk, dim, recomputed", [(5, 7, 8, False), (12, 13, 2, True)])
+def test_math_backward_matches_autograd_reference(bias_kind, causal, nq, nk, dim, recomputed, monkeypatch):
+    """math recomputes the attention weights in backward instead of saving them when they
+    outweigh q, k and v (Nq * Nk > (Nq + 2 Nk) * D); either way its outputs and gradients
+    (q, k, v and a broadcast bias) equal autograd through the plain formula."""
+    calls = []
+    real_apply = attend_module._MathAttention.apply
+    monkeypatch.setattr(attend_module._MathAttention, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    q, k, v, bias = (
+        None if t is None else t.double() if t.is_floating_point() else t
+        for t in make_inputs(2, 3, nq, nk, dim, bias_kind)
+    )
+    inputs = leaves([q, k, v, bias], True)
+    grads_of = [t for t in inputs if t is not None and t.requires_grad]
+
+    def reference(q, k, v, bias):
+        sim = torch.einsum("b h i d, b h j d -> b h i j", q, k) * q.shape[-1] ** -0.5
+        lowest = torch.finfo(sim.dtype).min
+        if bias is not None:
+            sim = sim.masked_fill(~bias, lowest) if bias.dtype == torch.bool else sim + bias
+        if causal:
+            sim = sim.masked_fill(~torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq), lowest)
+        return torch.einsum("b h i j, b h j d -> b h i d", sim.softmax(-1), v)
+
+    out = attend(*inputs, causal=causal, backend="math")
+    expected = reference(*inputs)
+    torch.testing.assert_close(out, expected)
+    grad_out = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(out, grads_of, grad_out)
+    want = torch.autograd.grad(expected, grads_of, grad_out)
+    assert len(got) == (4 if bias_kind in ("float-heads", "float-full") else 3)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    assert len(calls) == int(recomputed)
 
 
 # -- dtypes and validation -----------------------------------------------------------------------

@@ -194,6 +194,52 @@ def test_rms_norm_axes():
     torch.testing.assert_close(last(x), x / x.norm(dim=-1, keepdim=True) * 2 * last.gamma)
 
 
+@pytest.mark.parametrize("film", [False, True])
+@pytest.mark.parametrize("axis", [1, -1])
+def test_rms_norm_fused_film_silu_matches_autograd(axis, film):
+    """The fused node (saves only its input, recomputes in backward) against autograd through
+    the plain expression, in float64, with an all-zero position (the clamped-norm branch)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 3, 4, generator=gen, dtype=torch.float64)
+    if axis == 1:
+        x[0, :, 1, 2] = 0
+    else:
+        x[1, 2, 0, :] = 0
+    x.requires_grad_()
+    dim = x.shape[axis]
+    norm = randomize(RMSNorm(dim, axis=axis)).double()
+    gamma = norm.gamma.view(-1, *([1] * (x.ndim - 1 - axis % x.ndim)))
+    scale_shift = None
+    inputs = [x, norm.gamma]
+    if film:
+        film_shape = (2, 5, 1, 1) if axis == 1 else (2, 1, 1, 4)
+        scale_shift = tuple(
+            torch.randn(film_shape, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(2)
+        )
+        inputs += list(scale_shift)
+
+    def reference():
+        y = torch.nn.functional.normalize(x, dim=axis) * dim**0.5 * gamma
+        if film:
+            y = y * (scale_shift[0] + 1) + scale_shift[1]
+        return torch.nn.functional.silu(y)
+
+    out, expected = norm(x, scale_shift, silu=True), reference()
+    torch.testing.assert_close(out, expected)
+    grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    for got, want in zip(torch.autograd.grad(out, inputs, grad_out), torch.autograd.grad(expected, inputs, grad_out)):
+        torch.testing.assert_close(got, want)
+    # Without FiLM and SiLU, the plain norm's gradient too.
+    plain = torch.autograd.grad(norm(x).sum(), x)[0]
+    unfused = torch.nn.functional.normalize(x, dim=axis) * dim**0.5 * gamma
+    torch.testing.assert_close(plain, torch.autograd.grad(unfused.sum(), x)[0])
+
+
+def test_rms_norm_rejects_a_feature_mismatch():
+    with pytest.raises(ValueError, match=r"built for 6 features on axis 1, got shape \(2, 5, 3\)"):
+        RMSNorm(6)(torch.randn(2, 5, 3))
+
+
 # ---------------------------------------------------------------- Downsample / Upsample
 
 

@@ -141,11 +141,8 @@ class _ConvNormAct(nn.Module):
     def forward(
         self, x: Tensor, scale_shift: tuple[Tensor, Tensor] | None, enable_time: EnableTime
     ) -> Tensor:
-        x = self.norm(self.project(x, enable_time=enable_time))
-        if scale_shift is not None:
-            scale, shift = scale_shift
-            x = torch.addcmul(shift, x, scale + 1)
-        return F.silu(x)
+        # Norm, FiLM and SiLU as one autograd node that saves only the conv output.
+        return self.norm(self.project(x, enable_time=enable_time), scale_shift, silu=True)
 
 
 class ResnetBlock(nn.Module):
@@ -267,8 +264,7 @@ def _pixel_shuffle_up(dim: int, *, time: bool) -> nn.Module:
 def _spatio_temporal_attention(dim: int, *, ff_mult: int | float = 4, **kwargs: Any) -> nn.Module:
     from spacetime.attention import SpatioTemporalAttention
 
-    # float(): the layer annotates ff_mult as float, which a beartype check holds to the letter.
-    return SpatioTemporalAttention(dim, ff_mult=float(ff_mult), **kwargs)
+    return SpatioTemporalAttention(dim, ff_mult=ff_mult, **kwargs)
 
 
 register_block("conv", "pseudo3d", "spacetime.conv:PseudoConv3d")

@@ -218,6 +218,9 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
         else:
             self.cond_embed = None
             self.null_cond = None
+        # Read by GaussianDiffusion: string conditions arrive as token embeddings + mask, which
+        # this network both pools (masked mean) and cross-attends to.
+        self.cond_on_tokens = cond_dim is not None
 
         def attn(d: int) -> nn.Module:
             return attention(
