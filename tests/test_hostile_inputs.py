@@ -214,8 +214,19 @@ def warnings_naming(caplog, name):
     return [r for r in caplog.records if r.levelno == logging.WARNING and f"{name} (" in r.getMessage()]
 
 
-def test_hostile_folder_skips_each_bad_file_once_and_trains_on_the_rest(hostile_folder, tmp_path, caplog):
+def test_hostile_folder_skips_each_bad_file_once_and_trains_on_the_rest(hostile_folder, tmp_path, caplog, monkeypatch):
     caplog.set_level(logging.WARNING, logger="diffusion.data")
+    # How long the real 36M-pixel GIF takes to decode depends on the machine (on an idle one
+    # it can beat 0.3 s), so its probe is made to stall well past the limit, as a decoder
+    # stuck in a hostile file would; test_an_abandoned_decode... decodes the real file.
+    real_probe = media.probe_video
+
+    def stalling_probe(path):
+        if Path(path).name == "slow.gif":
+            time.sleep(3.0)
+        return real_probe(path)
+
+    monkeypatch.setattr(media, "probe_video", stalling_probe)
     started = time.monotonic()
     data = VideoFolder(hostile_folder, image_size=8, num_frames=2, decode_timeout=0.3, frame_mode="pad")
     probe_seconds = time.monotonic() - started
@@ -252,8 +263,19 @@ def test_hostile_folder_skips_each_bad_file_once_and_trains_on_the_rest(hostile_
     assert trainer.step == 2 and (tmp_path / "run" / "checkpoint-1" / "state.pt").is_file()
 
 
-def test_an_abandoned_decode_stops_and_the_call_returns_on_time(tmp_path):
+def test_an_abandoned_decode_stops_and_the_call_returns_on_time(tmp_path, monkeypatch):
     (tmp_path / "slow.gif").write_bytes(slow_gif_bytes())
+    # The real file is decoded, but each of its frames is held back for 1 s so the decode
+    # outlasts the 0.2 s limit on any machine, however fast.
+    real_iter_frames = media.iter_frames
+
+    def slow_iter_frames(path, *args, **kwargs):
+        for frame in real_iter_frames(path, *args, **kwargs):
+            if Path(path).name == "slow.gif":
+                time.sleep(1.0)
+            yield frame
+
+    monkeypatch.setattr(media, "iter_frames", slow_iter_frames)
     media.write_gif(level_frames(30), tmp_path / "fine.gif")
     data = VideoFolder(tmp_path, image_size=8, num_frames=2, decode_timeout=5.0)  # the probe passes
     data.decode_timeout = 0.2
