@@ -60,6 +60,18 @@ TARGETS = {
 }
 
 
+def channels_last(model: nn.Module) -> nn.Module:
+    """`model` with its 4-D parameters and buffers in `channels_last` and its 5-D ones in
+    `channels_last_3d` (`Module.to(memory_format=...)` refuses a model holding both, as
+    pseudo-3D U-Nets with full 3D convolutions do)."""
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            if tensor.ndim in formats:
+                tensor.data = tensor.data.contiguous(memory_format=formats[tensor.ndim])
+    return model
+
+
 def _timestep(batch: int, device: torch.device) -> torch.Tensor:
     return torch.linspace(10, 990, batch, device=device).round()
 
@@ -75,7 +87,7 @@ class Subject:
         x = torch.randn(shape, generator=generator)
         self.target = torch.randn(shape, generator=generator).to(device)
         if args.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+            model = channels_last(model)
             x = x.to(memory_format=torch.channels_last_3d)
         self.x = x.to(device)
         self.t = _timestep(shape[0], device)

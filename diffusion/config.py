@@ -205,7 +205,7 @@ _POSITIVE = {
 }
 _NON_NEGATIVE = {
     "warmup_steps", "step_start_ema", "image_phase_steps", "seed", "max_seconds", "weight_decay",
-    "num_workers", "cond_scale",
+    "num_workers", "cond_scale", "min_snr_floor",
 }
 _UNIT_INTERVAL = {
     "ema_decay", "null_cond_prob", "image_ratio", "dynamic_thres_percentile", "eta", "min_lr_ratio",

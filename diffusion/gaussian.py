@@ -107,6 +107,7 @@ class GaussianDiffusion(nn.Module):
         objective: str = "noise",
         min_snr_loss_weight: bool = False,
         min_snr_gamma: Number = 5.0,
+        min_snr_floor: Number = 0.0,
         auto_normalize: bool = True,
         text_encoder: Any = None,
         null_cond_prob: Number = 0.0,
@@ -126,6 +127,10 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"dynamic_thres_percentile must lie in (0, 1], got {dynamic_thres_percentile}")
         if min_snr_gamma <= 0:
             raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma}")
+        if not 0 <= min_snr_floor <= min_snr_gamma:
+            raise ValueError(
+                f"min_snr_floor must lie in [0, min_snr_gamma={min_snr_gamma}], got {min_snr_floor}"
+            )
         if not 0.0 <= null_cond_prob <= 1.0:
             raise ValueError(f"null_cond_prob must lie in [0, 1], got {null_cond_prob}")
 
@@ -141,6 +146,7 @@ class GaussianDiffusion(nn.Module):
         self.dynamic_thres_percentile = float(dynamic_thres_percentile)
         self.min_snr_loss_weight = min_snr_loss_weight
         self.min_snr_gamma = float(min_snr_gamma)
+        self.min_snr_floor = float(min_snr_floor)
         self.auto_normalize = auto_normalize
         self.text_use_bert_cls = text_use_bert_cls
         self.null_cond_prob = float(null_cond_prob)
@@ -311,10 +317,13 @@ class GaussianDiffusion(nn.Module):
     def _min_snr_weight(self, t: Tensor) -> Tensor:
         # Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting", eq. 8-10: the
         # x0-space weight min(snr, gamma), expressed for the objective's own target (an eps
-        # error is snr times an x0 error, a v error snr + 1 times).
+        # error is snr times an x0 error, a v error snr + 1 times). `min_snr_floor` > 0 also
+        # keeps it from falling below the floor at the noisy end: with floor 1 the noisiest
+        # steps weigh as in Salimans & Ho 2022's truncated-SNR weighting max(snr, 1) (sec. 4)
+        # instead of ~snr, i.e. nearly nothing, where a small video's layout is decided.
         abar = self.alphas_cumprod[t]
         snr = abar / (1.0 - abar)
-        clipped = snr.clamp(max=self.min_snr_gamma)
+        clipped = snr.clamp(min=self.min_snr_floor, max=self.min_snr_gamma)
         if self.objective == "noise":
             return clipped / snr
         if self.objective == "x0":

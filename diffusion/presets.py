@@ -39,6 +39,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             "attn_dim_head": 16,
             "ff_mult": 2,
             "cond_dim": 384,
+            # Which frame comes first: without it the model draws the captioned path played
+            # backwards about half the time (see spacetime.FramePositionEmbedding).
+            "frame_pos_emb": True,
         },
         "diffusion": {
             **_DIGITS_VIDEO,
@@ -46,10 +49,11 @@ PRESETS: dict[str, dict[str, Any]] = {
             "beta_schedule": "cosine",
             "objective": "v",
             "loss_type": "l2",
-            # Min-SNR weighting (Hang et al. 2023) spends the few steps on the noisy end,
-            # where the layout (which digit, which way) is decided.
-            "min_snr_loss_weight": True,
-            "min_snr_gamma": 5.0,
+            # Plain v-loss, no min-SNR weighting: min-SNR (Hang et al. 2023) weighs the noisiest
+            # steps by ~snr, nearly zero, and on 16 px videos those are the steps that decide
+            # where the digit starts and which way it goes. Measured on this preset (64 samples
+            # each): direction 92% without, 59% with min-SNR floored at 1, ~35% with min-SNR.
+            "min_snr_loss_weight": False,
             "null_cond_prob": 0.1,
             # Cross-attend to the caption's tokens: the digit is one word of the caption, a
             # small change to its pooled embedding but a token of its own.
@@ -70,7 +74,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "update_ema_every": 1,
             "save_and_sample_every": 500,
             "num_sample_rows": 2,
-            "cond_scale": 3.0,
+            "cond_scale": 8.0,
             "sample_kwargs": {"sampler": "ddim", "steps": 25},
             "log_every": 10,
             "write_mp4": False,
@@ -79,7 +83,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sample": {
             "sampler": "ddim",
             "steps": 50,
-            "cond_scale": 3.0,
+            # Strong guidance: on the same checkpoint (64 samples) scale 3 gave direction 92% /
+            # digit 41%, scale 5 92% / 45%, scale 8 97% / 52%, scale 12 no better than 8.
+            "cond_scale": 8.0,
             "num_samples": 1,
             "batch_size": 16,
             "seed": 0,

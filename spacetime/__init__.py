@@ -18,6 +18,7 @@ from spacetime.layers import GEGLU, Downsample, FeedForward, RMSNorm, Upsample, 
 from spacetime.params import mark_temporal, spatial_parameters, temporal_parameters
 from spacetime.position import (
     ContinuousPositionBias,
+    FramePositionEmbedding,
     RelativePositionBias,
     RotaryEmbedding,
     apply_rotary,
@@ -31,6 +32,7 @@ __all__ = [
     "ContinuousPositionBias",
     "Downsample",
     "FeedForward",
+    "FramePositionEmbedding",
     "PseudoConv3d",
     "RMSNorm",
     "RelativePositionBias",

@@ -7,6 +7,9 @@
   Sec. 2.1), bidirectional or causal.
 - `RotaryEmbedding`: rotary position embedding (Su et al. 2021, RoFormer, Eq. 34), 1D or axial
   2D; it rotates q and k instead of adding a bias, so bias-free fused attention kernels apply.
+- `FramePositionEmbedding`: an absolute position along the time axis, added to the features
+  of each frame (sinusoidal features of the frame index, then a zero-initialised linear map,
+  as temporal transformers in video diffusion do, e.g. AnimateDiff's motion modules).
 
 The biases return `(heads, N, N)` for `N` tokens laid out row-major over the given dimensions
 (`(h w)` for space), ready to broadcast over the batch in `attend`.
@@ -20,7 +23,16 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-__all__ = ["ContinuousPositionBias", "RelativePositionBias", "RotaryEmbedding", "apply_rotary"]
+from spacetime.params import mark_temporal
+from spacetime.time import EnableTime, select_time, time_enabled
+
+__all__ = [
+    "ContinuousPositionBias",
+    "FramePositionEmbedding",
+    "RelativePositionBias",
+    "RotaryEmbedding",
+    "apply_rotary",
+]
 
 
 def _check_dimensions(dimensions: tuple[int, ...], num_dims: int, name: str) -> None:
@@ -212,3 +224,59 @@ class RotaryEmbedding(nn.Module):
         angles = (grid[:, :, None] * self.inv_freq).reshape(grid.shape[0], -1)  # (N, dim / 2)
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos(), angles.sin()
+
+
+class FramePositionEmbedding(nn.Module):
+    """Adds an embedding of each frame's index to a video's features `(B, C, F, H, W)`.
+
+    Relative position biases and temporal convolutions tell a network how far apart two
+    frames are, not which frame comes first; zero padding at the clip's ends tells it only
+    as much as the input's mean differs from zero, which is nothing at the noisy diffusion
+    steps where a sample's layout is decided. Without an absolute signal, a denoiser can
+    draw the right motion played backwards (a digit asked to move left moving right).
+
+    The index `f` of every frame is mapped to `freq_dim` sinusoidal features (Vaswani et al.
+    2017, sec. 3.5: angular frequencies `max_period ** (-i / (freq_dim / 2))`) and then
+    linearly to `dim` channels, broadcast over
+    space. The linear map starts at zero, so a new embedding is the identity, like every other
+    temporal part. Images and samples with time off pass through unchanged (a single image
+    has no position in time). Marked temporal (`spacetime.temporal_parameters`).
+    """
+
+    def __init__(self, dim: int, *, freq_dim: int = 16, max_period: float = 10000.0):
+        super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"FramePositionEmbedding dim must be a positive int, got {dim!r}")
+        if isinstance(freq_dim, bool) or not isinstance(freq_dim, int) or freq_dim < 2 or freq_dim % 2:
+            raise ValueError(f"freq_dim must be an even int >= 2, got {freq_dim!r}")
+        if not max_period > 1:
+            raise ValueError(f"max_period must be > 1, got {max_period!r}")
+        half = freq_dim // 2
+        freqs = max_period ** (-torch.arange(half, dtype=torch.float32) / half)
+        self.register_buffer("freqs", freqs, persistent=False)
+        self.proj = nn.Linear(freq_dim, dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+        mark_temporal(self)
+
+    def embedding(self, num_frames: int) -> Float[Tensor, "f dim"]:
+        """The `(num_frames, dim)` embeddings of frames `0 .. num_frames - 1`."""
+        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
+        frames = torch.arange(num_frames, device=self.freqs.device, dtype=torch.float32)
+        angles = frames[:, None] * self.freqs[None, :]
+        return self.proj(torch.cat((angles.sin(), angles.cos()), dim=-1))
+
+    def forward(self, x: Tensor, enable_time: EnableTime = True) -> Tensor:
+        """`x` plus the embedding of its frames where time is enabled; images unchanged."""
+        enabled = time_enabled(x, enable_time)
+        if enabled is False:
+            return x
+        if x.shape[1] != self.proj.out_features:
+            raise ValueError(
+                f"FramePositionEmbedding was built for {self.proj.out_features} channels, got input "
+                f"of shape {tuple(x.shape)}"
+            )
+        emb = self.embedding(x.shape[2]).to(x.dtype)  # (F, C)
+        with_time = x + emb.t()[None, :, :, None, None]
+        return select_time(enabled, with_time, x)

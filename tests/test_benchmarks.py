@@ -9,6 +9,8 @@ import json
 import pytest
 import torch
 
+import unets
+
 from benchmarks import attention as attention_bench
 from benchmarks import common
 from benchmarks import unet as unet_bench
@@ -105,3 +107,27 @@ def test_unet_quick(tmp_path):
         assert len(list(csv.DictReader(handle))) == len(rows)
     report = _single(tmp_path, "*-unet.md").read_text()
     assert report.startswith("# U-Net benchmark") and "Ours / make-a-video-pytorch" in report
+
+
+def test_channels_last_handles_mixed_4d_and_5d_weights():
+    # A pseudo-3D U-Net with full 3D convs holds 4-D and 5-D weights; Module.to(memory_format=)
+    # refuses that mix, the benchmark's helper converts each tensor by its rank.
+    model = unets.build("space_time_unet", preset="debug", channels=1, blocks={"conv": "conv3d"})
+    ranks = {p.ndim for p in model.parameters()}
+    assert {4, 5} <= ranks
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    unet_bench.channels_last(model)
+    for p in model.parameters():
+        if p.ndim == 4:
+            assert p.is_contiguous(memory_format=torch.channels_last)
+        elif p.ndim == 5:
+            assert p.is_contiguous(memory_format=torch.channels_last_3d)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_unet_quick_channels_last(tmp_path):
+    argv = ["--quick", "--channels-last", "--models", "space_time_unet", "--no-compare", "--out", str(tmp_path)]
+    assert unet_bench.main(argv) == 0
+    rows = json.loads(_single(tmp_path, "*-unet.json").read_text())["rows"]
+    assert {r["model"] for r in rows} == {"space_time_unet"}
+    assert all(r["time_ms"] > 0 for r in rows)

@@ -203,15 +203,20 @@ def test_loss_values(loss_type):
     assert loss.item() == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("floor", [0.0, 1.0])
 @pytest.mark.parametrize("objective", ["noise", "x0", "v"])
-def test_min_snr_weighting(objective):
+def test_min_snr_weighting(objective, floor):
     times = torch.tensor([0, 10, 19])
     noise, x = torch.randn(3, C, F, H, W), videos(3)
     plain = make(Recorder(cond_value=0.0), objective=objective, loss_type="l2")
-    weighted = make(Recorder(cond_value=0.0), objective=objective, loss_type="l2", min_snr_loss_weight=True, min_snr_gamma=2.0)
+    weighted = make(Recorder(cond_value=0.0), objective=objective, loss_type="l2", min_snr_loss_weight=True,
+                    min_snr_gamma=2.0, min_snr_floor=floor)
     abar = plain.alphas_cumprod[times]
     snr = abar / (1 - abar)
-    weight = {"noise": snr.clamp(max=2.0) / snr, "x0": snr.clamp(max=2.0), "v": snr.clamp(max=2.0) / (snr + 1)}[objective]
+    # x0-space weight: min(snr, gamma), and at least the floor (truncated SNR at the noisy end)
+    x0_weight = snr.clamp(max=2.0).clamp(min=floor)
+    assert (snr[-1] < 1.0) and (x0_weight[-1] == (1.0 if floor else snr[-1]))
+    weight = {"noise": x0_weight / snr, "x0": x0_weight, "v": x0_weight / (snr + 1)}[objective]
     alpha, sigma = abar.sqrt().view(-1, 1, 1, 1, 1), (1 - abar).sqrt().view(-1, 1, 1, 1, 1)
     per_sample = objective_target(objective, x * 2 - 1, noise, alpha, sigma).pow(2).flatten(1).mean(1)
     assert plain(x, noise=noise, times=times).item() == pytest.approx(per_sample.mean().item(), rel=1e-5)
@@ -485,3 +490,9 @@ def test_sampling_on_cuda_follows_the_module():
     assert gpu_out.is_cuda
     torch.testing.assert_close(gpu_out.cpu(), cpu_out, atol=1e-4, rtol=1e-4)
     assert d(videos().cuda()).is_cuda
+
+
+@pytest.mark.parametrize("floor", [-0.5, 3.0])
+def test_min_snr_floor_must_lie_between_zero_and_gamma(floor):
+    with pytest.raises(ValueError, match="min_snr_floor must lie in"):
+        make(min_snr_loss_weight=True, min_snr_gamma=2.0, min_snr_floor=floor)

@@ -11,6 +11,9 @@ Added here (all optional, off by default):
   embedding, and every attention block cross-attends to the condition tokens; a learned null
   embedding replaces the condition with probability `null_cond_prob` for classifier-free
   guidance (Ho & Salimans 2022), see `unets.base.UnetMixin.forward_with_cond_scale`;
+- an absolute frame position (`frame_pos_emb`): `spacetime.FramePositionEmbedding` added
+  after the input convolution, so the network knows which frame comes first even at the
+  noisiest steps (relative position biases and temporal convolutions do not tell it);
 - block kinds chosen by registry name (`blocks`), e.g. full 3D convs (`conv="conv3d"`);
 - per-block gradient checkpointing, and no copies of the skip tensors.
 
@@ -26,6 +29,8 @@ from typing import Any, ClassVar
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
+
+from spacetime.position import FramePositionEmbedding
 
 from unets.base import UnetMixin
 from unets.blocks import TimestepEmbedding, check_block_name, get_block
@@ -54,7 +59,7 @@ class SpaceTimeBlocks(ConfigPart):
 @dataclasses.dataclass
 class SpaceTimeUnetConfig(UnetConfig):
     """Constructor arguments of `SpaceTimeUnet` (make-a-video-pytorch's, same defaults, plus
-    `cond_dim`, `ff_mult` and `blocks`)."""
+    `cond_dim`, `ff_mult`, `frame_pos_emb` and `blocks`)."""
 
     unet_name: ClassVar[str] = "space_time_unet"
 
@@ -72,6 +77,7 @@ class SpaceTimeUnetConfig(UnetConfig):
     causal_time_attn: bool = False
     cond_dim: int | None = None
     ff_mult: int = 4
+    frame_pos_emb: bool = False
     blocks: SpaceTimeBlocks = dataclasses.field(default_factory=SpaceTimeBlocks)
 
     def validate(self) -> None:
@@ -95,6 +101,8 @@ class SpaceTimeUnetConfig(UnetConfig):
         for key in ("self_attns", "temporal_compression"):
             if any(not isinstance(v, bool) for v in getattr(self, key)):
                 raise ValueError(f"{key} entries must be bools, got {getattr(self, key)}")
+        if not isinstance(self.frame_pos_emb, bool):
+            raise TypeError(f"frame_pos_emb must be a bool, got {self.frame_pos_emb!r}")
         if not isinstance(self.attn_pos_bias, bool) and self.attn_pos_bias not in _POS_BIAS_KINDS:
             raise ValueError(f"attn_pos_bias must be a bool or one of {list(_POS_BIAS_KINDS)}, got {self.attn_pos_bias!r}")
         if self.cond_dim is not None and (isinstance(self.cond_dim, bool) or self.cond_dim < 1):
@@ -170,6 +178,7 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
         causal_time_attn: bool = False,
         cond_dim: int | None = None,
         ff_mult: int = 4,
+        frame_pos_emb: bool = False,
         blocks: SpaceTimeBlocks | dict[str, str] | None = None,
     ):
         super().__init__()
@@ -190,6 +199,7 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
             causal_time_attn=causal_time_attn,
             cond_dim=cond_dim,
             ff_mult=ff_mult,
+            frame_pos_emb=frame_pos_emb,
             blocks=SpaceTimeBlocks() if blocks is None else blocks,
         )
         self.config = config
@@ -238,6 +248,7 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
             return resnet(d_in, d_out, emb_dim=emb_dim if with_emb else None, conv=kinds.conv)
 
         self.conv_in = conv(channels, dim, 7, temporal_kernel_size=3)
+        self.frame_pos = FramePositionEmbedding(dim) if config.frame_pos_emb else None
         self.downs = nn.ModuleList()
         self.ups = nn.ModuleList()
         levels = zip(dims[:-1], dims[1:], config.self_attns, config.temporal_compression, config.resnet_block_depths)
@@ -327,6 +338,8 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
         ck = self.checkpointed
         attn_kw = dict(context=context, context_mask=context_mask) if context is not None else {}
         x = self.conv_in(x, enable_time=enable_time)
+        if self.frame_pos is not None:
+            x = self.frame_pos(x, enable_time)
         # No clones: nothing below writes into a skip tensor in place.
         skips: list[Tensor] = []
         for level in self.downs:
