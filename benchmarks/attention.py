@@ -14,6 +14,8 @@ Shape classes (what `spacetime.attention` hands to `spacetime.attend`):
 Each class runs forward only (inference: no grad anywhere) and forward + backward (q, k, v and
 the position-bias module require grad), on every backend `backend_support` accepts, plus `auto`.
 The position-bias module runs inside the timed region: it is part of what a layer pays.
+On CPU the backends of a shape class are timed in turn over `--rounds` rounds (default 3) and
+each reports its median, so load on a shared machine hits all of them alike.
 
 Counts (per call, B batch, h heads, Nq/Nk lengths, D head dim, e bytes per element):
     FLOPs forward   4 B h Nq Nk D (two matmuls), times the kept fraction of pairs if causal;
@@ -34,6 +36,7 @@ import importlib
 import datetime as _dt
 import logging
 import math
+import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -239,33 +242,47 @@ def run_case(
     min_run_time: float,
     memory: bool,
     peaks: tuple[float | None, float | None],
+    rounds: int = 1,
 ) -> list[dict[str, Any]]:
+    """One row per backend. With `rounds` > 1 the backends are timed in turn, round after round
+    (`min_run_time / rounds` each), and each row's time is the median over its rounds, so a
+    burst of load on a shared machine hits every backend alike instead of one."""
     runner = Runner(case, device)
     flops, nbytes = flop_count(case), byte_count(case)
     roofline = common.roofline_time(flops, nbytes, *peaks)
-    rows = []
+    rows: dict[str, dict[str, Any]] = {}
+    fns = {}
     for backend in backends:
         row: dict[str, Any] = {**dataclasses.asdict(case), "backend": backend}
         row["pass"] = row.pop("pass_")
         reasons, resolved = runner.support(backend)
         row["resolved"] = resolved
+        rows[backend] = row
         if reasons:
             row["error"] = "unsupported: " + "; ".join(reasons)
-            rows.append(row)
-            continue
-        fn = runner.fn(backend)
+        else:
+            fns[backend] = runner.fn(backend)
+    samples: dict[str, list[float]] = {backend: [] for backend in fns}
+    for _ in range(max(1, rounds)):
+        for backend in list(fns):
+            try:
+                samples[backend].append(common.measure_time(fns[backend], min_run_time=min_run_time / max(1, rounds)))
+            except torch.OutOfMemoryError:
+                rows[backend]["error"] = "out of memory"
+                torch.cuda.empty_cache()
+                del fns[backend]
+            except Exception as error:  # a kernel that compiles or launches badly is a result too
+                rows[backend]["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                del fns[backend]
+    for backend, fn in fns.items():
+        row = rows[backend]
         try:
-            seconds = common.measure_time(fn, min_run_time=min_run_time)
             row["peak_mem_mb"] = common.peak_memory(fn, device) / 2**20 if memory else None
         except torch.OutOfMemoryError:
             row["error"] = "out of memory"
             torch.cuda.empty_cache()
-            rows.append(row)
             continue
-        except Exception as error:  # a kernel that compiles or launches badly is a result too
-            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-            rows.append(row)
-            continue
+        seconds = statistics.median(samples[backend])
         row["time_ms"] = seconds * 1e3
         row["tflops"] = flops / seconds / 1e12
         row["gbps"] = nbytes / seconds / 1e9
@@ -276,8 +293,7 @@ def run_case(
             row["roofline_ms"] = roofline * 1e3
             row["pct_roofline"] = 100 * roofline / seconds
             row["bound"] = "compute" if flops / (peak_flops * 1e12) >= nbytes / (peak_bw * 1e9) else "memory"
-        rows.append(row)
-    return rows
+    return list(rows.values())
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,6 +450,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--head-dims", nargs="+", type=int, default=None, help="restrict the grid's head dims")
     parser.add_argument("--kinds", nargs="+", choices=("spatial", "temporal"), default=["spatial", "temporal"])
     parser.add_argument("--min-run-time", type=float, default=None, help="seconds per timing (default 0.2, quick 0.02)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="time the backends in turn over this many rounds, median per backend "
+                             "(default 3 on CPU, 1 on CUDA and with --quick)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the device's peak TFLOP/s")
@@ -455,6 +474,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     grid = args.grid or ("quick" if args.quick else "full" if device.type == "cuda" else "cpu")
     dtypes = args.dtypes or (["bf16", "fp16"] if device.type == "cuda" else ["fp32"])
     min_run_time = args.min_run_time if args.min_run_time is not None else (0.02 if args.quick else 0.2)
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick or device.type == "cuda" else 3)
+    if rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {rounds}")
     backends = _backends(device, args.backends)
     if grid == "quick" and args.backends is None:
         # flex compiles a kernel per shape (tens of seconds on first use): not for a smoke run.
@@ -466,13 +488,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = common.environment(device)
     env["grid"] = grid
     env["flex_compile"] = attend_module.FLEX_COMPILE
+    env["rounds"] = rounds
     logger.info("attention benchmark: %d shape classes x %s on %s", len(cases), backends, device)
 
     rows = []
     for i, case in enumerate(cases):
         peaks = common.device_peaks(device, tflops=args.peak_tflops, gbps=args.peak_gbps, dtype=case.dtype)
         case_rows = run_case(
-            case, backends, device, min_run_time=min_run_time, memory=not args.no_memory, peaks=peaks[:2]
+            case, backends, device, min_run_time=min_run_time, memory=not args.no_memory, peaks=peaks[:2],
+            rounds=rounds,
         )
         rows += case_rows
         times = ", ".join(

@@ -31,8 +31,11 @@ What `auto` tries, in order, taking the first backend that accepts the inputs:
         which also recomputes large attention weights in backward instead of keeping them
         (`_MathAttention`); and on short sequences (temporal attention over 8-16 frames) the fused kernel's per-row
         overhead dominates: measured on one EPYC core, fp32, 2048 x 4 heads x 32 dims, math was
-        1.35-3.7x faster forward + backward at 8 and 16 keys, and faster or on par forward-only
-        (benchmarks/results/cpu-amd-epyc-2026-11-21-attention.md).
+        1.04-2.1x faster at 8 and 16 keys in 23 of 24 cases (benchmarks/results/
+        cpu-amd-epyc-2026-11-21-attention.md). For spatial attention (256-1024 keys) with a
+        bias gradient, sdpa alone measured 1.3-1.5x faster, but in the U-Net train step of
+        benchmarks/unet.py it was no faster (0.74x make-a-video's time either way) and took 15%
+        more memory (0.77x instead of 0.67x make-a-video's), so math stays first there.
 flex and xformers are never picked by `auto`: flex compiles a kernel per shape (tens of seconds
 on first use), and xformers' CUTLASS kernel is the one `efficient` already reaches through
 PyTorch, so making results depend on whether a package is installed buys nothing.

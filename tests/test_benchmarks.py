@@ -131,3 +131,23 @@ def test_unet_quick_channels_last(tmp_path):
     rows = json.loads(_single(tmp_path, "*-unet.json").read_text())["rows"]
     assert {r["model"] for r in rows} == {"space_time_unet"}
     assert all(r["time_ms"] > 0 for r in rows)
+
+
+def test_attention_rounds_time_every_backend_in_turn(monkeypatch):
+    case = attention_bench.Case("temporal", 4, 8, 2, 8, "continuous", False, "fp32", "fwd+bwd")
+    calls = []
+    real = common.measure_time
+
+    def spy(fn, *, min_run_time):
+        calls.append(min_run_time)
+        return real(fn, min_run_time=min_run_time)
+
+    monkeypatch.setattr(common, "measure_time", spy)
+    rows = attention_bench.run_case(
+        case, ["math", "sdpa", "auto"], torch.device("cpu"), min_run_time=0.03, memory=False,
+        peaks=(None, None), rounds=3,
+    )
+    assert [r["backend"] for r in rows] == ["math", "sdpa", "auto"]
+    assert all(r["time_ms"] > 0 and r["tflops"] > 0 for r in rows)
+    # three rounds of three backends, each a third of the time budget
+    assert len(calls) == 9 and all(c == pytest.approx(0.01) for c in calls)

@@ -16,7 +16,7 @@ signature, and every block's forward takes `enable_time` (a bool or a per-sample
     upsample    factory(dim, *, time)                          forward(x, enable_time=True)
 
 Built-in entries that live in `spacetime/` are lazy `"module:Attr"` references, resolved on
-first use. This file also holds the shared blocks: `TimestepEmbedding`, `ResnetBlock`
+first use. This file also holds the shared blocks: `TimestepEmbedding`, `TextPool`, `ResnetBlock`
 (make-a-video-pytorch's, with the conv kind selectable) and `Conv3dBlock` (a full 3D conv
 whose off-centre temporal taps start at zero, so it starts as a per-frame 2D conv).
 """
@@ -43,6 +43,7 @@ __all__ = [
     "BLOCK_KINDS",
     "Conv3dBlock",
     "ResnetBlock",
+    "TextPool",
     "TimestepEmbedding",
     "available_blocks",
     "get_block",
@@ -128,6 +129,50 @@ class TimestepEmbedding(nn.Module):
     def forward(self, t: Float[Tensor, " b"]) -> Float[Tensor, "b e"]:
         angles = t.float()[:, None] * self.freqs[None, :]
         return F.silu(self.proj(torch.cat((angles.sin(), angles.cos()), dim=-1)))
+
+
+POOLINGS = ("mean", "attention")
+
+
+class TextPool(nn.Module):
+    """Pools condition tokens `(B, L, D)` with a key mask `(B, L)` into one vector `(B, D)`.
+
+    `"mean"`: the masked mean. `"attention"`: the masked mean plus a learned-query attention
+    pooling (Imagen, Saharia et al. 2022, sec. 2.2 and appendix F, pools T5 tokens this way for
+    the vector added to the timestep embedding): `heads` learned queries attend over the
+    LayerNorm-ed tokens, and their outputs are projected back to `D` by a zero-initialised
+    linear map, so the block starts as the mean. The mean of a sentence embedder's tokens
+    barely moves when one word changes ("down and to the left" / "... right": cosine 0.99
+    for MiniLM), while attention can pick out that word."""
+
+    def __init__(self, dim: int, kind: str = "mean", *, heads: int = 4, dim_head: int = 32):
+        super().__init__()
+        if kind not in POOLINGS:
+            raise ValueError(f"cond_pool must be one of {list(POOLINGS)}, got {kind!r}")
+        self.kind = kind
+        if kind == "attention":
+            self.heads, self.dim_head = heads, dim_head
+            self.norm = nn.LayerNorm(dim)
+            self.query = nn.Parameter(torch.randn(heads, dim_head) * dim_head**-0.5)
+            self.to_kv = nn.Linear(dim, 2 * heads * dim_head, bias=False)
+            self.to_out = nn.Linear(heads * dim_head, dim)
+            nn.init.zeros_(self.to_out.weight)
+            nn.init.zeros_(self.to_out.bias)
+
+    def forward(self, tokens: Float[Tensor, "b l d"], mask: Tensor) -> Float[Tensor, "b d"]:
+        weights = mask.to(tokens.dtype)[..., None]
+        # Masked mean; clamp so an all-padding sample pools to zero instead of NaN.
+        mean = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        if self.kind == "mean":
+            return mean
+        k, v = rearrange(self.to_kv(self.norm(tokens)), "b l (two h d) -> two b h l d", two=2, h=self.heads)
+        logits = torch.einsum("hd,bhld->bhl", self.query.to(k.dtype), k) * self.dim_head**-0.5
+        # An all-padding row attends to nothing: its logits stay finite (no NaN), its weights
+        # are then set to zero.
+        logits = logits.masked_fill(~mask[:, None, :], torch.finfo(logits.dtype).min)
+        attn = logits.softmax(dim=-1) * mask[:, None, :].any(dim=-1, keepdim=True).to(logits.dtype)
+        pooled = torch.einsum("bhl,bhld->bhd", attn, v)
+        return mean + self.to_out(rearrange(pooled, "b h d -> b (h d)"))
 
 
 class _ConvNormAct(nn.Module):

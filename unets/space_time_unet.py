@@ -7,7 +7,8 @@ pixel-shuffle down/upsampling in space at every level and in time where
 `temporal_compression` says, and skip connections scaled by 2^-1/2.
 
 Added here (all optional, off by default):
-- text conditioning (`cond_dim`): a pooled condition is projected and added to the timestep
+- text conditioning (`cond_dim`): a pooled condition (`cond_pool`: masked mean, or mean plus
+  learned attention pooling, `unets.blocks.TextPool`) is projected and added to the timestep
   embedding, and every attention block cross-attends to the condition tokens; a learned null
   embedding replaces the condition with probability `null_cond_prob` for classifier-free
   guidance (Ho & Salimans 2022), see `unets.base.UnetMixin.forward_with_cond_scale`;
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 from spacetime.position import FramePositionEmbedding
 
 from unets.base import UnetMixin
-from unets.blocks import TimestepEmbedding, check_block_name, get_block
+from unets.blocks import POOLINGS, TextPool, TimestepEmbedding, check_block_name, get_block
 from unets.config import ConfigPart, UnetConfig
 
 __all__ = ["PRESETS", "SpaceTimeBlocks", "SpaceTimeUnet", "SpaceTimeUnetConfig"]
@@ -59,7 +60,7 @@ class SpaceTimeBlocks(ConfigPart):
 @dataclasses.dataclass
 class SpaceTimeUnetConfig(UnetConfig):
     """Constructor arguments of `SpaceTimeUnet` (make-a-video-pytorch's, same defaults, plus
-    `cond_dim`, `ff_mult`, `frame_pos_emb` and `blocks`)."""
+    `cond_dim`, `ff_mult`, `frame_pos_emb`, `cond_pool` and `blocks`)."""
 
     unet_name: ClassVar[str] = "space_time_unet"
 
@@ -78,6 +79,7 @@ class SpaceTimeUnetConfig(UnetConfig):
     cond_dim: int | None = None
     ff_mult: int = 4
     frame_pos_emb: bool = False
+    cond_pool: str = "mean"
     blocks: SpaceTimeBlocks = dataclasses.field(default_factory=SpaceTimeBlocks)
 
     def validate(self) -> None:
@@ -101,6 +103,8 @@ class SpaceTimeUnetConfig(UnetConfig):
         for key in ("self_attns", "temporal_compression"):
             if any(not isinstance(v, bool) for v in getattr(self, key)):
                 raise ValueError(f"{key} entries must be bools, got {getattr(self, key)}")
+        if self.cond_pool not in POOLINGS:
+            raise ValueError(f"cond_pool must be one of {list(POOLINGS)}, got {self.cond_pool!r}")
         if not isinstance(self.frame_pos_emb, bool):
             raise TypeError(f"frame_pos_emb must be a bool, got {self.frame_pos_emb!r}")
         if not isinstance(self.attn_pos_bias, bool) and self.attn_pos_bias not in _POS_BIAS_KINDS:
@@ -179,6 +183,7 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
         cond_dim: int | None = None,
         ff_mult: int = 4,
         frame_pos_emb: bool = False,
+        cond_pool: str = "mean",
         blocks: SpaceTimeBlocks | dict[str, str] | None = None,
     ):
         super().__init__()
@@ -200,6 +205,7 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
             cond_dim=cond_dim,
             ff_mult=ff_mult,
             frame_pos_emb=frame_pos_emb,
+            cond_pool=cond_pool,
             blocks=SpaceTimeBlocks() if blocks is None else blocks,
         )
         self.config = config
@@ -225,6 +231,7 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
             self.cond_embed = nn.Sequential(nn.Linear(cond_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
             # One learned token stands for "no condition" (classifier-free guidance).
             self.null_cond = nn.Parameter(torch.randn(cond_dim) * 0.02)
+            self.cond_pool = TextPool(cond_dim, config.cond_pool)
         else:
             self.cond_embed = None
             self.null_cond = None
@@ -322,10 +329,7 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
             if keep is not None:
                 tokens = torch.where(keep[:, None, None], tokens.to(null.dtype), null)
                 mask = mask | ~keep[:, None]
-        weights = mask.to(tokens.dtype)[..., None]
-        # Masked mean; clamp so an all-padding sample pools to zero instead of NaN.
-        pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
-        return tokens, mask, pooled
+        return tokens, mask, self.cond_pool(tokens, mask)
 
     def _run_levels(
         self,
