@@ -54,8 +54,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             "loss_type": "l2",
             # Plain v-loss, no min-SNR weighting: min-SNR (Hang et al. 2023) weighs the noisiest
             # steps by ~snr, nearly zero, and on 16 px videos those are the steps that decide
-            # where the digit starts and which way it goes. Measured on this preset (64 samples
-            # each): direction 92% without, 59% with min-SNR floored at 1, ~35% with min-SNR.
+            # where the digit starts and which way it goes. Measured on this preset: direction
+            # 92% without, 59% with min-SNR floored at 1 (64 samples each), 31-38% with
+            # min-SNR (16 samples, three runs).
             "min_snr_loss_weight": False,
             "null_cond_prob": 0.1,
             # Cross-attend to the caption's tokens: the digit is one word of the caption, a
