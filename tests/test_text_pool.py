@@ -71,6 +71,8 @@ def test_unknown_pool_and_config():
     kw = dict(preset="debug", channels=1, cond_dim=12)
     with pytest.raises(ValueError, match="cond_pool must be one of"):
         unets.build("space_time_unet", cond_pool="max", **kw)
+    with pytest.raises(ValueError, match="needs cond_dim"):
+        unets.build("space_time_unet", preset="debug", cond_pool="attention")
     model = unets.build("space_time_unet", cond_pool="attention", **kw)
     assert model.config.to_dict()["cond_pool"] == "attention"
     assert any(n.startswith("cond_pool.") for n, _ in model.named_parameters())

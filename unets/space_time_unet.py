@@ -32,7 +32,6 @@ from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
 from spacetime.position import FramePositionEmbedding
-
 from unets.base import UnetMixin
 from unets.blocks import POOLINGS, TextPool, TimestepEmbedding, check_block_name, get_block
 from unets.config import ConfigPart, UnetConfig
@@ -105,6 +104,8 @@ class SpaceTimeUnetConfig(UnetConfig):
                 raise ValueError(f"{key} entries must be bools, got {getattr(self, key)}")
         if self.cond_pool not in POOLINGS:
             raise ValueError(f"cond_pool must be one of {list(POOLINGS)}, got {self.cond_pool!r}")
+        if self.cond_pool != "mean" and self.cond_dim is None:
+            raise ValueError(f"cond_pool={self.cond_pool!r} pools text tokens: it needs cond_dim, got cond_dim=None")
         if not isinstance(self.frame_pos_emb, bool):
             raise TypeError(f"frame_pos_emb must be a bool, got {self.frame_pos_emb!r}")
         if not isinstance(self.attn_pos_bias, bool) and self.attn_pos_bias not in _POS_BIAS_KINDS:
