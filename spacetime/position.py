@@ -35,6 +35,13 @@ __all__ = [
 ]
 
 
+def sinusoidal_features(positions: Tensor, freqs: Tensor) -> Tensor:
+    """`(N, 2 F)` features `[sin(p f), cos(p f)]` of positions `(N,)` at angular frequencies
+    `(F,)` (Vaswani et al. 2017, sec. 3.5); computed in fp32."""
+    angles = positions.float()[:, None] * freqs[None, :]
+    return torch.cat((angles.sin(), angles.cos()), dim=-1)
+
+
 def _check_dimensions(dimensions: tuple[int, ...], num_dims: int, name: str) -> None:
     if len(dimensions) != num_dims or any(d < 1 for d in dimensions):
         raise ValueError(f"{name} was built for {num_dims} positive sizes, got {dimensions}")
@@ -263,9 +270,8 @@ class FramePositionEmbedding(nn.Module):
         """The `(num_frames, dim)` embeddings of frames `0 .. num_frames - 1`."""
         if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
             raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
-        frames = torch.arange(num_frames, device=self.freqs.device, dtype=torch.float32)
-        angles = frames[:, None] * self.freqs[None, :]
-        return self.proj(torch.cat((angles.sin(), angles.cos()), dim=-1))
+        frames = torch.arange(num_frames, device=self.freqs.device)
+        return self.proj(sinusoidal_features(frames, self.freqs))
 
     def forward(self, x: Tensor, enable_time: EnableTime = True) -> Tensor:
         """`x` plus the embedding of its frames where time is enabled; images unchanged."""

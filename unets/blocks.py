@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from spacetime.layers import RMSNorm
 from spacetime.params import mark_temporal
+from spacetime.position import sinusoidal_features
 from spacetime.time import EnableTime, select_time, time_enabled
 from unets.config import closest_hint
 
@@ -127,11 +128,18 @@ class TimestepEmbedding(nn.Module):
         self.proj = nn.Linear(dim, emb_dim)
 
     def forward(self, t: Float[Tensor, " b"]) -> Float[Tensor, "b e"]:
-        angles = t.float()[:, None] * self.freqs[None, :]
-        return F.silu(self.proj(torch.cat((angles.sin(), angles.cos()), dim=-1)))
+        return F.silu(self.proj(sinusoidal_features(t, self.freqs)))
 
 
 POOLINGS = ("mean", "attention")
+
+
+def masked_mean(tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """`(mean (B, D), count (B, 1))` of tokens `(B, L, D)` over the True entries of `mask`
+    `(B, L)`; a sample with no real token gets a zero mean (not NaN) and count 0."""
+    weights = mask.to(tokens.dtype)[..., None]
+    count = weights.sum(dim=1)
+    return (tokens * weights).sum(dim=1) / count.clamp(min=1.0), count
 
 
 class TextPool(nn.Module):
@@ -160,9 +168,7 @@ class TextPool(nn.Module):
             nn.init.zeros_(self.to_out.bias)
 
     def forward(self, tokens: Float[Tensor, "b l d"], mask: Tensor) -> Float[Tensor, "b d"]:
-        weights = mask.to(tokens.dtype)[..., None]
-        # Masked mean; clamp so an all-padding sample pools to zero instead of NaN.
-        mean = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        mean, _ = masked_mean(tokens, mask)
         if self.kind == "mean":
             return mean
         k, v = rearrange(self.to_kv(self.norm(tokens)), "b l (two h d) -> two b h l d", two=2, h=self.heads)

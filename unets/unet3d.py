@@ -43,7 +43,7 @@ from spacetime.params import mark_temporal
 from spacetime.position import RelativePositionBias, RotaryEmbedding, apply_rotary
 from spacetime.time import EnableTime, select_time, time_enabled
 from unets.base import UnetMixin
-from unets.blocks import TimestepEmbedding, get_block
+from unets.blocks import TimestepEmbedding, get_block, masked_mean
 from unets.config import UnetConfig
 
 __all__ = ["PRESETS", "TEXT_ENCODER_DIM", "Unet3D", "Unet3DConfig"]
@@ -594,9 +594,7 @@ class Unet3D(UnetMixin, nn.Module):
                 token_mask = token_mask & rearrange(keep, "b -> b 1")
 
         # Masked mean over real tokens (DESIGN.md); a sample left with none uses the null.
-        weights = rearrange(token_mask, "b l -> b l 1").to(tokens.dtype)
-        count = weights.sum(dim=1)
-        pooled = (tokens * weights).sum(dim=1) / count.clamp(min=1)
+        pooled, count = masked_mean(tokens, token_mask)
         pooled = torch.where(count > 0, pooled, null.to(tokens.dtype))
         if not self.text_cross_attn:
             return pooled, None
