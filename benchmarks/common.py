@@ -42,6 +42,7 @@ __all__ = [
     "environment",
     "hardware_tag",
     "markdown_table",
+    "matmul_peak",
     "measure_time",
     "peak_memory",
     "roofline_time",
@@ -99,6 +100,24 @@ def device_peaks(
         f"datasheet ({found.name})" if found else "unknown (pass --peak-tflops / --peak-gbps)"
     )
     return peak_flops, peak_bw, source
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, *, size: int | None = None,
+                min_run_time: float = 0.5) -> float:
+    """Measured TFLOP/s of one large square matmul on `device` at the current thread count:
+    the practical ceiling of dense kernels there. CPUs have no datasheet entry (clocks, SIMD
+    width and the cores a process gets all vary), so the U-Net benchmark uses this as their
+    MFU denominator. `size` defaults to 2048 on CPU (MKL's steady state; 1024 fits in cache
+    and reads ~15% higher) and 8192 on CUDA."""
+    if size is None:
+        size = 2048 if device.type == "cpu" else 8192
+    if size < 1:
+        raise ValueError(f"matmul_peak size must be >= 1, got {size}")
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+    seconds = measure_time(lambda: a @ b, min_run_time=min_run_time)
+    return 2 * size**3 / seconds / 1e12
 
 
 def roofline_time(flops: float, nbytes: float, peak_tflops: float | None, peak_gbps: float | None) -> float | None:

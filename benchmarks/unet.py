@@ -8,8 +8,16 @@ Per model (`SpaceTimeUnet`, `Unet3D`, by registry preset): the train step (zero_
 MSE loss, backward, Adam step) and the sampling step (one U-Net evaluation under
 `torch.inference_mode`, what each sampler step costs): median time, samples/s, peak memory
 (reset per case; see `benchmarks/common.py` for how on CPU) and the model FLOPs
-(`torch.utils.flop_counter`, forward + backward for the train step) as achieved TFLOP/s and,
-where the device's peak is known, model FLOPs utilisation (MFU).
+(`torch.utils.flop_counter`, forward + backward for the train step) as achieved TFLOP/s and
+model FLOPs utilisation (MFU) against the device's peak (see `resolve_peak`).
+
+`--profile` (CPU) breaks one step of each model down by kind of work (convolutions, matrix
+products, softmax and fused attention, copies and indexing, optimizer, the rest: elementwise
+ops, norms, framework overhead) with `torch.profiler` self times and the FLOPs of each kind, so
+the report shows where the time goes and how close each kind runs to the machine's dense-matmul
+rate. On a CPU, whose peak no datasheet gives, that rate is measured (`common.matmul_peak`) and
+is the MFU denominator; beside each time target the report prints the sustained TFLOP/s the
+target would need and its share of that rate.
 
 Toggles: `--backend` (attention backend, via `spacetime.attention_backend`), `--compile`
 (`torch.compile`), `--checkpointing` (`enable_gradient_checkpointing()`), `--channels-last`
@@ -142,6 +150,96 @@ class Subject:
         return float(counter.get_total_flops())
 
 
+# Kinds of work in a profiled step, by ATen op name (self time). Ops run under
+# `Optimizer.step` / `Optimizer.zero_grad` count as "optimizer" whatever they are.
+_MATMUL_OPS = frozenset({"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addbmm"})
+_COPY_OPS = frozenset({
+    "aten::copy_", "aten::cat", "aten::index", "aten::_index_put_impl_", "aten::gather",
+    "aten::scatter", "aten::scatter_add_", "aten::fill_", "aten::zero_", "aten::constant_pad_nd",
+})
+WORK_KINDS = ("convolution", "matmul", "softmax / fused attention", "copies / indexing", "optimizer", "other")
+
+
+def _work_kind(name: str) -> str:
+    if "conv" in name:
+        return "convolution"
+    if name in _MATMUL_OPS:
+        return "matmul"
+    if "softmax" in name or "scaled_dot_product" in name or "flash_attention" in name:
+        return "softmax / fused attention"
+    if name in _COPY_OPS:
+        return "copies / indexing"
+    return "other"
+
+
+def _flop_kind(op_name: str) -> str:
+    name = "aten::" + op_name.split(".")[-1]
+    return "convolution" if "convolution" in name else _work_kind(name)
+
+
+def step_breakdown(subject: Subject, mode: str, peak_tflops: float | None) -> list[dict[str, Any]]:
+    """One step of `subject` under `torch.profiler` (CPU): self time per kind of work, its share
+    of the step, the FLOPs `torch.utils.flop_counter` gives that kind, and the rate it runs at
+    (and its share of `peak_tflops`, when given)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if subject.device.type != "cpu":
+        raise ValueError(
+            f"--profile breaks a step down from CPU self times; got device {subject.device}. "
+            "On CUDA, use torch.profiler's kernel table"
+        )
+    step = subject.step(mode)
+    step()  # warm: the timing rounds ran it, but a fresh Adam state would count here otherwise
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    micros = dict.fromkeys(WORK_KINDS, 0.0)
+    for event in prof.events():
+        parent, kind = event.cpu_parent, None
+        while parent is not None:
+            if parent.name.startswith("Optimizer."):
+                kind = "optimizer"
+                break
+            parent = parent.cpu_parent
+        if kind is None and event.name.startswith("Optimizer."):
+            kind = "optimizer"
+        micros[kind or _work_kind(event.name)] += event.self_cpu_time_total
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    flops = dict.fromkeys(WORK_KINDS, 0.0)
+    for op, count in counter.get_flop_counts().get("Global", {}).items():
+        flops[_flop_kind(str(op))] += count
+    total = sum(micros.values())
+    rows = []
+    for kind in WORK_KINDS:
+        seconds = micros[kind] / 1e6
+        rate = flops[kind] / seconds / 1e12 if flops[kind] and seconds else None
+        rows.append({
+            "model": subject.name,
+            "mode": mode,
+            "kind": kind,
+            "ms": seconds * 1e3,
+            "share_pct": 100 * micros[kind] / total if total else 0.0,
+            "gflop": flops[kind] / 1e9,
+            "tflops": rate,
+            "pct_of_peak": None if rate is None or not peak_tflops else 100 * rate / peak_tflops,
+        })
+    return rows
+
+
+def resolve_peak(device: torch.device, args: argparse.Namespace) -> tuple[float | None, str]:
+    """The MFU denominator: `--peak-tflops`, else the datasheet peak of a known GPU, else (CPU)
+    the measured rate of a large matmul in the step's dtype."""
+    dtype = "bf16" if args.bf16 else "fp32"
+    peak, _, source = common.device_peaks(device, tflops=args.peak_tflops, dtype=dtype)
+    if peak is None and device.type == "cpu":
+        torch_dtype = torch.bfloat16 if args.bf16 else torch.float32
+        peak = common.matmul_peak(device, torch_dtype)
+        source = f"measured: 2048^3 {dtype} matmul, {torch.get_num_threads()} thread(s)"
+    return peak, source
+
+
 def _make_a_video(config: dict[str, Any]) -> nn.Module:
     try:
         from make_a_video_pytorch import SpaceTimeUnet as MakeAVideoUnet
@@ -174,7 +272,8 @@ def build_subjects(model_name: str, args: argparse.Namespace, device: torch.devi
     return [Subject(model_name, unets.build(model_name, **preset), args, device, shape)]
 
 
-def measure(subjects: Sequence[Subject], mode: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+def measure(subjects: Sequence[Subject], mode: str, args: argparse.Namespace,
+            peak_tflops: float | None = None) -> list[dict[str, Any]]:
     """Alternate the subjects round by round (reversing the order every other round), one
     step per timing; median over rounds. Then peak memory and FLOPs per subject."""
     from torch.utils import benchmark as tbench
@@ -209,15 +308,16 @@ def measure(subjects: Sequence[Subject], mode: str, args: argparse.Namespace) ->
         flops = subject.flops(mode)
         row["gflop"] = None if flops is None else flops / 1e9
         row["tflops"] = None if flops is None else flops / seconds / 1e12
-        peak, _, _ = common.device_peaks(subject.device, tflops=args.peak_tflops,
-                                         dtype="bf16" if args.bf16 else "fp32")
-        row["mfu_pct"] = None if flops is None or peak is None else 100 * row["tflops"] / peak
+        row["mfu_pct"] = None if flops is None or not peak_tflops else 100 * row["tflops"] / peak_tflops
         rows.append(row)
     return rows
 
 
-def ratios(rows: Sequence[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
-    """ours / make-a-video per mode, for time and peak memory, with the targets."""
+def ratios(rows: Sequence[dict[str, Any]], device: torch.device,
+           peak_tflops: float | None = None) -> list[dict[str, Any]]:
+    """ours / make-a-video per mode, for time and peak memory, with the targets. For a time
+    target, also the sustained TFLOP/s our step's FLOPs would need to meet it, and that rate
+    as a share of `peak_tflops` (how much of the machine the target asks for)."""
     out = []
     for mode in ("train", "sample"):
         ours = next((r for r in rows if r["model"] == "space_time_unet" and r["mode"] == mode), None)
@@ -229,8 +329,13 @@ def ratios(rows: Sequence[dict[str, Any]], device: torch.device) -> list[dict[st
                 continue
             value = ours[field] / theirs[field]
             goal = TARGETS.get((device.type, mode, metric))
-            out.append({"mode": mode, "metric": metric, "ours": ours[field], "make_a_video": theirs[field],
-                        "ratio": value, "target": goal, "met": None if goal is None else value <= goal})
+            row = {"mode": mode, "metric": metric, "ours": ours[field], "make_a_video": theirs[field],
+                   "ratio": value, "target": goal, "met": None if goal is None else value <= goal}
+            if metric == "time" and goal is not None and ours.get("gflop"):
+                needs = ours["gflop"] / (goal * theirs["time_ms"])  # GFLOP per ms = TFLOP/s
+                row["needs_tflops"] = needs
+                row["needs_pct_of_peak"] = 100 * needs / peak_tflops if peak_tflops else None
+            out.append(row)
     return out
 
 
@@ -255,7 +360,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="MFU denominator (default: datasheet on known GPUs, a measured matmul on CPU)")
+    parser.add_argument("--profile", action="store_true",
+                        help="break one step of each model down by kind of work (CPU)")
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
     args = parser.parse_args(argv)
     quick = args.quick
@@ -267,6 +375,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if quick and args.threads is None:
         # One thread: a smoke run on a shared machine, where extra threads only spin.
         args.threads = 1
+    if args.profile and not str(args.device).startswith("cpu"):
+        raise ValueError(f"--profile breaks a step down from CPU self times; got --device {args.device}")
     if args.compare:
         try:
             import make_a_video_pytorch  # noqa: F401
@@ -285,13 +395,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     toggles = {k: getattr(args, k) for k in ("preset", "backend", "compile", "checkpointing", "channels_last", "bf16")}
     env = {**common.environment(device), **toggles, "batch": args.batch, "frames": args.frames, "size": args.size}
-    rows = []
+    peak_tflops, peak_source = resolve_peak(device, args)
+    env["peak_tflops"] = peak_tflops
+    env["peak_source"] = peak_source
+    if peak_tflops:
+        logger.info("peak %.4f TFLOP/s (%s)", peak_tflops, peak_source)
+    rows: list[dict[str, Any]] = []
+    breakdown: list[dict[str, Any]] = []
     for model_name in args.models:
         channels = unets.build_config(model_name, preset=args.preset).channels
         shape = (args.batch, channels, args.frames, args.size, args.size)
         subjects = build_subjects(model_name, args, device, shape)
         for mode in args.modes:
-            new = measure(subjects, mode, args)
+            new = measure(subjects, mode, args, peak_tflops)
+            if args.profile:
+                for subject in subjects:
+                    breakdown += step_breakdown(subject, mode, peak_tflops)
             for row in new:
                 row.update(toggles)
                 logger.info("%-22s %-6s %9.1f ms  %7.2f samples/s  peak %s MB", row["model"], mode,
@@ -299,20 +418,34 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "-" if row.get("peak_mem_mb") is None else f"{row['peak_mem_mb']:.1f}")
             rows += new
         del subjects
-    comparison = ratios(rows, device)
+    for b in breakdown:
+        logger.info("  %-22s %-6s %-26s %8.1f ms %5.1f%%  %7.2f GFLOP%s", b["model"], b["mode"], b["kind"], b["ms"],
+                    b["share_pct"], b["gflop"], "" if b["tflops"] is None else
+                    f"  {b['tflops'] * 1e3:6.1f} GFLOP/s" + ("" if b["pct_of_peak"] is None else f" ({b['pct_of_peak']:.0f}% of peak)"))
+    comparison = ratios(rows, device, peak_tflops)
     for r in comparison:
         goal = "" if r["target"] is None else f"  (target <= {r['target']}: {'met' if r['met'] else 'NOT met'})"
         logger.info("ours / make-a-video, %s %s: %.3f%s", r["mode"], r["metric"], r["ratio"], goal)
+        if r.get("needs_tflops") is not None:
+            share = "" if r["needs_pct_of_peak"] is None else f", {r['needs_pct_of_peak']:.0f}% of the peak"
+            logger.info("  the target needs %.1f GFLOP/s sustained over our step%s",
+                        r["needs_tflops"] * 1e3, share)
 
     stem = common.output_stem(args.out, "unet", device, _dt.date.today().isoformat())
     common.write_csv(rows, stem.with_suffix(".csv"))
-    common.write_json({"environment": env, "rows": rows, "comparison": comparison}, stem.with_suffix(".json"))
+    common.write_json({"environment": env, "rows": rows, "comparison": comparison, "breakdown": breakdown},
+                      stem.with_suffix(".json"))
     columns = ["model", "mode", "time_ms", "time_min_ms", "samples_per_s", "peak_mem_mb", "gflop", "tflops", "mfu_pct", "rounds"]
     text = ["# U-Net benchmark", "", common.environment_markdown(env), "", "## Steps", "",
             common.markdown_table(rows, columns)]
     if comparison:
         text += ["", "## Ours / make-a-video-pytorch (same config, same weights, alternating rounds)", "",
-                 common.markdown_table(comparison, ["mode", "metric", "ours", "make_a_video", "ratio", "target", "met"])]
+                 common.markdown_table(comparison, ["mode", "metric", "ours", "make_a_video", "ratio", "target", "met",
+                                                    "needs_tflops", "needs_pct_of_peak"])]
+    if breakdown:
+        text += ["", "## Where one step's time goes (`--profile`: profiler self times, flop_counter FLOPs)", "",
+                 common.markdown_table(breakdown, ["model", "mode", "kind", "ms", "share_pct", "gflop", "tflops",
+                                                   "pct_of_peak"])]
     stem.with_suffix(".md").write_text("\n".join(text) + "\n")
     logger.info("wrote %s.{csv,json,md}", stem)
     return 0

@@ -158,6 +158,16 @@ class GaussianDiffusion(nn.Module):
         for name, table in schedule.tables().items():
             self.register_buffer(name, table)
         self.num_timesteps = timesteps
+        if min_snr_loss_weight and min_snr_floor > 0 and self.objective == "noise":
+            # The floor is an x0-space weight; on a noise error it becomes floor / snr, which
+            # the schedule's last steps (snr near 0) turn into a loss scale of millions.
+            abar = self.alphas_cumprod[-1]
+            largest = min_snr_floor * (1.0 - abar) / abar
+            raise ValueError(
+                f"min_snr_floor={min_snr_floor} with objective='noise' weights the noisiest step's "
+                f"noise error by floor / snr = {largest.item():.3g} on this {beta_schedule} schedule; "
+                "use objective='v' or 'x0' with a floor, or min_snr_floor=0 for the noise objective"
+            )
 
     # --- schedule, normalisation --------------------------------------------------------
 

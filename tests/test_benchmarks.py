@@ -151,3 +151,71 @@ def test_attention_rounds_time_every_backend_in_turn(monkeypatch):
     assert all(r["time_ms"] > 0 and r["tflops"] > 0 for r in rows)
     # three rounds of three backends, each a third of the time budget
     assert len(calls) == 9 and all(c == pytest.approx(0.01) for c in calls)
+
+
+def test_matmul_peak_is_a_positive_rate():
+    rate = common.matmul_peak(torch.device("cpu"), size=128, min_run_time=0.02)
+    assert 0 < rate < 100  # TFLOP/s: one CPU process, far below 100
+    with pytest.raises(ValueError, match="size must be >= 1, got 0"):
+        common.matmul_peak(torch.device("cpu"), size=0)
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("aten::convolution_backward", "convolution"),
+        ("aten::mkldnn_convolution", "convolution"),
+        ("aten::slow_conv3d_forward", "convolution"),
+        ("aten::bmm", "matmul"),
+        ("aten::addmm", "matmul"),
+        ("aten::_softmax_backward_data", "softmax / fused attention"),
+        ("aten::_scaled_dot_product_flash_attention_for_cpu", "softmax / fused attention"),
+        ("aten::copy_", "copies / indexing"),
+        ("aten::cat", "copies / indexing"),
+        ("aten::mul", "other"),
+        ("aten::matmul", "other"),  # dispatch only: its time is the bmm / mm it calls
+    ],
+)
+def test_work_kinds(name, kind):
+    assert unet_bench._work_kind(name) == kind
+
+
+def test_time_target_reports_the_rate_it_needs():
+    rows = [
+        {"model": "space_time_unet", "mode": "train", "time_ms": 800.0, "peak_mem_mb": 60.0, "gflop": 40.0},
+        {"model": "make-a-video-pytorch", "mode": "train", "time_ms": 1000.0, "peak_mem_mb": 100.0, "gflop": 39.0},
+    ]
+    out = {r["metric"]: r for r in unet_bench.ratios(rows, torch.device("cpu"), peak_tflops=0.1)}
+    assert out["time"]["ratio"] == pytest.approx(0.8) and out["time"]["met"] is False
+    # 40 GFLOP in 0.5 * 1000 ms = 80 GFLOP/s = 0.08 TFLOP/s, 80% of a 0.1 TFLOP/s peak.
+    assert out["time"]["needs_tflops"] == pytest.approx(0.08)
+    assert out["time"]["needs_pct_of_peak"] == pytest.approx(80.0)
+    assert out["memory"]["ratio"] == pytest.approx(0.6) and out["memory"]["met"] is True
+    assert "needs_tflops" not in out["memory"]
+    unknown = {r["metric"]: r for r in unet_bench.ratios(rows, torch.device("cpu"))}
+    assert unknown["time"]["needs_pct_of_peak"] is None
+
+
+def test_unet_profile_breaks_the_step_down(tmp_path):
+    argv = ["--quick", "--profile", "--models", "space_time_unet", "--modes", "train", "--no-compare",
+            "--out", str(tmp_path)]
+    assert unet_bench.main(argv) == 0
+    payload = json.loads(_single(tmp_path, "*-unet.json").read_text())
+    assert payload["environment"]["peak_tflops"] > 0
+    assert payload["environment"]["peak_source"].startswith("measured")
+    rows = {r["kind"]: r for r in payload["breakdown"]}
+    assert list(rows) == list(unet_bench.WORK_KINDS)
+    assert sum(r["share_pct"] for r in rows.values()) == pytest.approx(100.0)
+    for kind in ("convolution", "matmul", "optimizer", "other"):
+        assert rows[kind]["ms"] > 0, kind
+    # FLOPs land on the kinds that do them: convolutions and matrix products, nothing else.
+    assert rows["convolution"]["gflop"] > 0 and rows["convolution"]["tflops"] > 0
+    assert rows["optimizer"]["gflop"] == 0 and rows["optimizer"]["tflops"] is None
+    assert payload["rows"][0]["mfu_pct"] > 0
+    report = _single(tmp_path, "*-unet.md").read_text()
+    assert "Where one step's time goes" in report
+
+
+def test_unet_profile_is_cpu_only():
+    with pytest.raises(ValueError, match="--profile breaks a step down from CPU self times; got --device cuda"):
+        unet_bench.parse_args(["--profile", "--device", "cuda"])

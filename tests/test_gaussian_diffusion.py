@@ -203,8 +203,9 @@ def test_loss_values(loss_type):
     assert loss.item() == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("floor", [0.0, 1.0])
-@pytest.mark.parametrize("objective", ["noise", "x0", "v"])
+@pytest.mark.parametrize(
+    ("objective", "floor"), [("noise", 0.0), ("x0", 0.0), ("x0", 1.0), ("v", 0.0), ("v", 1.0)]
+)
 def test_min_snr_weighting(objective, floor):
     times = torch.tensor([0, 10, 19])
     noise, x = torch.randn(3, C, F, H, W), videos(3)
@@ -490,6 +491,15 @@ def test_sampling_on_cuda_follows_the_module():
     assert gpu_out.is_cuda
     torch.testing.assert_close(gpu_out.cpu(), cpu_out, atol=1e-4, rtol=1e-4)
     assert d(videos().cuda()).is_cuda
+
+
+def test_min_snr_floor_is_refused_for_the_noise_objective():
+    # floor / snr on a noise error: the last step of a 1000-step cosine schedule has snr ~2e-10.
+    with pytest.raises(ValueError, match=r"min_snr_floor=1.0 with objective='noise' .* = 4\.\d+e\+09 on this cosine"):
+        make(min_snr_loss_weight=True, min_snr_floor=1.0, objective="noise", timesteps=1000)
+    # Without min-SNR weighting the floor is unused, and a zero floor is plain min-SNR.
+    make(min_snr_loss_weight=False, min_snr_floor=1.0, objective="noise")
+    make(min_snr_loss_weight=True, min_snr_floor=0.0, objective="noise")
 
 
 @pytest.mark.parametrize("floor", [-0.5, 3.0])
