@@ -493,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rows = []
     for i, case in enumerate(cases):
-        peaks = common.device_peaks(device, tflops=args.peak_tflops, gbps=args.peak_gbps, dtype=case.dtype)
+        peaks = common.resolve_peaks(device, case.dtype, tflops=args.peak_tflops, gbps=args.peak_gbps)
         case_rows = run_case(
             case, backends, device, min_run_time=min_run_time, memory=not args.no_memory, peaks=peaks[:2],
             rounds=rounds,
@@ -503,7 +503,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{r['backend']}={r['time_ms']:.3g}ms" for r in case_rows if r.get("time_ms") is not None
         )
         logger.info("[%d/%d] %s: %s", i + 1, len(cases), case.label(), times or "no backend ran")
-    peaks_source = common.device_peaks(device, tflops=args.peak_tflops, gbps=args.peak_gbps)[2]
+    sources = {
+        dtype: common.resolve_peaks(device, dtype, tflops=args.peak_tflops, gbps=args.peak_gbps)[2]
+        for dtype in sorted({c.dtype for c in cases})
+    }
+    peaks_source = "; ".join(f"{dtype}: {source}" for dtype, source in sources.items()) or "none (no cases)"
     auto_rows = auto_report(rows)
     targets = target_report(rows)
 

@@ -38,6 +38,7 @@ __all__ = [
     "DevicePeaks",
     "PEAKS",
     "RESULTS_DIR",
+    "copy_bandwidth",
     "device_peaks",
     "environment",
     "hardware_tag",
@@ -45,6 +46,7 @@ __all__ = [
     "matmul_peak",
     "measure_time",
     "peak_memory",
+    "resolve_peaks",
     "roofline_time",
     "write_csv",
     "write_json",
@@ -102,6 +104,13 @@ def device_peaks(
     return peak_flops, peak_bw, source
 
 
+def _fastest_time(fn: Callable[[], Any], *, min_run_time: float) -> float:
+    """Seconds per call of `fn` in its fastest `torch.utils.benchmark` block: a peak is what
+    the machine can deliver, so load from other processes should not lower it."""
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return min(timer.blocked_autorange(min_run_time=min_run_time).times)
+
+
 def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, *, size: int | None = None,
                 min_run_time: float = 0.5) -> float:
     """Measured TFLOP/s of one large square matmul on `device` at the current thread count:
@@ -116,8 +125,58 @@ def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, *, siz
     generator = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
     b = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
-    seconds = measure_time(lambda: a @ b, min_run_time=min_run_time)
-    return 2 * size**3 / seconds / 1e12
+    return 2 * size**3 / _fastest_time(lambda: a @ b, min_run_time=min_run_time) / 1e12
+
+
+def copy_bandwidth(device: torch.device, *, nbytes: int = 256 * 2**20, min_run_time: float = 0.5) -> float:
+    """Measured GB/s of copying one `nbytes` buffer into another on `device` (bytes read plus
+    bytes written over the time): the memory rate streaming kernels can reach there, at the
+    current thread count. 256 MiB defeats the caches of current CPUs."""
+    if nbytes < 4:
+        raise ValueError(f"copy_bandwidth nbytes must be >= 4, got {nbytes}")
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / _fastest_time(lambda: dst.copy_(src), min_run_time=min_run_time) / 1e9
+
+
+_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_measured: dict[tuple[str, str, int], float] = {}
+
+
+def resolve_peaks(
+    device: torch.device,
+    dtype: str = "fp32",
+    *,
+    tflops: float | None = None,
+    gbps: float | None = None,
+    bandwidth: bool = True,
+) -> tuple[float | None, float | None, str]:
+    """(peak TFLOP/s, peak GB/s, source) that fractions of peak and roofline bounds are taken
+    against: the command-line overrides, else a known GPU's datasheet, else, on a CPU, what
+    this process measures (`matmul_peak` in `dtype`; `copy_bandwidth` unless `bandwidth` is
+    False), once per dtype and thread count. A CPU has no datasheet entry: clocks, SIMD width
+    and the cores a process gets all vary."""
+    if dtype not in _TORCH_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_TORCH_DTYPES)}, got {dtype!r}")
+    peak_flops, peak_bw, source = device_peaks(device, tflops=tflops, gbps=gbps, dtype=dtype)
+    if device.type != "cpu" or (peak_flops is not None and (peak_bw is not None or not bandwidth)):
+        return peak_flops, peak_bw, source
+    threads = torch.get_num_threads()
+    measured = []
+    if peak_flops is None:
+        key = ("matmul", dtype, threads)
+        if key not in _measured:
+            _measured[key] = matmul_peak(device, _TORCH_DTYPES[dtype])
+        peak_flops = _measured[key]
+        measured.append(f"2048^3 {dtype} matmul {peak_flops * 1e3:.1f} GFLOP/s")
+    if peak_bw is None and bandwidth:
+        key = ("copy", "", threads)
+        if key not in _measured:
+            _measured[key] = copy_bandwidth(device)
+        peak_bw = _measured[key]
+        measured.append(f"256 MiB copy {peak_bw:.1f} GB/s")
+    given = "; the rest from the command line" if tflops is not None or gbps is not None else ""
+    return peak_flops, peak_bw, f"measured: {', '.join(measured)}, {threads} thread(s){given}"
 
 
 def roofline_time(flops: float, nbytes: float, peak_tflops: float | None, peak_gbps: float | None) -> float | None:

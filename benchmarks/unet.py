@@ -37,6 +37,7 @@ import argparse
 import contextlib
 import datetime as _dt
 import logging
+import re
 import statistics
 import sys
 from collections.abc import Callable, Sequence
@@ -160,8 +161,11 @@ _COPY_OPS = frozenset({
 WORK_KINDS = ("convolution", "matmul", "softmax / fused attention", "copies / indexing", "optimizer", "other")
 
 
+_CONV_OP = re.compile(r"conv(olution|[123]d|_)")  # not aten::_convert_*
+
+
 def _work_kind(name: str) -> str:
-    if "conv" in name:
+    if _CONV_OP.search(name):
         return "convolution"
     if name in _MATMUL_OPS:
         return "matmul"
@@ -173,8 +177,9 @@ def _work_kind(name: str) -> str:
 
 
 def _flop_kind(op_name: str) -> str:
-    name = "aten::" + op_name.split(".")[-1]
-    return "convolution" if "convolution" in name else _work_kind(name)
+    """The kind of a flop_counter key, `aten.mm` (a packet) or `aten.mm.default` (an overload)."""
+    namespace, name = (op_name.split(".") + [""])[:2]
+    return _work_kind(f"{namespace}::{name}")
 
 
 def step_breakdown(subject: Subject, mode: str, peak_tflops: float | None) -> list[dict[str, Any]]:
@@ -230,13 +235,9 @@ def step_breakdown(subject: Subject, mode: str, peak_tflops: float | None) -> li
 
 def resolve_peak(device: torch.device, args: argparse.Namespace) -> tuple[float | None, str]:
     """The MFU denominator: `--peak-tflops`, else the datasheet peak of a known GPU, else (CPU)
-    the measured rate of a large matmul in the step's dtype."""
+    the measured rate of a large matmul in the step's dtype (`common.resolve_peaks`)."""
     dtype = "bf16" if args.bf16 else "fp32"
-    peak, _, source = common.device_peaks(device, tflops=args.peak_tflops, dtype=dtype)
-    if peak is None and device.type == "cpu":
-        torch_dtype = torch.bfloat16 if args.bf16 else torch.float32
-        peak = common.matmul_peak(device, torch_dtype)
-        source = f"measured: 2048^3 {dtype} matmul, {torch.get_num_threads()} thread(s)"
+    peak, _, source = common.resolve_peaks(device, dtype, tflops=args.peak_tflops, bandwidth=False)
     return peak, source
 
 

@@ -343,13 +343,18 @@ def _math_probs(q: Tensor, k: Tensor, bias: Tensor | None, causal: bool) -> Tens
     sim.mul_(q.shape[-1] ** -0.5)
     # finfo.min rather than -inf: a row with every key masked stays finite (uniform weights).
     masked = torch.finfo(compute).min
-    if bias is not None:
-        if bias.dtype == torch.bool:
-            sim.masked_fill_(~bias, masked)
-        else:
-            sim.add_(bias.to(compute))
-    if causal:
-        sim.masked_fill_(~_causal_keep(q.shape[2], k.shape[2], q.device), masked)
+    keep = _causal_keep(q.shape[2], k.shape[2], q.device) if causal else None
+    if bias is not None and bias.dtype != torch.bool:
+        # The causal mask goes into the (usually batch-free) bias, not over the logits: one pass
+        # over (B, h, Nq, Nk) less forward and backward. sim + finfo.min rounds to finfo.min.
+        bias = bias.to(compute)
+        sim.add_(bias if keep is None else torch.where(keep, bias, masked))
+    else:
+        allowed = keep
+        if bias is not None:  # a bool mask
+            allowed = bias if allowed is None else bias & allowed
+        if allowed is not None:
+            sim.masked_fill_(~allowed, masked)
     return sim.softmax(dim=-1)
 
 

@@ -166,6 +166,8 @@ def test_matmul_peak_is_a_positive_rate():
         ("aten::convolution_backward", "convolution"),
         ("aten::mkldnn_convolution", "convolution"),
         ("aten::slow_conv3d_forward", "convolution"),
+        ("aten::conv_depthwise3d", "convolution"),
+        ("aten::_convert_indices_from_coo_to_csr", "other"),
         ("aten::bmm", "matmul"),
         ("aten::addmm", "matmul"),
         ("aten::_softmax_backward_data", "softmax / fused attention"),
@@ -178,6 +180,15 @@ def test_matmul_peak_is_a_positive_rate():
 )
 def test_work_kinds(name, kind):
     assert unet_bench._work_kind(name) == kind
+
+
+@pytest.mark.parametrize(
+    ("op", "kind"),
+    [("aten.convolution_backward", "convolution"), ("aten.mm.default", "matmul"), ("aten.bmm", "matmul"),
+     ("aten._scaled_dot_product_flash_attention_for_cpu", "softmax / fused attention")],
+)
+def test_flop_counter_keys_map_to_kinds(op, kind):
+    assert unet_bench._flop_kind(op) == kind
 
 
 def test_time_target_reports_the_rate_it_needs():
@@ -219,3 +230,32 @@ def test_unet_profile_breaks_the_step_down(tmp_path):
 def test_unet_profile_is_cpu_only():
     with pytest.raises(ValueError, match="--profile breaks a step down from CPU self times; got --device cuda"):
         unet_bench.parse_args(["--profile", "--device", "cuda"])
+
+
+def test_copy_bandwidth_is_a_positive_rate():
+    rate = common.copy_bandwidth(torch.device("cpu"), nbytes=1 << 20, min_run_time=0.02)
+    assert 0 < rate < 10_000  # GB/s
+    with pytest.raises(ValueError, match="nbytes must be >= 4, got 2"):
+        common.copy_bandwidth(torch.device("cpu"), nbytes=2)
+
+
+def test_cpu_peaks_are_measured_once_and_overrides_win(monkeypatch):
+    calls = []
+    monkeypatch.setattr(common, "_measured", {})
+    monkeypatch.setattr(common, "matmul_peak", lambda device, dtype: calls.append(("matmul", dtype)) or 0.07)
+    monkeypatch.setattr(common, "copy_bandwidth", lambda device: calls.append(("copy", None)) or 20.0)
+    cpu = torch.device("cpu")
+    flops, gbps, source = common.resolve_peaks(cpu, "fp32")
+    assert (flops, gbps) == (0.07, 20.0)
+    assert source.startswith("measured: 2048^3 fp32 matmul 70.0 GFLOP/s, 256 MiB copy 20.0 GB/s, ")
+    assert common.resolve_peaks(cpu, "fp32")[:2] == (0.07, 20.0)
+    assert calls == [("matmul", torch.float32), ("copy", None)]  # cached per dtype and threads
+    common.resolve_peaks(cpu, "bf16")
+    assert calls[-1] == ("matmul", torch.bfloat16) and len(calls) == 3
+    flops, gbps, source = common.resolve_peaks(cpu, "fp32", tflops=1.5)
+    assert (flops, gbps) == (1.5, 20.0) and source.endswith("the rest from the command line")
+    assert common.resolve_peaks(cpu, "fp32", tflops=1.5, gbps=9.0) == (1.5, 9.0, "command line")
+    flops, gbps, _ = common.resolve_peaks(cpu, "fp32", bandwidth=False)
+    assert (flops, gbps) == (0.07, None)
+    with pytest.raises(ValueError, match="dtype must be one of .* got 'fp8'"):
+        common.resolve_peaks(cpu, "fp8")
