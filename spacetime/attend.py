@@ -344,17 +344,17 @@ def _math_probs(q: Tensor, k: Tensor, bias: Tensor | None, causal: bool) -> Tens
     # finfo.min rather than -inf: a row with every key masked stays finite (uniform weights).
     masked = torch.finfo(compute).min
     keep = _causal_keep(q.shape[2], k.shape[2], q.device) if causal else None
-    if bias is not None and bias.dtype != torch.bool:
-        # The causal mask goes into the (usually batch-free) bias, not over the logits: one pass
-        # over (B, h, Nq, Nk) less forward and backward. sim + finfo.min rounds to finfo.min.
+    if bias is not None and bias.dtype == torch.bool:
+        keep = bias if keep is None else bias & keep
+    elif bias is not None:
         bias = bias.to(compute)
-        sim.add_(bias if keep is None else torch.where(keep, bias, masked))
-    else:
-        allowed = keep
-        if bias is not None:  # a bool mask
-            allowed = bias if allowed is None else bias & allowed
-        if allowed is not None:
-            sim.masked_fill_(~allowed, masked)
+        if keep is not None and bias.numel() < sim.numel():
+            # A bias shared across the batch takes the causal mask itself: one pass over the
+            # (B, h, Nq, Nk) logits less, forward and backward. sim + finfo.min == finfo.min.
+            bias, keep = torch.where(keep, bias, masked), None
+        sim.add_(bias)
+    if keep is not None:
+        sim.masked_fill_(~keep, masked)
     return sim.softmax(dim=-1)
 
 

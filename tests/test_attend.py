@@ -444,15 +444,16 @@ def test_math_backward_matches_autograd_reference(bias_kind, causal, nq, nk, dim
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_math_causal_rows_without_keys_stay_uniform_with_a_float_bias(requires_grad):
+@pytest.mark.parametrize("batch", [1, 3])  # 3: the bias is shared across the batch, so it takes the mask
+def test_math_causal_rows_without_keys_stay_uniform_with_a_float_bias(batch, requires_grad):
     """Causal with more queries than keys leaves the first rows no key; with a float bias
-    (where the causal mask is folded into the bias) they still average v, as without one."""
+    (which takes the causal mask itself when shared across the batch) they still average v."""
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 2, n, 4, generator=gen, requires_grad=requires_grad) for n in (5, 3, 3))
+    q, k, v = (torch.randn(batch, 2, n, 4, generator=gen, requires_grad=requires_grad) for n in (5, 3, 3))
     bias = torch.randn(2, 5, 3, generator=gen, requires_grad=requires_grad)
     out = attend(q, k, v, bias, causal=True, backend="math")
     # tril(3 - 5): query i sees keys j <= i - 2, so queries 0 and 1 see none.
-    torch.testing.assert_close(out[:, :, :2], v.mean(dim=2, keepdim=True).expand(1, 2, 2, 4))
+    torch.testing.assert_close(out[:, :, :2], v.mean(dim=2, keepdim=True).expand(batch, 2, 2, 4))
     assert torch.isfinite(out).all()
     if requires_grad:
         (grad_bias,) = torch.autograd.grad(out.sum(), [bias])
