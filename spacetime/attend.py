@@ -312,6 +312,14 @@ def _as_4d(bias: Tensor) -> Tensor:
     return bias.reshape((1,) * (4 - bias.ndim) + tuple(bias.shape))
 
 
+def _with_causal(bias: Tensor, keep: Tensor) -> Tensor:
+    """`bias` with the causal mask `keep` folded in: and-ed into a bool mask, `finfo.min` where
+    a float bias is masked (not -inf: a row with every key masked stays finite)."""
+    if bias.dtype == torch.bool:
+        return bias & keep
+    return torch.where(keep, bias, torch.finfo(bias.dtype).min)
+
+
 def _fused_bias(bias: Tensor | None, q: Tensor, k: Tensor, causal: bool) -> Tensor | None:
     """The bias a fused kernel gets: 4-D, float cast to q's dtype (an fp32 bias next to bf16 q
     is misread by some kernels), with the causal mask folded in when there is one."""
@@ -321,11 +329,7 @@ def _fused_bias(bias: Tensor | None, q: Tensor, k: Tensor, causal: bool) -> Tens
     if bias.dtype != torch.bool:
         bias = bias.to(q.dtype)
     if causal:
-        keep = _causal_keep(q.shape[2], k.shape[2], q.device)
-        if bias.dtype == torch.bool:
-            bias = bias & keep
-        else:
-            bias = torch.where(keep, bias, torch.finfo(q.dtype).min)
+        bias = _with_causal(bias, _causal_keep(q.shape[2], k.shape[2], q.device))
     return bias
 
 
@@ -344,15 +348,18 @@ def _math_probs(q: Tensor, k: Tensor, bias: Tensor | None, causal: bool) -> Tens
     # finfo.min rather than -inf: a row with every key masked stays finite (uniform weights).
     masked = torch.finfo(compute).min
     keep = _causal_keep(q.shape[2], k.shape[2], q.device) if causal else None
-    if bias is not None and bias.dtype == torch.bool:
-        keep = bias if keep is None else bias & keep
-    elif bias is not None:
+    if bias is not None and bias.dtype != torch.bool:
         bias = bias.to(compute)
-        if keep is not None and bias.numel() < sim.numel():
-            # A bias shared across the batch takes the causal mask itself: one pass over the
-            # (B, h, Nq, Nk) logits less, forward and backward. sim + finfo.min == finfo.min.
-            bias, keep = torch.where(keep, bias, masked), None
-        sim.add_(bias)
+    if bias is not None and keep is not None and (bias.dtype == torch.bool or bias.numel() < sim.numel()):
+        # A mask, or a bias shared across the batch, takes the causal mask itself: one pass
+        # over the (B, h, Nq, Nk) logits less, forward and backward (sim + finfo.min ==
+        # finfo.min). A full-size float bias is added first and masked in place instead.
+        bias, keep = _with_causal(bias, keep), None
+    if bias is not None:
+        if bias.dtype == torch.bool:
+            sim.masked_fill_(~bias, masked)
+        else:
+            sim.add_(bias)
     if keep is not None:
         sim.masked_fill_(~keep, masked)
     return sim.softmax(dim=-1)
