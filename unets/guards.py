@@ -1,4 +1,4 @@
-"""Reading files that a user, a run folder or a download handed us, without trusting them.
+"""Guards against hostile or careless input: files we read back, sizes we allocate.
 
 Every file the library reads back (a run's `config.json`, a checkpoint's `state.pt` and
 safetensors, a `latest` pointer, a YAML run config) goes through these helpers, so that one
@@ -9,6 +9,9 @@ rule holds everywhere:
 - it must be at most `max_bytes` long, checked on the open file (no read loads more);
 - text must be UTF-8, and JSON nested at most `MAX_DEPTH` deep (Python's JSON decoder
   recurses, so a deeply nested file would end in a `RecursionError`).
+
+`check_memory` refuses an allocation larger than the machine's memory before it is tried,
+naming the setting that asked for it.
 
 Problems with the file's content raise `BadFileError` (a `ValueError`) naming the file and
 what was wrong; a missing file raises `FileNotFoundError`. Both are user errors to the
@@ -27,6 +30,8 @@ __all__ = [
     "MAX_DEPTH",
     "BadFileError",
     "check_depth",
+    "check_memory",
+    "machine_memory",
     "read_bytes",
     "read_json",
     "read_text",
@@ -125,3 +130,22 @@ def read_json(path: str | os.PathLike, *, what: str = "JSON file", max_bytes: in
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise BadFileError(f"{what} {str(path)!r} is not valid JSON: {err}") from None
+
+
+def machine_memory() -> int:
+    """Bytes of physical memory on this machine (an upper bound on what can be allocated)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return 1 << 40
+
+
+def check_memory(nbytes: float, *, what: str, limit: int | None = None) -> None:
+    """Raise `ValueError` naming `what` when `nbytes` exceed `limit` (default: the machine's
+    physical memory), before anything is allocated."""
+    limit = machine_memory() if limit is None else limit
+    if nbytes > limit:
+        raise ValueError(
+            f"{what} would need about {nbytes / 2**30:,.1f} GiB, more than the {limit / 2**30:,.1f} GiB "
+            "of memory this machine has"
+        )
