@@ -148,3 +148,50 @@ def test_classifier_is_deterministic():
     frames = MovingDigits(10, seed=5).videos()[:, 0, 0].numpy()
     rows = [evaluate.digit_features(frame) for frame in frames]
     assert (first.decision_function(rows) == second.decision_function(rows)).all()
+
+
+def test_shape_consistency_is_one_on_ground_truth_and_drops_when_the_digit_morphs():
+    data = MovingDigits(40, image_size=16, digit_size=8, speed=1.0, num_frames=8, seed=3)
+    videos = data.videos()
+    results = evaluate.evaluate_videos(videos, data.captions)
+    assert results["shape_consistency"] == pytest.approx(1.0, abs=1e-6)
+    low, high = results["intervals"]["shape_consistency"]
+    assert low <= results["shape_consistency"] <= high
+    # the second half of each video shows another video's digit: the shape changes mid-way
+    morphed = videos.clone()
+    morphed[:, :, 4:] = videos.roll(1, dims=0)[:, :, 4:]
+    assert evaluate.evaluate_videos(morphed, data.captions)["shape_consistency"] < 0.9
+
+
+def test_shape_consistency_of_one_video():
+    data = MovingDigits(1, image_size=16, digit_size=8, speed=1.0, num_frames=8, seed=5)
+    video = data.videos()[0]
+    assert evaluate.shape_consistency(video) == pytest.approx(1.0)
+    assert evaluate.shape_consistency(torch.zeros_like(video)) is None  # nothing to compare
+    gone = video.clone()
+    gone[:, 1:] = 0  # the digit vanishes after the first frame
+    assert evaluate.shape_consistency(gone) is None
+    half = video.clone()
+    half[:, 4:] = 0  # vanishes half-way: those frames count as 0
+    assert evaluate.shape_consistency(half) == pytest.approx(3 / 7)
+
+
+def test_wilson_interval_known_values():
+    low, high = evaluate.wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-3)
+    low, high = evaluate.wilson_interval(58, 64)
+    assert low == pytest.approx(0.8099, abs=2e-3) and high == pytest.approx(0.9563, abs=2e-3)
+
+
+@given(st.integers(0, 500), st.integers(1, 500))
+def test_wilson_interval_contains_the_rate(hits, count):
+    hits = min(hits, count)
+    low, high = evaluate.wilson_interval(hits, count)
+    assert 0.0 <= low <= hits / count <= high <= 1.0
+
+
+def test_results_table_prints_intervals(real):
+    videos, captions = real
+    table = evaluate.results_table(evaluate.evaluate_videos(videos[:16], captions[:16]))
+    assert "95% interval" in table and "shape consistency | 1.000 (1.000-1.000)" in table
+    assert "direction accuracy | 100.0% (80.6%-100.0%)" in table
