@@ -38,8 +38,8 @@ def check_int(name: str, value: Any, *, low: int | None = None, high: int | None
     return value
 
 
-def check_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, high_open: bool = False) -> float:
+def check_number(name: str, value: Any, *, low: float | int | None = None, high: float | int | None = None,
+                 low_open: bool = False, high_open: bool = False) -> float | int:
     """`value` if it is a finite real number (int or float, not a bool) in the range given;
     `low_open` / `high_open` exclude the bound itself."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -140,11 +140,13 @@ def machine_memory() -> int:
         return 1 << 40
 
 
-def check_memory(nbytes: float, *, what: str, limit: int | None = None) -> None:
+def check_memory(nbytes: float | int, *, what: str, limit: int | None = None) -> None:
     """Raise `ValueError` naming `what` when `nbytes` exceed `limit` (default: the machine's
     physical memory), before anything is allocated."""
     limit = machine_memory() if limit is None else limit
     if nbytes > limit:
+        if nbytes == float("inf"):
+            raise ValueError(f"{what} describes tensors too large to allocate on any machine")
         raise ValueError(
             f"{what} would need about {nbytes / 2**30:,.1f} GiB, more than the {limit / 2**30:,.1f} GiB "
             "of memory this machine has"

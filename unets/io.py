@@ -2,12 +2,19 @@
 
 Weights only ever go through safetensors, so loading unpickles nothing. Files are written to
 a temporary name in the same folder and renamed into place, so an interrupted save never
-leaves a half-written file under the real name (DESIGN.md "Checkpoints").
+leaves a half-written file under the real name (docs/design.md "Checkpoints").
+
+Loading trusts nothing in the folder: both files must be regular files (a FIFO would block
+forever), `config.json` is bounded in size and nesting, the model it describes is sized on
+the meta device before any memory is taken (a config edited to `dim: 10**12` is refused
+naming its largest settings), and a truncated or corrupt safetensors file is a `BadFileError`
+naming it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -17,7 +24,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load", "load_weights", "save_pretrained"]
+from unets.guards import BadFileError, check_memory, read_json, regular_file
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "check_model_size", "load", "load_weights", "model_bytes", "save_pretrained"]
+
+# A U-Net config is a few hundred bytes; a megabyte is generous and still cheap to parse.
+MAX_CONFIG_BYTES = 1 << 20
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -80,6 +92,35 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Modul
     return model
 
 
+def model_bytes(config: Mapping | object, **overrides: object) -> float | int:
+    """Bytes the parameters and buffers of the U-Net `config` describes would take, found by
+    building it on the meta device (no memory is allocated; shapes too large to even
+    describe count as unbounded)."""
+    from unets.registry import build
+
+    try:
+        with torch.device("meta"):
+            model = build(config, **overrides)
+    except (RuntimeError, OverflowError, MemoryError):
+        # "Storage size calculation overflowed" and the like: beyond any machine.
+        return math.inf
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _largest_settings(config: Mapping | object, count: int = 3) -> str:
+    items = config.items() if isinstance(config, Mapping) else vars(config).items()
+    numbers = [(k, v) for k, v in items if isinstance(v, int) and not isinstance(v, bool)]
+    numbers.sort(key=lambda kv: -kv[1])
+    return ", ".join(f"{k}={v}" for k, v in numbers[:count]) or "no numeric setting"
+
+
+def check_model_size(config: Mapping | object, *, what: str = "U-Net config", limit: int | None = None) -> None:
+    """Raise `ValueError` when the U-Net `config` would not fit in this machine's memory,
+    naming its largest numeric settings, before anything is allocated."""
+    check_memory(model_bytes(config), what=f"{what} ({_largest_settings(config)})", limit=limit)
+
+
 def load(path: str | Path, *, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the U-Net saved by `save_pretrained(path)` and load its weights."""
     from unets.registry import build
@@ -87,11 +128,20 @@ def load(path: str | Path, *, map_location: str | torch.device = "cpu") -> nn.Mo
     folder = Path(path)
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     for p in (config_path, weights_path):
-        if not p.is_file():
+        if not p.exists() and not p.is_symlink():
             raise FileNotFoundError(f"{p} not found; expected a folder written by save_pretrained()")
-    with open(config_path, encoding="utf-8") as f:
-        config = json.load(f)
+    config = read_json(config_path, what="U-Net config", max_bytes=MAX_CONFIG_BYTES)
+    if not isinstance(config, dict):
+        raise BadFileError(f"U-Net config {str(config_path)!r} must hold a JSON object, got {type(config).__name__}")
+    check_model_size(config, what=f"U-Net config {str(config_path)!r}")
+    regular_file(weights_path, what="U-Net weights")
     model = build(config)
-    state = load_file(str(weights_path), device=str(map_location))
+    try:
+        state = load_file(str(weights_path), device=str(map_location))
+    except Exception as err:  # SafetensorError, or OSError from a file cut short under mmap
+        raise BadFileError(
+            f"U-Net weights {str(weights_path)!r} are not a readable safetensors file "
+            f"(truncated or corrupt?): {err}"
+        ) from None
     load_weights(model, state)
     return model.to(map_location)
