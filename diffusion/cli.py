@@ -65,6 +65,7 @@ logger = logging.getLogger(__name__)
 BENCHMARKS = ("attention", "unet")
 MAX_NAME_LENGTH = 80
 MAX_PROMPTS_BYTES = 1 << 20
+SAMPLE_STEPS = 50  # sampling steps when neither --steps nor the run's sample.steps says
 _SAMPLE_FILE = re.compile(r"^\d{3,}-[a-z0-9-]+\.(gif|txt)$")
 
 
@@ -304,6 +305,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
                              ("eta", args.eta), ("num_samples", args.num_samples), ("batch_size", args.batch_size),
                              ("seed", args.seed)) if v is not None},
     })
+    if options.steps is None:
+        options.steps = min(SAMPLE_STEPS, diffusion.num_timesteps)
     if options.steps > diffusion.num_timesteps:
         raise UsageError(f"--steps must be at most the run's diffusion.timesteps={diffusion.num_timesteps}, "
                          f"got {options.steps}")

@@ -33,7 +33,7 @@ import json
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, no_type_check
 
 from spacetime.checks import check_choice, check_int, check_number, did_you_mean
 from unets import guards
@@ -75,17 +75,31 @@ def _checked(check: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         raise ConfigError(str(err)) from None
 
 
-def _int(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:
+def _int(name: str, value: Any, low: Any = None, high: Any = None) -> int:
     return _checked(check_int, name, value, low=low, high=high)
 
 
-def _optional_int(name: str, value: Any, low: int | None = None) -> int | None:
+def _optional_int(name: str, value: Any, low: Any = None) -> Any:
     return None if value is None else _int(name, value, low)
 
 
-def _number(name: str, value: Any, low: float | None = None, high: float | None = None, *,
-            low_open: bool = False, high_open: bool = False) -> float:
-    return _checked(check_number, name, value, low=low, high=high, low_open=low_open, high_open=high_open)
+def _number(name: str, value: Any, low: Any = None, high: Any = None, *,
+            low_open: bool = False, high_open: bool = False) -> Any:
+    low = None if low is None else float(low)
+    high = None if high is None else float(high)
+    # check_number is annotated float -> float; ints are numbers here too (runtime checkers
+    # in the tests hold it to its annotation), and the message shows the value as given.
+    given = value
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            given = float(value)
+        except OverflowError:  # beyond any float: as out of range as infinity
+            given = float("inf") if value > 0 else float("-inf")
+    try:
+        _checked(check_number, name, given, low=low, high=high, low_open=low_open, high_open=high_open)
+    except ConfigError as err:
+        raise type(err)(str(err).replace(repr(given), repr(value))) from None
+    return value
 
 
 def _choice(name: str, value: Any, allowed: Iterable[Any]) -> Any:
@@ -132,6 +146,7 @@ def sampler_names() -> tuple[str, ...]:
 # sections
 
 
+@no_type_check  # values come from files: __post_init__ checks them, naming the key
 @dataclasses.dataclass(kw_only=True)
 class Section:
     """A dataclass section of the run config: `from_dict` refuses unknown keys."""
@@ -165,6 +180,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
+@no_type_check  # values come from files: __post_init__ checks them, naming the key
 @dataclasses.dataclass(kw_only=True)
 class DiffusionConfig(Section):
     """`GaussianDiffusion`'s keyword arguments (the video shape, schedule, objective, loss)."""
@@ -224,6 +240,7 @@ class DiffusionConfig(Section):
         return super().from_dict.__func__(cls, data)  # type: ignore[attr-defined]
 
 
+@no_type_check  # values come from files: __post_init__ checks them, naming the key
 @dataclasses.dataclass(kw_only=True)
 class TrainerConfig(Section):
     """The `Trainer`'s options (all but the model, the data and where it runs), with the
@@ -317,8 +334,7 @@ class TrainerConfig(Section):
 _GRID_RESERVED = ("batch_size", "cond", "cond_mask", "cond_scale", "generator", "noise")
 
 
-def check_sample_kwargs(where: str, kwargs: Any, *, target: Callable[..., Any] | None = None,
-                        timesteps: int | None = None) -> None:
+def check_sample_kwargs(where: str, kwargs: Any, *, target: Any = None, timesteps: Any = None) -> None:
     """Check extra `sample()` arguments (a trainer's `sample_kwargs`) before any training:
     the known ones by type and range (`steps` at most `timesteps`), every key against
     `target`'s parameters (the model's `sample`) when it is given."""
@@ -349,6 +365,7 @@ def check_sample_kwargs(where: str, kwargs: Any, *, target: Callable[..., Any] |
                     raise ConfigError(unknown_key_message(where, key, allowed))
 
 
+@no_type_check  # values come from files: __post_init__ checks them, naming the key
 @dataclasses.dataclass(kw_only=True)
 class DataConfig(Section):
     """The training videos: the embedded moving digits, or a folder of videos."""
@@ -410,13 +427,15 @@ class DataConfig(Section):
         return {"kind": self.kind, **_plain(self.given())}
 
 
+@no_type_check  # values come from files: __post_init__ checks them, naming the key
 @dataclasses.dataclass(kw_only=True)
 class SampleConfig(Section):
-    """Defaults of `spacetime sample` for this run."""
+    """Defaults of `spacetime sample` for this run. `steps` None: 50, or every timestep of a
+    shorter schedule."""
 
     key: ClassVar[str] = "sample"
     sampler: str = "ddim"
-    steps: int = 50
+    steps: int | None = None
     cond_scale: float = 1.0
     eta: float = 0.0
     num_samples: int = 1
@@ -427,7 +446,7 @@ class SampleConfig(Section):
 
     def __post_init__(self) -> None:
         _choice("sample.sampler", self.sampler, sampler_names())
-        _int("sample.steps", self.steps, 1)
+        _optional_int("sample.steps", self.steps, 1)
         _number("sample.cond_scale", self.cond_scale, 0)
         _number("sample.eta", self.eta, 0)
         _int("sample.num_samples", self.num_samples, 1)
@@ -438,6 +457,7 @@ class SampleConfig(Section):
         self.captions = list(self.captions)
 
 
+@no_type_check  # values come from files: __post_init__ checks them, naming the key
 @dataclasses.dataclass(kw_only=True)
 class UnetSection:
     """Which U-Net (registry name), an optional U-Net preset and config fields over it."""
@@ -479,6 +499,7 @@ class UnetSection:
             raise ConfigError(f"model: {err}") from None
 
 
+@no_type_check  # values come from files: __post_init__ checks them, naming the key
 @dataclasses.dataclass(kw_only=True)
 class RunConfig:
     """A whole run: the sections above, checked together (see the module docstring)."""
@@ -505,7 +526,7 @@ class RunConfig:
         if t.sample_kwargs:
             check_sample_kwargs("trainer.sample_kwargs", t.sample_kwargs, timesteps=d.timesteps)
         steps = self.sample.steps
-        if steps > d.timesteps:
+        if steps is not None and steps > d.timesteps:
             raise ConfigError(f"sample.steps must be at most diffusion.timesteps={d.timesteps}, got {steps}")
         if self.data.kind == "moving-digits":
             if d.channels not in (1, 3):
@@ -587,22 +608,22 @@ def _check_unet_and_memory(run: RunConfig) -> None:
         )
     # Lower bounds, fp32: a run that fails them cannot fit; one that passes may still not.
     video = d.channels * frames * size * size * 4
+    shape = f"diffusion.image_size={size} x num_frames={frames} x channels={d.channels}"
     estimates = (
         (d.timesteps * 8 * 16, f"the noise schedule of diffusion.timesteps={d.timesteps}"),
-        (video, f"one video of diffusion.image_size={size} x num_frames={frames} x channels={d.channels}"),
+        (video, f"one video of {shape}"),
         # weights, EMA copy, gradients and AdamW's two moments
         (params * 4 * 5, f"the {name} U-Net's {params:,} parameters with EMA, gradients and optimizer state "
                          f"(model.dim={width!r})"),
         # the batch, its noise, the noised batch and the prediction, plus one activation of
         # the U-Net's first width per video
         (t.train_batch_size * (4 * video + video // d.channels * (width if isinstance(width, int) else 1)),
-         f"a training batch of trainer.train_batch_size={t.train_batch_size} videos of {size} x {size} x {frames}"),
-        (s.batch_size * 4 * video, f"a sampling batch of sample.batch_size={s.batch_size} videos of "
-                                   f"{size} x {size} x {frames}"),
+         f"a training batch of trainer.train_batch_size={t.train_batch_size} videos of {shape}"),
+        (s.batch_size * 4 * video, f"a sampling batch of sample.batch_size={s.batch_size} videos of {shape}"),
     )
     for nbytes, what in estimates:
         try:
-            guards.check_memory(nbytes, what=what)
+            guards.check_memory(float(nbytes), what=what)
         except ValueError as err:
             raise ConfigError(str(err)) from None
 
