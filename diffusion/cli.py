@@ -204,7 +204,7 @@ def _check_resume(args: argparse.Namespace, out: Path, config: RunConfig) -> boo
 
 
 def _trainer_options(config: RunConfig, out: Path) -> dict[str, Any]:
-    options = {**config.trainer.to_dict(), "results_folder": str(out)}
+    options = {**config.trainer.options(), "results_folder": str(out)}
     # A Trainer from before `TrainerConfig` takes neither option; at their defaults they are
     # left out, set they are refused by the Trainer itself (nothing is silently ignored).
     import inspect

@@ -168,6 +168,10 @@ class Section:
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
+    def options(self) -> dict[str, Any]:
+        """The fields as keyword arguments, values as checked (tuples stay tuples)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
 
 def _plain(value: Any) -> Any:
     """JSON form: tuples as lists, paths as strings."""
