@@ -180,7 +180,8 @@ def _check_resume(args: argparse.Namespace, out: Path, config: RunConfig) -> boo
             )
         if traces:
             logger.warning("--fresh: training %s again from step 0 (it held %s)", out, ", ".join(traces))
-        return True  # the Trainer finds no checkpoint, starts at step 0 and drops stale metrics
+            _clear_unfinished_run(out)
+        return False
     if checkpoint is None:
         if traces:
             raise UsageError(
@@ -201,6 +202,20 @@ def _check_resume(args: argparse.Namespace, out: Path, config: RunConfig) -> boo
                 f"{saved_path}; keep it, or start a new run with another --out"
             )
     return True
+
+
+def _clear_unfinished_run(out: Path) -> None:
+    """Remove what a run without a complete checkpoint left (its metrics describe steps that
+    will be trained again; its checkpoint folders are partial), before training it afresh."""
+    import shutil
+
+    for name in ("metrics.jsonl", "latest"):
+        (out / name).unlink(missing_ok=True)
+    for folder in out.glob("checkpoint-*"):
+        if folder.is_symlink() or not folder.is_dir():
+            folder.unlink()
+        else:
+            shutil.rmtree(folder)
 
 
 def _trainer_options(config: RunConfig, out: Path) -> dict[str, Any]:

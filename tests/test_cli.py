@@ -202,3 +202,37 @@ def test_sample_stems_are_unique_and_ordered(prompts, count):
     stems = sample_stems(prompts, count)
     assert len(stems) == len(prompts) * count == len(set(stems))
     assert stems == sorted(stems)
+
+
+# --- resuming --------------------------------------------------------------------------------
+
+
+def test_resume_refuses_settings_the_checkpoint_cannot_honour(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    saved = (run / "config.json").read_text()
+    capsys.readouterr()
+    assert run_cli("train", "--out", str(run), "--resume", "--set", "trainer.train_lr=0.5") == 2
+    err = capsys.readouterr().err
+    assert "--resume cannot change trainer.train_lr (0.0001 -> 0.5)" in err and err.count("\n") == 1
+    assert run_cli("train", "--preset", "debug", "--out", str(run), "--resume", "--set", "model.dim=16") == 2
+    assert "model.dim (8 -> 16)" in capsys.readouterr().err
+    assert (run / "config.json").read_text() == saved  # nothing written
+
+
+def test_an_empty_run_needs_fresh(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    # A run killed before its first checkpoint: metrics and a partial checkpoint folder.
+    (run / "metrics.jsonl").write_text('{"step": 0, "loss": 1.0}\n')
+    (run / "checkpoint-1").mkdir()
+    for argv in (("--resume",), ()):
+        assert run_cli("train", "--preset", "debug", "--out", str(run), *argv) == 2
+        err = capsys.readouterr().err
+        assert "without a complete checkpoint" in err and "--fresh" in err and "metrics.jsonl" in err
+    assert run_cli("train", "--preset", "debug", "--out", str(run), "--fresh",
+                   "--set", "trainer.train_num_steps=1", "--set", "trainer.save_and_sample_every=1000") == 0
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0]  # the stale record is gone, step 0 trained again
+    assert run_cli("train", "--preset", "debug", "--out", str(run), "--fresh") == 2
+    assert "holds checkpoint-final" in capsys.readouterr().err
