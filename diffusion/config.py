@@ -232,12 +232,13 @@ class DiffusionConfig(Section):
     def from_dict(cls, data: Mapping[str, Any] | None) -> DiffusionConfig:
         data = dict(data or {})
         for old in DEPRECATED_DIFFUSION:
-            if old in data:
+            if data.get(old):  # a false value asked for nothing: dropped without a word
                 value = data.pop(old)
                 warnings.warn(
                     f"diffusion.{old}={value!r} is ignored: each U-Net says itself whether it takes "
                     "pooled text or tokens (its cond_format)", FutureWarning, stacklevel=3,
                 )
+            data.pop(old, None)
         for required in ("image_size", "num_frames"):
             if required not in data:
                 raise ConfigError(f"diffusion.{required} is required (a positive int)")
@@ -640,10 +641,12 @@ def normalise(config: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(config)
     for old, new in DEPRECATED_TOP.items():
         if old in out:
+            value = out.pop(old)
             if new in out:
                 raise ConfigError(f"config has both {old!r} (the old name) and {new!r}; keep only {new!r}")
-            warnings.warn(f"config key {old!r} is now {new!r} (the U-Net preset)", FutureWarning, stacklevel=3)
-            out[new] = out.pop(old)
+            if value is not None:  # config.json of earlier runs says `preset: null`
+                warnings.warn(f"config key {old!r} is now {new!r} (the U-Net preset)", FutureWarning, stacklevel=3)
+            out[new] = value
     if SEED_DATA_KEY in out:
         # text2video-from-scratch: `Unet3D(**config['model'])` trained on this folder.
         folder = out.pop(SEED_DATA_KEY)
