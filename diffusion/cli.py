@@ -44,7 +44,6 @@ from diffusion.config import (
     SampleConfig,
     TrainerConfig,
     check_sample_kwargs,
-    resume_conflicts,
     sampler_names,
 )
 from diffusion.config_io import apply_overrides, load_config_file, merge
@@ -56,6 +55,7 @@ from diffusion.run import (
     latest_checkpoint,
     open_run,
     read_run_config,
+    resume_conflicts,
     run_traces,
 )
 from unets import guards

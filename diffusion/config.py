@@ -40,7 +40,7 @@ from unets import guards
 
 __all__ = [
     "ConfigError", "DataConfig", "DiffusionConfig", "RunConfig", "SampleConfig", "TrainerConfig",
-    "UnetSection", "check_sample_kwargs", "normalise", "resume_conflicts", "validate_config",
+    "UnetSection", "check_sample_kwargs", "normalise", "validate_config",
 ]
 
 TOP_KEYS = ("unet", "unet_preset", "model", "diffusion", "trainer", "data", "sample")
@@ -669,38 +669,3 @@ def normalise(config: Mapping[str, Any]) -> dict[str, Any]:
 def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """`RunConfig.from_dict(config).to_dict()`: the checked config with defaults filled in."""
     return RunConfig.from_dict(config).to_dict()
-
-
-# ---------------------------------------------------------------------------------------
-# resuming with changed settings
-
-# Trainer settings a resumed run takes from the new config. Everything else (the U-Net,
-# the process, the data, the optimizer and EMA settings, the batch and seed that fix the
-# data order) is what the checkpoint was trained with: a change is refused, naming the key.
-# `train_num_steps` may grow or shrink; a decaying learning rate is then planned over the
-# new length from the resumed step on.
-RESUME_HONOURED = (
-    "train_num_steps", "max_seconds", "save_and_sample_every", "save_model_every", "log_every",
-    "num_sample_rows", "sample_captions", "sample_kwargs", "cond_scale", "write_mp4", "fps", "num_workers",
-    "compile", "text_cache_dir", "results_folder", "find_unused_parameters", "parallel",
-)
-
-
-def resume_conflicts(saved: RunConfig, new: RunConfig) -> list[str]:
-    """Dotted keys whose value differs between a run's saved config and the config it is
-    resumed with, and that a resumed run cannot honour (see `RESUME_HONOURED`). Each entry
-    reads `key (saved value -> new value)`."""
-    out = []
-    saved_unet = saved.unet.unet_config().to_dict()
-    new_unet = new.unet.unet_config().to_dict()
-    for key in sorted(set(saved_unet) | set(new_unet)):
-        if saved_unet.get(key) != new_unet.get(key):
-            out.append(f"model.{key} ({saved_unet.get(key)!r} -> {new_unet.get(key)!r})")
-    for section in ("diffusion", "trainer", "data"):
-        old, now = getattr(saved, section).to_dict(), getattr(new, section).to_dict()
-        for key in sorted(set(old) | set(now)):
-            if section == "trainer" and key in RESUME_HONOURED:
-                continue
-            if old.get(key) != now.get(key):
-                out.append(f"{section}.{key} ({old.get(key)!r} -> {now.get(key)!r})")
-    return out

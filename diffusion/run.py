@@ -28,8 +28,8 @@ from unets import guards
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CONFIG_NAME", "LoadedRun", "build_dataset", "build_diffusion", "cond_format", "latest_checkpoint",
-           "load_run", "open_run", "read_run_config"]
+__all__ = ["CONFIG_NAME", "RESUME_HONOURED", "LoadedRun", "build_dataset", "build_diffusion", "cond_format",
+           "latest_checkpoint", "load_run", "open_run", "read_run_config", "resume_conflicts"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS = ("ema", "model")
@@ -192,3 +192,38 @@ def load_run(path: str | os.PathLike, weights: str = "ema", *, device: Any = "cp
     `.sample(cond=["a caption"], cond_scale=...)` works. A run folder gives its latest
     complete checkpoint."""
     return open_run(path, weights, device=device).diffusion
+
+
+# ---------------------------------------------------------------------------------------
+# resuming with changed settings
+
+# Trainer settings a resumed run takes from the new config. Everything else (the U-Net,
+# the process, the data, the optimizer and EMA settings, the batch and seed that fix the
+# data order) is what the checkpoint was trained with: a change is refused, naming the key.
+# `train_num_steps` may grow or shrink; a decaying learning rate is then planned over the
+# new length from the resumed step on.
+RESUME_HONOURED = (
+    "train_num_steps", "max_seconds", "save_and_sample_every", "save_model_every", "log_every",
+    "num_sample_rows", "sample_captions", "sample_kwargs", "cond_scale", "write_mp4", "fps", "num_workers",
+    "compile", "text_cache_dir", "results_folder", "find_unused_parameters", "parallel",
+)
+
+
+def resume_conflicts(saved: RunConfig, new: RunConfig) -> list[str]:
+    """Dotted keys whose value differs between a run's saved config and the config it is
+    resumed with, and that a resumed run cannot honour (see `RESUME_HONOURED`). Each entry
+    reads `key (saved value -> new value)`."""
+    out = []
+    saved_unet = saved.unet.unet_config().to_dict()
+    new_unet = new.unet.unet_config().to_dict()
+    for key in sorted(set(saved_unet) | set(new_unet)):
+        if saved_unet.get(key) != new_unet.get(key):
+            out.append(f"model.{key} ({saved_unet.get(key)!r} -> {new_unet.get(key)!r})")
+    for section in ("diffusion", "trainer", "data"):
+        old, now = getattr(saved, section).to_dict(), getattr(new, section).to_dict()
+        for key in sorted(set(old) | set(now)):
+            if section == "trainer" and key in RESUME_HONOURED:
+                continue
+            if old.get(key) != now.get(key):
+                out.append(f"{section}.{key} ({old.get(key)!r} -> {now.get(key)!r})")
+    return out

@@ -186,16 +186,15 @@ def test_required_video_keys():
 # --- typed sections ----------------------------------------------------------------------
 
 from diffusion.config import (  # noqa: E402
-    RESUME_HONOURED,
     DataConfig,
     DiffusionConfig,
     RunConfig,
     SampleConfig,
     TrainerConfig,
     check_sample_kwargs,
-    resume_conflicts,
 )
 from diffusion.config_io import MAX_NODES, yaml_load  # noqa: E402
+from diffusion.run import RESUME_HONOURED, resume_conflicts  # noqa: E402
 
 
 def test_trainer_config_has_the_trainers_options_and_defaults():
