@@ -121,12 +121,13 @@ def _string(name: str, value: Any, *, optional: bool = False) -> None:
         raise ConfigTypeError(f"{name} must be a non-empty string, got {value!r}")
 
 
-def _strings(name: str, value: Any, *, optional: bool = False) -> None:
+def _strings(name: str, value: Any, *, optional: bool = False, empty: bool = False) -> None:
     if optional and value is None:
         return
     if isinstance(value, str) or not isinstance(value, (list, tuple)) \
-            or not all(isinstance(c, str) and c.strip() for c in value):
-        raise ConfigTypeError(f"{name} must be a list of non-empty strings, got {value!r}")
+            or not all(isinstance(c, str) and (empty or c.strip()) for c in value):
+        kind = "strings" if empty else "non-empty strings"
+        raise ConfigTypeError(f"{name} must be a list of {kind}, got {value!r}")
 
 
 def unknown_key_message(where: str, key: Any, allowed: Iterable[str]) -> str:
@@ -323,7 +324,8 @@ class TrainerConfig(Section):
         _string(t + "results_folder", self.results_folder)
         _string(t + "text_cache_dir", self.text_cache_dir, optional=True)
         _number(t + "cond_scale", self.cond_scale, 0)
-        _strings(t + "sample_captions", self.sample_captions, optional=True)
+        # "" is a caption too: an unconditional sample in a grid.
+        _strings(t + "sample_captions", self.sample_captions, optional=True, empty=True)
         if self.sample_captions is not None:
             self.sample_captions = list(self.sample_captions)
         if self.sample_kwargs is not None:
