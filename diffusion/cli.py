@@ -57,6 +57,7 @@ from diffusion.run import (
     read_run_config,
     resume_conflicts,
     run_traces,
+    weights_mismatch,
 )
 from unets import guards
 
@@ -261,8 +262,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     params = sum(p.numel() for p in diffusion.denoise_fn.parameters())
     logger.info("%s U-Net with %.2fM parameters; %d training videos; run folder %s",
                 config.unet.name, params / 1e6, len(dataset), out)
-    trainer = Trainer(diffusion, dataset=dataset, device=device, resume=resume, progress=args.progress,
-                      **_trainer_options(config, out))
+    try:
+        trainer = Trainer(diffusion, dataset=dataset, device=device, resume=resume, progress=args.progress,
+                          **_trainer_options(config, out))
+    except RuntimeError as err:
+        if resume and "state_dict" in str(err):  # a config.json edited after the checkpoint
+            raise ConfigError(weights_mismatch(out / CONFIG_NAME, latest_checkpoint(out), err)) from None
+        raise
     start, first_step = time.perf_counter(), trainer.step
     trainer.train()
     seconds = time.perf_counter() - start

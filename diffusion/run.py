@@ -162,6 +162,12 @@ def find_checkpoint(path: str | os.PathLike) -> tuple[Path, Path]:
     )
 
 
+def weights_mismatch(config_file: Path, weights: Path | None, err: RuntimeError) -> str:
+    """One line for `load_state_dict`'s refusal of weights the config does not describe."""
+    first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+    return f"{config_file} no longer matches the weights in {weights}: {first}"
+
+
 def open_run(path: str | os.PathLike, weights: str = "ema", *, device: Any = "cpu") -> LoadedRun:
     """`load_run` with the run's config and the checkpoint folder it read (see `LoadedRun`)."""
     from diffusion import checkpoint as ckpt
@@ -177,10 +183,7 @@ def open_run(path: str | os.PathLike, weights: str = "ema", *, device: Any = "cp
     try:
         diffusion.load_state_dict(state)
     except RuntimeError as err:
-        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
-        raise ConfigError(
-            f"{run_dir / CONFIG_NAME} no longer matches the weights in {file}: {first}"
-        ) from None
+        raise ConfigError(weights_mismatch(run_dir / CONFIG_NAME, file, err)) from None
     diffusion.to(device).eval()
     return LoadedRun(config=config, run_dir=run_dir, checkpoint=folder, diffusion=diffusion)
 

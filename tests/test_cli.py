@@ -236,3 +236,17 @@ def test_an_empty_run_needs_fresh(tmp_path, capsys):
     assert steps == [0]  # the stale record is gone, step 0 trained again
     assert run_cli("train", "--preset", "debug", "--out", str(run), "--fresh") == 2
     assert "holds checkpoint-final" in capsys.readouterr().err
+
+
+def test_a_config_json_edited_after_the_checkpoint_is_one_line(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["dim"] = 16
+    (run / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert run_cli("train", "--out", str(run), "--resume", "--set", "trainer.train_num_steps=3") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config.json no longer matches the weights" in err
+    assert run_cli("sample", "--checkpoint", str(run), "--prompt", "a", "--steps", "1") == 2
+    assert "config.json no longer matches the weights" in capsys.readouterr().err
