@@ -592,15 +592,20 @@ def _check_unet_and_memory(run: RunConfig) -> None:
     config = run.unet.unet_config()
     name = run.unet.name
     width = getattr(config, "dim", None)
+    # model.channels always equals diffusion.channels (checked above), named under the latter.
+    given = [f"model.{k}={v!r}" for k, v in run.unet.model.items() if k != "channels"]
+    given += [f"unet_preset={run.unet.preset!r}"] if run.unet.preset else []
+    settings = ", ".join(given + [f"diffusion.channels={d.channels}"])
     try:
         with torch.device("meta"):
             import unets
 
             net = unets.get(name).model_class.from_config(config)
-    except (RuntimeError, OverflowError, MemoryError) as err:
-        raise ConfigError(f"model: the {name} U-Net (model.dim={width!r}) is too large to build: {err}") from None
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"model: {err}") from None
+    except (RuntimeError, OverflowError, MemoryError, ValueError, TypeError) as err:
+        # The config itself was valid (unet_config checked it): what is left are sizes
+        # torch cannot even describe, e.g. more elements than an int64 counts.
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"model: the {name} U-Net cannot be built from {settings}: {first}") from None
     params = sum(p.numel() for p in net.parameters())
     frames, size = d.num_frames, d.image_size
     if size % net.size_multiple:
@@ -615,13 +620,13 @@ def _check_unet_and_memory(run: RunConfig) -> None:
         )
     # Lower bounds, fp32: a run that fails them cannot fit; one that passes may still not.
     video = d.channels * frames * size * size * 4
-    shape = f"diffusion.image_size={size} x num_frames={frames} x channels={d.channels}"
+    shape = f"diffusion.image_size={size} x diffusion.num_frames={frames} x diffusion.channels={d.channels}"
     estimates = (
         (d.timesteps * 8 * 16, f"the noise schedule of diffusion.timesteps={d.timesteps}"),
         (video, f"one video of {shape}"),
         # weights, EMA copy, gradients and AdamW's two moments
-        (params * 4 * 5, f"the {name} U-Net's {params:,} parameters with EMA, gradients and optimizer state "
-                         f"(model.dim={width!r})"),
+        (params * 4 * 5, f"the {name} U-Net's {params:,} parameters ({settings}) with EMA, gradients and "
+                         "optimizer state"),
         # the batch, its noise, the noised batch and the prediction, plus one activation of
         # the U-Net's first width per video
         (t.train_batch_size * (4 * video + video // d.channels * (width if isinstance(width, int) else 1)),
@@ -630,7 +635,7 @@ def _check_unet_and_memory(run: RunConfig) -> None:
     )
     for nbytes, what in estimates:
         try:
-            guards.check_memory(float(nbytes), what=what)
+            guards.check_memory(float(nbytes) if nbytes < 2**1000 else float("inf"), what=what)
         except ValueError as err:
             raise ConfigError(str(err)) from None
 

@@ -420,3 +420,37 @@ def test_settings_too_large_for_the_machine_name_their_key(key, extra):
         validate_config(debug_config(**{section: {name: value}}))
     message = str(info.value)
     assert f"{section}.{name}" in message and "\n" not in message
+
+
+SCALAR_KEYS = [
+    (section.key, name)
+    for section in (DiffusionConfig, TrainerConfig, SampleConfig)
+    for name, field in section.__dataclass_fields__.items()
+    if any(t in str(field.type) for t in ("int", "float", "bool")) and name != "adam_betas"
+] + [("data", "num_videos"), ("data", "digit_size"), ("data", "speed"), ("data", "seed"), ("model", "dim"),
+     ("model", "attn_heads")]
+
+hostile_values = st.one_of(
+    st.integers(-(10**30), 10**30),
+    st.integers(0, 400).map(lambda k: 10**k),
+    st.integers(0, 400).map(lambda k: -(10**k)),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.text(max_size=5),
+    st.none(),
+    st.lists(st.integers(), max_size=2),
+)
+
+
+@given(key=st.sampled_from(SCALAR_KEYS), value=hostile_values)
+def test_any_value_of_any_numeric_key_is_taken_or_refused_naming_the_key(key, value):
+    section, name = key
+    try:
+        config = RunConfig.from_dict(debug_config(**{section: {name: value}}))
+    except ConfigError as err:
+        message = str(err)
+        assert "\n" not in message
+        assert f"{section}.{name}" in message or f"{section}: " in message, message
+        return
+    # Taken: then it is what the config holds, and it round-trips.
+    assert RunConfig.from_dict(config.to_dict()) == config
