@@ -107,7 +107,7 @@ def yaml_load(text: str, what: str = "YAML text") -> Any:
         _check_yaml_shape(text, what)
         return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
-        raise ConfigError(f"{what} is not valid YAML: {err}") from None
+        raise ConfigError(f"{what} is not valid YAML: {' '.join(str(err).split())}") from None
 
 
 def read_config_text(text: str, *, suffix: str, what: str) -> Any:

@@ -454,3 +454,17 @@ def test_any_value_of_any_numeric_key_is_taken_or_refused_naming_the_key(key, va
         return
     # Taken: then it is what the config holds, and it round-trips.
     assert RunConfig.from_dict(config.to_dict()) == config
+
+
+yaml_like = st.text(alphabet=st.sampled_from(list("[]{}:,&*-! \n\t'\"ab1.e#|>?%@`")), max_size=200)
+
+
+@given(text=st.one_of(yaml_like, st.text(max_size=100)), suffix=st.sampled_from([".yaml", ".json"]))
+def test_any_file_text_is_read_or_refused_as_a_value_error(tmp_path_factory, text, suffix):
+    path = tmp_path_factory.mktemp("fuzz") / f"run{suffix}"
+    path.write_text(text)
+    try:
+        data = load_config_file(path)
+        RunConfig.from_dict(data)
+    except ValueError as err:  # ConfigError, unets.guards.BadFileError: never a traceback type
+        assert "\n" not in str(err)
