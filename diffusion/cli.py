@@ -221,8 +221,9 @@ def _clear_unfinished_run(out: Path) -> None:
 
 def _trainer_options(config: RunConfig, out: Path) -> dict[str, Any]:
     options = {**config.trainer.options(), "results_folder": str(out)}
-    # A Trainer from before `TrainerConfig` takes neither option; at their defaults they are
-    # left out, set they are refused by the Trainer itself (nothing is silently ignored).
+    # Transition only, until the Trainer takes every TrainerConfig field: a Trainer from
+    # before it has neither option, so at their defaults they are left out; set, the Trainer
+    # refuses them itself (nothing is silently ignored). Delete with that merge.
     import inspect
 
     from diffusion.trainer import Trainer
