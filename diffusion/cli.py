@@ -583,6 +583,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose, args.quiet)
+    if args.quiet or not sys.stderr.isatty():
+        # Download / weight-loading bars of the text encoder's libraries would sit between
+        # the command's own lines (and before a one-line error); an explicit setting wins.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if args.threads is not None:
         import torch
 
