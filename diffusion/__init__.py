@@ -22,3 +22,4 @@ from diffusion.text import (
     default_text_encoder,
 )
 from diffusion.trainer import NonFiniteLossError, Trainer
+from diffusion.run import load_run

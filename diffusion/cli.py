@@ -9,16 +9,22 @@
 
 A training run folder holds the resolved configuration (`config.json`, which `--config`
 reads back), the Trainer's checkpoints (`checkpoint-*/`, `latest`), `metrics.jsonl`,
-`loss.png` and sample-grid GIFs. `spacetime sample --checkpoint RUN` rebuilds the U-Net and
-the diffusion process from `config.json` and loads the EMA weights of the latest checkpoint.
+`loss.png` and sample-grid GIFs. `spacetime sample --checkpoint RUN` opens it with
+`diffusion.load_run` (EMA weights of the latest checkpoint by default).
 
-Invalid configurations and other usage errors print one line, `spacetime: error: ...`,
-without a traceback and exit with status 2 (`--traceback` shows it).
+`--preset` names a run preset (`diffusion.presets`); a U-Net preset is the config key
+`unet_preset` (`--set unet_preset=NAME`).
+
+Every user or environment error (an invalid setting, a missing, unreadable, unwritable or
+corrupt file, a full disk, a non-finite loss) prints one line, `spacetime: error: ...`,
+naming the key or file, and exits with status 2; `--traceback` shows the traceback. Any
+other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -32,21 +38,35 @@ from pathlib import Path
 from typing import Any
 
 from diffusion.config import (
-    DIFFUSION_EXTRA,
-    SAMPLERS,
-    TRAINER_EXTRA,
+    MAX_SEED,
     ConfigError,
-    apply_overrides,
-    load_config_file,
-    merge,
-    validate_config,
+    RunConfig,
+    SampleConfig,
+    TrainerConfig,
+    check_sample_kwargs,
+    sampler_names,
 )
+from diffusion.config_io import apply_overrides, load_config_file, merge
+from diffusion.run import (
+    CONFIG_NAME,
+    build_dataset,
+    build_diffusion,
+    cond_format,
+    latest_checkpoint,
+    open_run,
+    read_run_config,
+    resume_conflicts,
+    run_traces,
+    weights_mismatch,
+)
+from unets import guards
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
 BENCHMARKS = ("attention", "unet")
 MAX_NAME_LENGTH = 80
+MAX_PROMPTS_BYTES = 1 << 20
+SAMPLE_STEPS = 50  # sampling steps when neither --steps nor the run's sample.steps says
 _SAMPLE_FILE = re.compile(r"^\d{3,}-[a-z0-9-]+\.(gif|txt)$")
 
 
@@ -97,7 +117,7 @@ def sample_stems(prompts: Sequence[str], num_samples: int = 1, *, max_length: in
 
 
 # ---------------------------------------------------------------------------------------
-# building a run
+# training
 
 
 def _device(name: str) -> Any:
@@ -114,91 +134,15 @@ def _device(name: str) -> Any:
     return device
 
 
-def _diffusion_kwargs(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config["diffusion"].items() if k not in DIFFUSION_EXTRA}
-
-
-def build_diffusion(config: dict[str, Any]):
-    """The `GaussianDiffusion` (with its U-Net) a validated run configuration describes."""
-    import unets
-
-    from diffusion.gaussian import GaussianDiffusion
-
-    net = unets.build(config["unet"], preset=config.get("preset"), **config["model"])
-    if config["diffusion"].get("cond_on_tokens", False):
-        # GaussianDiffusion hands a denoiser that sets this the token embeddings (and their
-        # mask) instead of the pooled vector (DESIGN.md "U-Net call convention").
-        net.cond_on_tokens = True
-    return GaussianDiffusion(net, **_diffusion_kwargs(config))
-
-
-def resolved_config(config: dict[str, Any], diffusion: Any) -> dict[str, Any]:
-    """`config` with the U-Net written out field by field (preset applied), so the run can
-    be rebuilt even if presets change later."""
-    model = diffusion.denoise_fn.config.to_dict()
-    model.pop("name", None)
-    return {**config, "preset": None, "model": model}
-
-
-def build_dataset(config: dict[str, Any]):
-    data = dict(config["data"])
-    kind = data.pop("kind")
-    video = {k: config["diffusion"][k] for k in ("image_size", "num_frames", "channels")}
-    if kind == "moving-digits":
-        from diffusion.moving_digits import MovingDigits
-
-        num_videos = data.pop("num_videos", 2000)
-        return MovingDigits(num_videos, **video, **data)
-    from diffusion.data import VideoFolder
-
-    folder = data.pop("folder")
-    return VideoFolder(folder, **video, **data)
-
-
-class TimeBudget:
-    """Stops a Trainer after `max_seconds` of training (checked after every step) and, when
-    the learning rate decays, fits the schedule to the steps the budget allows.
-
-    The Trainer's learning rate is a pure function of the step and `train_num_steps`; a
-    cosine or linear decay planned for more steps than the budget allows would stop while
-    the rate is still high, which leaves noisy weights. So after `warmup` steps the
-    projected number of steps (at the rate measured so far) becomes `train_num_steps`, never
-    more than configured, re-estimated after every step as the machine's load changes.
-    (Works through the Trainer's `log_fn` hook: the Trainer has no time limit of its own.)"""
-
-    def __init__(self, trainer: Any, max_seconds: float, *, fit_schedule: bool = True, warmup: int = 10):
-        self.trainer = trainer
-        self.max_seconds = float(max_seconds)
-        self.max_steps = trainer.train_num_steps
-        self.fit_schedule = fit_schedule
-        self.warmup = warmup
-        self.start_step = trainer.step
-        self.start = time.perf_counter()
-        self.stopped_early = False
-
-    def __call__(self, record: dict[str, Any]) -> None:
-        trainer = self.trainer
-        elapsed = time.perf_counter() - self.start
-        if elapsed >= self.max_seconds:
-            if trainer.step < self.max_steps and not self.stopped_early:
-                self.stopped_early = True
-                logger.info("time budget of %.0f s used up at step %d", self.max_seconds, trainer.step)
-            trainer.train_num_steps = trainer.step
-            return
-        done = trainer.step - self.start_step
-        if self.fit_schedule and done >= self.warmup:
-            projected = self.start_step + int(done / elapsed * self.max_seconds)
-            trainer.train_num_steps = max(trainer.step + 1, min(self.max_steps, projected))
-
-
 def _run_config(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """The config dict the options describe (preset, file, or a resumed run's config.json)
+    and a name for the default run folder."""
     from diffusion.presets import get_preset
 
-    out = Path(args.out) if args.out else None
-    saved = out / CONFIG_NAME if out is not None else None
     if args.preset is None and args.config is None:
-        if args.resume and saved is not None and saved.is_file():
-            return load_config_file(saved), out.name
+        saved = Path(args.out) / CONFIG_NAME if args.out else None
+        if args.resume and saved is not None and saved.exists():
+            return read_run_config(saved).to_dict(), Path(args.out).name
         raise UsageError("give --preset NAME or --config FILE (or --resume with the --out of an earlier run)")
     config: dict[str, Any] = {}
     name = "run"
@@ -214,57 +158,130 @@ def _run_config(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     return config, name
 
 
-def _latest_checkpoint(run_dir: Path) -> Path | None:
-    from diffusion.trainer import CHECKPOINT_PREFIX, LATEST
+def _out_folder(args: argparse.Namespace, config: RunConfig, name: str) -> Path:
+    # --out wins; else a results_folder the config sets itself (text2video-from-scratch's
+    # `trainer.results_folder`); else runs/<preset or config name>.
+    if args.out:
+        return Path(args.out)
+    if config.trainer.results_folder != TrainerConfig.results_folder:
+        return Path(config.trainer.results_folder)
+    return Path("runs") / name
 
-    pointer = run_dir / LATEST
-    if pointer.is_file():
-        target = run_dir / pointer.read_text(encoding="utf-8").strip()
-        if (target / "ema.safetensors").is_file():
-            return target
-    complete = [p for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / "state.pt").is_file()]
-    return max(complete, key=lambda p: (p / "state.pt").stat().st_mtime_ns) if complete else None
+
+def _check_resume(args: argparse.Namespace, out: Path, config: RunConfig) -> bool:
+    """Whether the Trainer resumes from `out`'s latest checkpoint. Refuses to overwrite a
+    run by accident, an empty resume, and changes the checkpoint cannot honour."""
+    checkpoint = latest_checkpoint(out) if out.is_dir() else None
+    traces = run_traces(out) if out.is_dir() else []
+    if args.fresh:
+        if checkpoint is not None:
+            raise UsageError(
+                f"--fresh starts a run without a complete checkpoint again, but {out} holds {checkpoint.name}; "
+                "pass --resume to continue it or choose another --out"
+            )
+        if traces:
+            logger.warning("--fresh: training %s again from step 0 (it held %s)", out, ", ".join(traces))
+            _clear_unfinished_run(out)
+        return False
+    if checkpoint is None:
+        if traces:
+            raise UsageError(
+                f"{out} holds an unfinished run without a complete checkpoint ({', '.join(traces)}); "
+                "pass --fresh to train it again from step 0, or choose another --out"
+            )
+        if args.resume:
+            logger.info("--resume: %s holds no earlier run; starting at step 0", out)
+        return False
+    if not args.resume:
+        raise UsageError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    saved_path = out / CONFIG_NAME
+    if saved_path.exists():
+        conflicts = resume_conflicts(read_run_config(saved_path), config)
+        if conflicts:
+            raise ConfigError(
+                f"--resume cannot change {conflicts[0]}: {out / checkpoint.name} was trained with the value in "
+                f"{saved_path}; keep it, or start a new run with another --out"
+            )
+    return True
+
+
+def _clear_unfinished_run(out: Path) -> None:
+    """Remove what a run without a complete checkpoint left (its metrics describe steps that
+    will be trained again; its checkpoint folders are partial), before training it afresh."""
+    import shutil
+
+    for name in ("metrics.jsonl", "latest"):
+        (out / name).unlink(missing_ok=True)
+    for folder in out.glob("checkpoint-*"):
+        if folder.is_symlink() or not folder.is_dir():
+            folder.unlink()
+        else:
+            shutil.rmtree(folder)
+
+
+def _trainer_options(config: RunConfig, out: Path) -> dict[str, Any]:
+    options = {**config.trainer.options(), "results_folder": str(out)}
+    # Transition only, until the Trainer takes every TrainerConfig field: a Trainer from
+    # before it has neither option, so at their defaults they are left out; set, the Trainer
+    # refuses them itself (nothing is silently ignored). Delete with that merge.
+    import inspect
+
+    from diffusion.trainer import Trainer
+
+    accepted = inspect.signature(Trainer.__init__).parameters
+    if "save_model_every" not in accepted and not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+        for key, default in (("max_seconds", 0.0), ("save_model_every", None)):
+            if options.get(key) == default:
+                options.pop(key)
+    return options
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from diffusion import checkpoint as ckpt
     from diffusion.trainer import Trainer
 
-    config, name = _run_config(args)
-    config = apply_overrides(config, args.set or [])
-    config = validate_config(config)
-    out = Path(args.out) if args.out else Path("runs") / name
+    raw, name = _run_config(args)
+    config = RunConfig.from_dict(apply_overrides(raw, args.set or []))
     if args.print_config:
-        _say(json.dumps(config, indent=2))
+        _say(config.to_json().rstrip())
         return 0
-    if out.exists() and _latest_checkpoint(out) is not None and not args.resume:
-        raise UsageError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    out = _out_folder(args, config, name)
+    resume = _check_resume(args, out, config)
     device = _device(args.device)
 
-    trainer_kwargs = {k: v for k, v in config["trainer"].items() if k not in TRAINER_EXTRA}
-    max_seconds = float(config["trainer"].get("max_seconds", 0.0))
-    diffusion = build_diffusion(config)
+    unet_config = config.unet.unet_config()
+    diffusion = build_diffusion(config, unet_config=unet_config)
+    if config.trainer.sample_kwargs:
+        check_sample_kwargs("trainer.sample_kwargs", config.trainer.sample_kwargs, target=diffusion.sample,
+                            timesteps=diffusion.num_timesteps)
     dataset = build_dataset(config)
     out.mkdir(parents=True, exist_ok=True)
+    saved = dataclasses.replace(config.resolved(unet_config),
+                                trainer=dataclasses.replace(config.trainer, results_folder=str(out)))
     if _is_main_process():
-        ckpt.atomic_write_text(out / CONFIG_NAME, json.dumps(resolved_config(config, diffusion), indent=2) + "\n")
+        ckpt.atomic_write_text(out / CONFIG_NAME, saved.to_json())
     params = sum(p.numel() for p in diffusion.denoise_fn.parameters())
     logger.info("%s U-Net with %.2fM parameters; %d training videos; run folder %s",
-                config["unet"], params / 1e6, len(dataset), out)
-    trainer = Trainer(diffusion, dataset=dataset, results_folder=out, device=device, resume=args.resume,
-                      progress=args.progress, **trainer_kwargs)
-    budget = TimeBudget(trainer, max_seconds, fit_schedule=trainer.lr_schedule != "constant") if max_seconds else None
+                config.unet.name, params / 1e6, len(dataset), out)
+    try:
+        trainer = Trainer(diffusion, dataset=dataset, device=device, resume=resume, progress=args.progress,
+                          **_trainer_options(config, out))
+    except RuntimeError as err:
+        if resume and "state_dict" in str(err):  # a config.json edited after the checkpoint
+            raise ConfigError(weights_mismatch(out / CONFIG_NAME, latest_checkpoint(out), err)) from None
+        raise
     start, first_step = time.perf_counter(), trainer.step
-    trainer.train(log_fn=budget)
+    trainer.train()
     seconds = time.perf_counter() - start
     if not trainer.interrupted:
         trainer.sample_and_save("final")
         trainer.save("final")
-    history = trainer.history
-    recent = [loss for _, loss in history[-50:]]
-    _say(f"trained {trainer.step - first_step} steps (to step {trainer.step}) in {seconds:.0f} s"
-         + (f", {(trainer.step - first_step) / max(seconds, 1e-9):.2f} steps/s" if trainer.step > first_step else "")
-         + (" - stopped by the time budget" if budget is not None and budget.stopped_early else "")
+    budget_stop = config.trainer.max_seconds > 0 and trainer.step < config.trainer.train_num_steps
+    recent = [loss for _, loss in trainer.history[-50:]]
+    done = trainer.step - first_step
+    _say(f"trained {done} steps (to step {trainer.step}) in {seconds:.0f} s"
+         + (f", {done / max(seconds, 1e-9):.2f} steps/s" if done else "")
+         + (" - stopped by the time budget" if budget_stop and not trainer.interrupted else "")
          + (" - interrupted" if trainer.interrupted else ""))
     if recent:
         _say(f"loss (mean of the last {len(recent)} steps): {sum(recent) / len(recent):.4f}")
@@ -276,36 +293,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 # sampling
 
 
-def _find_run(path: Path) -> tuple[dict[str, Any], Path]:
-    """(config, checkpoint folder) for a run folder or one of its checkpoint folders."""
-    if not path.exists():
-        raise UsageError(f"--checkpoint {path} does not exist")
-    if (path / CONFIG_NAME).is_file() and not (path / "ema.safetensors").is_file():
-        run_dir, folder = path, _latest_checkpoint(path)
-        if folder is None:
-            raise UsageError(f"{path} has no complete checkpoint yet (checkpoint-*/ with ema.safetensors)")
-    elif (path / "ema.safetensors").is_file() and (path.parent / CONFIG_NAME).is_file():
-        run_dir, folder = path.parent, path
-    else:
-        raise UsageError(
-            f"--checkpoint must be a training run folder (with {CONFIG_NAME}) or one of its checkpoint-* "
-            f"folders, got {path}"
-        )
-    return validate_config(load_config_file(run_dir / CONFIG_NAME)), folder
-
-
-def _read_prompts(args: argparse.Namespace, config: dict[str, Any]) -> list[str]:
+def _read_prompts(args: argparse.Namespace, config: RunConfig) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise UsageError(f"--prompts-file {path} does not exist")
-        for line in path.read_text(encoding="utf-8").splitlines():
+        text = guards.read_text(args.prompts_file, what="--prompts-file", max_bytes=MAX_PROMPTS_BYTES)
+        for line in text.splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
                 prompts.append(line)
     if not prompts:
-        prompts = list(config["sample"].get("captions", []))
+        prompts = list(config.sample.captions)
     if any(not p.strip() for p in prompts):
         raise UsageError("prompts must not be empty strings")
     return prompts
@@ -317,36 +314,36 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from diffusion import checkpoint as ckpt
     from diffusion import media
 
-    config, folder = _find_run(Path(args.checkpoint))
-    defaults = config["sample"]
-    options = {
-        "sampler": args.sampler or defaults.get("sampler", "ddim"),
-        "steps": args.steps if args.steps is not None else defaults.get("steps", 50),
-        "cond_scale": args.cond_scale if args.cond_scale is not None else defaults.get("cond_scale", 1.0),
-        "eta": args.eta if args.eta is not None else defaults.get("eta", 0.0),
-        "num_samples": args.num_samples if args.num_samples is not None else defaults.get("num_samples", 1),
-        "batch_size": args.batch_size if args.batch_size is not None else defaults.get("batch_size", 16),
-        "seed": args.seed if args.seed is not None else defaults.get("seed", 0),
-        "fps": defaults.get("fps", 8.0),
-    }
+    if not Path(args.checkpoint).exists():
+        raise UsageError(f"--checkpoint {args.checkpoint} does not exist")
     device = _device(args.device)
-    diffusion = build_diffusion(config)
-    weights = "ema.safetensors" if args.weights == "ema" else "model.safetensors"
-    diffusion.load_state_dict(ckpt.load_tensors(folder / weights))
-    diffusion.to(device).eval()
+    run = open_run(args.checkpoint, args.weights, device=device)
+    config, diffusion = run.config, run.diffusion
+    defaults = config.sample
+    # The run's sample section, with the options given here over it, checked as one section.
+    options = SampleConfig.from_dict({
+        **defaults.to_dict(),
+        **{k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("cond_scale", args.cond_scale),
+                             ("eta", args.eta), ("num_samples", args.num_samples), ("batch_size", args.batch_size),
+                             ("seed", args.seed)) if v is not None},
+    })
+    if options.steps is None:
+        options.steps = min(SAMPLE_STEPS, diffusion.num_timesteps)
+    if options.steps > diffusion.num_timesteps:
+        raise UsageError(f"--steps must be at most the run's diffusion.timesteps={diffusion.num_timesteps}, "
+                         f"got {options.steps}")
 
-    conditional = getattr(diffusion.denoise_fn.config, "cond_dim", None) is not None or bool(
-        getattr(diffusion.denoise_fn.config, "use_bert_text_cond", False))
-    prompts = _read_prompts(args, config) if conditional else []
+    conditional = cond_format(diffusion.denoise_fn) is not None
     if not conditional and (args.prompt or args.prompts_file):
         raise UsageError("this model is unconditional (no cond_dim): it takes no prompts")
+    prompts = _read_prompts(args, config) if conditional else []
     if conditional and not prompts:
         raise UsageError("this model is text-conditioned: give --prompt TEXT or --prompts-file FILE")
-    count = options["num_samples"]
+    count = options.num_samples
     captions = [p for p in prompts for _ in range(count)] if conditional else [""] * count
     stems = sample_stems(prompts, count) if conditional else [f"{i:03d}-sample" for i in range(count)]
 
-    out = Path(args.out) if args.out else folder.parent / "samples"
+    out = Path(args.out) if args.out else run.run_dir / "samples"
     out.mkdir(parents=True, exist_ok=True)
     stale = [p for p in out.iterdir() if _SAMPLE_FILE.match(p.name)]
     if stale and not args.overwrite:
@@ -354,23 +351,27 @@ def cmd_sample(args: argparse.Namespace) -> int:
     for path in stale:
         path.unlink()
 
-    generator = torch.Generator().manual_seed(options["seed"])
-    logger.info("sampling %d videos from %s with %s (%s steps, guidance %.2f)", len(captions), folder,
-                options["sampler"], options["steps"], options["cond_scale"])
+    generator = torch.Generator().manual_seed(options.seed)
+    logger.info("sampling %d videos from %s with %s (%s steps, guidance %.2f)", len(captions), run.checkpoint,
+                options.sampler, options.steps, options.cond_scale)
     start = time.perf_counter()
-    batch = options["batch_size"]
+    batch = options.batch_size
     for first in range(0, len(captions), batch):
         chunk = captions[first : first + batch]
-        kwargs: dict[str, Any] = dict(sampler=options["sampler"], steps=options["steps"], eta=options["eta"],
+        kwargs: dict[str, Any] = dict(sampler=options.sampler, steps=options.steps, eta=options.eta,
                                       generator=generator)
         if conditional:
-            kwargs.update(cond=chunk, cond_scale=options["cond_scale"])
+            kwargs.update(cond=chunk, cond_scale=options.cond_scale)
         else:
             kwargs["batch_size"] = len(chunk)
         with torch.no_grad():
-            videos = diffusion.sample(**kwargs).float().clamp(0.0, 1.0).cpu()
+            videos = diffusion.sample(**kwargs).float()
+        if not torch.isfinite(videos).all():
+            raise ValueError(f"sampling from {run.checkpoint} gave non-finite values (NaN or inf); nothing written "
+                             "for this batch: the weights may be damaged")
+        videos = videos.clamp(0.0, 1.0).cpu()
         for video, caption, stem in zip(videos, chunk, stems[first : first + batch]):
-            media.write_gif(video, out / f"{stem}.gif", fps=options["fps"])
+            media.write_gif(video, out / f"{stem}.gif", fps=options.fps)
             if conditional:
                 ckpt.atomic_write_text(out / f"{stem}.txt", caption + "\n")
     _say(f"wrote {len(captions)} samples (gif + txt) to {out} in {time.perf_counter() - start:.0f} s")
@@ -433,6 +434,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # parser and entry point
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as the one line every other error of the command prints."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"spacetime: error: {self.prog}: {message} (see --help)\n")
+        sys.exit(2)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -443,20 +452,30 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 2**63 - 1], got {value}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
     return value
 
 
 def build_parser() -> argparse.ArgumentParser:
     from diffusion.presets import available_presets
 
-    parser = argparse.ArgumentParser(prog="spacetime", description="Train, sample and evaluate video diffusion models.")
+    parser = _Parser(prog="spacetime", description="Train, sample and evaluate video diffusion models.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of errors")
@@ -465,13 +484,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     train = commands.add_parser("train", help="train a model", description="Train a model from a preset or a config file.")
-    train.add_argument("--preset", help=f"run preset: {', '.join(available_presets())}")
-    train.add_argument("--config", help="YAML or JSON run configuration (over the preset, if both)")
+    train.add_argument("--preset", help=f"run preset: {', '.join(available_presets())} "
+                                        "(a U-Net preset is the config key unet_preset)")
+    train.add_argument("--config", help="YAML or JSON run configuration (over the run preset, if both)")
     train.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                        help="override one value, e.g. --set trainer.train_lr=3e-4 (repeatable)")
     train.add_argument("--out", help="run folder (default: runs/<preset or config name>)")
     train.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    train.add_argument("--fresh", action="store_true",
+                       help="train a run folder that holds no complete checkpoint (metrics, partial "
+                            "checkpoints of a killed run) again from step 0")
     train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bar (default: when stderr is a terminal)")
     train.add_argument("--print-config", action="store_true", help="print the validated configuration and exit")
@@ -483,12 +506,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--prompt", action="append", help="caption to sample (repeatable)")
     sample.add_argument("--prompts-file", help="file with one caption per line ('#' starts a comment)")
     sample.add_argument("--cond-scale", type=_non_negative_float, help="classifier-free guidance scale (1: none)")
-    sample.add_argument("--sampler", choices=SAMPLERS)
+    sample.add_argument("--sampler", choices=sampler_names())
     sample.add_argument("--steps", type=_positive_int, help="sampling steps (DDIM)")
     sample.add_argument("--eta", type=_non_negative_float, help="DDIM noise scale (0: deterministic)")
     sample.add_argument("--num-samples", type=_positive_int, help="samples per prompt")
     sample.add_argument("--batch-size", type=_positive_int, help="videos sampled at once")
-    sample.add_argument("--seed", type=int)
+    sample.add_argument("--seed", type=_seed)
     sample.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA (default) or raw weights")
     sample.add_argument("--out", help="output folder (default: RUN/samples)")
     sample.add_argument("--overwrite", action="store_true", help="replace earlier samples in --out")
@@ -511,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     digits.add_argument("--digit-size", type=_positive_int, default=14)
     digits.add_argument("--speed", type=float, default=2.0)
     digits.add_argument("--channels", type=int, choices=(1, 3), default=1)
-    digits.add_argument("--seed", type=int, default=0)
+    digits.add_argument("--seed", type=_seed, default=0)
     digits.set_defaults(func=cmd_data)
 
     bench = commands.add_parser("bench", help="run a benchmark script",
@@ -531,11 +554,39 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
         logging.getLogger(name).setLevel(level)
 
 
+def _user_error(err: BaseException) -> str | None:
+    """The one-line message for a user or environment error, or None for a bug."""
+    import diffusion
+
+    if isinstance(err, OSError):
+        # Missing, unreadable or unwritable files, a full disk, a path under a file: the OS
+        # names the file. An OSError without errno or file comes from no system call.
+        if err.errno is None and not err.filename:
+            return None
+        text = str(err)
+        if err.filename and str(err.filename) not in text:
+            text = f"{text}: {err.filename}"
+        return text
+    if isinstance(err, (ValueError, TypeError, ImportError, MemoryError, diffusion.NonFiniteLossError)):
+        # ValueError covers ConfigError, UsageError, unets.guards.BadFileError and the
+        # checkpoint readers' errors; TypeError the library's argument checks; ImportError
+        # a missing optional dependency, whose message gives the install command.
+        text = str(err) or type(err).__name__
+        if not isinstance(err, (ConfigError, UsageError)) and isinstance(err, (TypeError, ImportError, MemoryError)):
+            text = f"{type(err).__name__}: {text}"
+        return text
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `spacetime` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose, args.quiet)
+    if args.quiet or not sys.stderr.isatty():
+        # Download / weight-loading bars of the text encoder's libraries would sit between
+        # the command's own lines (and before a one-line error); an explicit setting wins.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if args.threads is not None:
         import torch
 
@@ -544,21 +595,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, UsageError) as err:
-        if args.traceback:
-            raise
-        sys.stderr.write(f"spacetime: error: {err}\n")
-        return 2
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        # Errors the library raises for bad inputs (a folder without videos, a caption that
-        # is not a moving-digits caption, a missing optional dependency) read as messages.
-        if args.traceback:
-            raise
-        sys.stderr.write(f"spacetime: error: {type(err).__name__}: {err}\n")
-        return 2
     except KeyboardInterrupt:
         sys.stderr.write("spacetime: interrupted\n")
         return 130
+    except Exception as err:
+        message = _user_error(err)
+        if message is None or args.traceback:
+            raise
+        line = " ".join(message.split())
+        sys.stderr.write(f"spacetime: error: {line}\n")
+        return 2
 
 
 if __name__ == "__main__":

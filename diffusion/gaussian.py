@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from diffusion.guidance import denoiser_kwargs, guided_output
 from diffusion.samplers import SAMPLERS, ddpm_sample, sample_loop
 from diffusion.schedules import (
+    LOSS_TYPES,
     NoiseSchedule,
     beta_schedule as make_betas,
     check_objective,
@@ -35,8 +36,6 @@ from diffusion.schedules import (
     objective_target,
     prediction_to_x0_eps,
 )
-
-LOSS_TYPES = ("l1", "l2", "huber")
 
 Cond = Float[Tensor, "b d"] | Float[Tensor, "b l d"] | list[str] | tuple[str, ...] | None
 Number = float | int

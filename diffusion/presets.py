@@ -38,6 +38,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             "attn_heads": 2,
             "attn_dim_head": 16,
             "ff_mult": 2,
+            # Text conditioning: SpaceTimeUnet cross-attends to the caption's tokens (the digit
+            # is one word of the caption, a small change to its pooled embedding but a token of
+            # its own) and pools them for its time embedding.
             "cond_dim": 384,
             # Which frame comes first: without it the model draws the captioned path played
             # backwards about half the time (see spacetime.FramePositionEmbedding).
@@ -59,9 +62,6 @@ PRESETS: dict[str, dict[str, Any]] = {
             # min-SNR (16 samples, three runs).
             "min_snr_loss_weight": False,
             "null_cond_prob": 0.1,
-            # Cross-attend to the caption's tokens: the digit is one word of the caption, a
-            # small change to its pooled embedding but a token of its own.
-            "cond_on_tokens": True,
         },
         "trainer": {
             "train_num_steps": 3000,
@@ -98,7 +98,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "debug": {
         "unet": "space_time_unet",
-        "preset": "debug",
+        "unet_preset": "debug",
         "model": {"cond_dim": 384, "temporal_compression": [False, False]},
         "diffusion": {"image_size": 8, "num_frames": 4, "channels": 1, "timesteps": 20, "objective": "v",
                       "null_cond_prob": 0.1},

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from diffusion import cli
-from diffusion.cli import TimeBudget, main, prompt_slug, sample_stems
+from diffusion.cli import main, prompt_slug, sample_stems
 
 PROMPTS = ["the digit 3 moving up", "the digit 7 moving down and to the left"]
 
@@ -41,7 +41,8 @@ def trained_run(tmp_path_factory):
 
 def test_train_writes_a_complete_run_folder(trained_run):
     config = json.loads((trained_run / "config.json").read_text())
-    assert config["preset"] is None and config["model"]["dim"] == 8  # U-Net written out in full
+    assert config["unet_preset"] is None and config["model"]["dim"] == 8  # U-Net written out in full
+    assert config["trainer"]["results_folder"] == str(trained_run)
     assert config["trainer"]["train_num_steps"] == 2
     assert (trained_run / "latest").read_text().strip() == "checkpoint-final"
     assert (trained_run / "checkpoint-final" / "ema.safetensors").is_file()
@@ -137,8 +138,8 @@ def test_folder_data_through_the_console_script(tmp_path):
     [
         ("trainer.learning_rate=1e-3", ["unknown trainer key 'learning_rate'", "train_lr"]),
         ("trainer.train_lr=fast", ["trainer.train_lr must be a number", "'fast'"]),
-        ("trainer.train_num_steps=-3", ["trainer.train_num_steps must be > 0", "-3"]),
-        ("diffusion.num_frames=0", ["diffusion.num_frames must be > 0", "got 0"]),
+        ("trainer.train_num_steps=-3", ["trainer.train_num_steps must be an int >= 0", "-3"]),
+        ("diffusion.num_frames=0", ["diffusion.num_frames must be an int >= 1", "got 0"]),
         ("diffusion.image_size=6", ["diffusion.image_size must be a multiple of 4", "got 6"]),
     ],
 )
@@ -164,6 +165,8 @@ def test_usage_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["sample", "--checkpoint", "x", "--steps", "0"])
     assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("spacetime: error: ") and err.count("\n") == 1 and "--steps" in err
 
 
 def test_print_config(capsys):
@@ -201,34 +204,49 @@ def test_sample_stems_are_unique_and_ordered(prompts, count):
     assert stems == sorted(stems)
 
 
-class FakeTrainer:
-    def __init__(self, steps: int, lr_schedule: str = "cosine"):
-        self.step = 0
-        self.train_num_steps = steps
-        self.lr_schedule = lr_schedule
+# --- resuming --------------------------------------------------------------------------------
 
 
-def test_time_budget_stops_and_fits_the_schedule(monkeypatch):
-    clock = [100.0]
-    monkeypatch.setattr(cli.time, "perf_counter", lambda: clock[0])
-    trainer = FakeTrainer(1000)
-    budget = TimeBudget(trainer, 60.0, warmup=10)
-    # One step per second: 60 steps fit in the budget, so the schedule is fitted to 60.
-    for _ in range(20):
-        clock[0] += 1.0
-        trainer.step += 1
-        budget({})
-    assert trainer.train_num_steps == 60 and not budget.stopped_early
-    # The machine slows down: the budget runs out at step 40, before the planned end.
-    for _ in range(20):
-        clock[0] += 2.0
-        trainer.step += 1
-        budget({})
-    assert trainer.train_num_steps == trainer.step == 40 and budget.stopped_early
-    # Never more steps than configured.
-    fast = FakeTrainer(30)
-    budget = TimeBudget(fast, 60.0, warmup=1)
-    clock[0] += 0.1
-    fast.step = 5
-    budget({})
-    assert fast.train_num_steps == 30
+def test_resume_refuses_settings_the_checkpoint_cannot_honour(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    saved = (run / "config.json").read_text()
+    capsys.readouterr()
+    assert run_cli("train", "--out", str(run), "--resume", "--set", "trainer.train_lr=0.5") == 2
+    err = capsys.readouterr().err
+    assert "--resume cannot change trainer.train_lr (0.0001 -> 0.5)" in err and err.count("\n") == 1
+    assert run_cli("train", "--preset", "debug", "--out", str(run), "--resume", "--set", "model.dim=16") == 2
+    assert "model.dim (8 -> 16)" in capsys.readouterr().err
+    assert (run / "config.json").read_text() == saved  # nothing written
+
+
+def test_an_empty_run_needs_fresh(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    # A run killed before its first checkpoint: metrics and a partial checkpoint folder.
+    (run / "metrics.jsonl").write_text('{"step": 0, "loss": 1.0}\n')
+    (run / "checkpoint-1").mkdir()
+    for argv in (("--resume",), ()):
+        assert run_cli("train", "--preset", "debug", "--out", str(run), *argv) == 2
+        err = capsys.readouterr().err
+        assert "without a complete checkpoint" in err and "--fresh" in err and "metrics.jsonl" in err
+    assert run_cli("train", "--preset", "debug", "--out", str(run), "--fresh",
+                   "--set", "trainer.train_num_steps=1", "--set", "trainer.save_and_sample_every=1000") == 0
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0]  # the stale record is gone, step 0 trained again
+    assert run_cli("train", "--preset", "debug", "--out", str(run), "--fresh") == 2
+    assert "holds checkpoint-final" in capsys.readouterr().err
+
+
+def test_a_config_json_edited_after_the_checkpoint_is_one_line(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    config = json.loads((run / "config.json").read_text())
+    config["model"]["dim"] = 16
+    (run / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert run_cli("train", "--out", str(run), "--resume", "--set", "trainer.train_num_steps=3") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config.json no longer matches the weights" in err
+    assert run_cli("sample", "--checkpoint", str(run), "--prompt", "a", "--steps", "1") == 2
+    assert "config.json no longer matches the weights" in capsys.readouterr().err

@@ -8,15 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from diffusion.config import (
-    ConfigError,
-    apply_overrides,
-    check_kwargs,
-    load_config_file,
-    merge,
-    parse_override,
-    validate_config,
-)
+from diffusion.config import ConfigError, validate_config
+from diffusion.config_io import apply_overrides, load_config_file, merge, parse_override
 from diffusion.presets import DEMO_CAPTIONS, available_presets, get_preset
 
 
@@ -73,12 +66,13 @@ def test_yaml_cannot_construct_objects(tmp_path):
 def test_overrides_parse_values_and_merge_sections():
     config = apply_overrides(
         {"trainer": {"train_lr": 1e-4, "train_batch_size": 4}},
-        ["trainer.train_lr=3e-4", "sample.captions=[a, b]", "diffusion.objective=v", "preset=small", "model.cond_dim=null"],
+        ["trainer.train_lr=3e-4", "sample.captions=[a, b]", "diffusion.objective=v", "unet_preset=small",
+         "model.cond_dim=null"],
     )
     assert config["trainer"] == {"train_lr": 3e-4, "train_batch_size": 4}
     assert config["sample"] == {"captions": ["a", "b"]}
     assert config["diffusion"] == {"objective": "v"}
-    assert config["preset"] == "small"
+    assert config["unet_preset"] == "small"
     assert config["model"] == {"cond_dim": None}
 
 
@@ -142,20 +136,20 @@ def test_demo_captions_cover_every_digit_and_direction():
         ({"trainer": {"train_lr": "fast"}}, ["trainer.train_lr", "'fast'", "must be a number"]),
         ({"trainer": {"train_batch_size": 2.5}}, ["trainer.train_batch_size", "2.5", "must be an int"]),
         ({"trainer": {"amp": "yes"}}, ["trainer.amp", "'yes'", "must be a bool"]),
-        ({"trainer": {"train_num_steps": -5}}, ["trainer.train_num_steps", "-5", "> 0"]),
-        ({"trainer": {"max_seconds": -1}}, ["trainer.max_seconds", "-1", ">= 0"]),
+        ({"trainer": {"train_num_steps": -5}}, ["trainer.train_num_steps", "-5", ">= 0"]),
+        ({"trainer": {"max_seconds": -1}}, ["trainer.max_seconds", "-1", "[0, inf]"]),
         ({"trainer": {"ema_decay": 1.5}}, ["trainer.ema_decay", "1.5", "[0, 1]"]),
-        ({"diffusion": {"num_frames": 0}}, ["diffusion.num_frames", "0", "> 0"]),
+        ({"diffusion": {"num_frames": 0}}, ["diffusion.num_frames", "0", ">= 1"]),
         ({"diffusion": {"image_size": 10}}, ["diffusion.image_size", "10", "multiple of 4", "size_multiple"]),
-        ({"diffusion": {"objective": "eps"}}, ["diffusion.objective", "'eps'", "noise, x0, v"]),
+        ({"diffusion": {"objective": "eps"}}, ["diffusion.objective", "'eps'", "'noise', 'x0', 'v'"]),
         ({"diffusion": {"timesteps": float("nan")}}, ["diffusion.timesteps", "nan"]),
         ({"model": {"channels": 3}}, ["model.channels=3", "diffusion.channels=1"]),
-        ({"data": {"kind": "mnist"}}, ["data.kind", "'mnist'", "moving-digits, folder"]),
+        ({"data": {"kind": "mnist"}}, ["data.kind", "'mnist'", "'moving-digits', 'folder'"]),
         ({"data": {"digit_size": 40}}, ["data.digit_size", "40", "between 4"]),
-        ({"sample": {"sampler": "euler"}}, ["sample.sampler", "'euler'", "ddpm, ddim"]),
+        ({"sample": {"sampler": "fastest"}}, ["sample.sampler", "'fastest'", "'ddpm', 'ddim'"]),
         ({"sample": {"captions": ["ok", ""]}}, ["sample.captions", "non-empty strings"]),
         ({"unet": "unet4d"}, ["'unet4d'", "space_time_unet", "unet3d"]),
-        ({"preset": "huge"}, ["'huge'", "debug"]),
+        ({"unet_preset": "huge"}, ["unet_preset", "'huge'", "debug"]),
     ],
 )
 def test_invalid_values_give_one_clear_message(override, fragments):
@@ -189,12 +183,288 @@ def test_required_video_keys():
         validate_config(config)
 
 
-def test_check_kwargs_against_a_signature():
-    def target(a: int = 1, *, b: float = 0.5, c=None):
-        return a, b, c
+# --- typed sections ----------------------------------------------------------------------
 
-    check_kwargs("s", {"a": 2, "b": 1, "c": "anything"}, target)
-    with pytest.raises(ConfigError, match=r"unknown s key 'd'; allowed keys: a, b, c"):
-        check_kwargs("s", {"d": 1}, target)
-    with pytest.raises(ConfigError, match=r"s.a must be an int, got True"):
-        check_kwargs("s", {"a": True}, target)
+from diffusion.config import (  # noqa: E402
+    DataConfig,
+    DiffusionConfig,
+    RunConfig,
+    SampleConfig,
+    TrainerConfig,
+    check_sample_kwargs,
+)
+from diffusion.config_io import MAX_NODES, yaml_load  # noqa: E402
+from diffusion.run import RESUME_HONOURED, resume_conflicts  # noqa: E402
+
+
+def test_trainer_config_has_the_trainers_options_and_defaults():
+    import inspect
+
+    from diffusion.trainer import Trainer
+
+    fields = {f: getattr(TrainerConfig(), f) for f in TrainerConfig.__dataclass_fields__}
+    assert fields["max_seconds"] == 0.0 and fields["save_model_every"] is None
+    parameters = inspect.signature(Trainer.__init__).parameters
+    explicit = {n: p.default for n, p in parameters.items() if p.kind is p.KEYWORD_ONLY}
+    if not explicit:  # a Trainer that takes **options builds a TrainerConfig itself
+        pytest.skip("the Trainer takes its options through TrainerConfig")
+    for name in ("diffusion_model", "folder", "dataset", "device", "resume", "progress"):
+        explicit.pop(name, None)
+    for name, default in explicit.items():
+        assert name in fields, name
+        expected = list(default) if isinstance(default, tuple) else default
+        got = list(fields[name]) if isinstance(fields[name], tuple) else fields[name]
+        assert got == expected, name
+
+
+def test_one_rule_per_trainer_option():
+    # The rules that drifted between the command line and the Trainer, resolved once.
+    assert TrainerConfig(train_num_steps=0).train_num_steps == 0  # zero steps: load, sample, save
+    assert TrainerConfig(train_lr=1).train_lr == 1  # an int is a number
+    assert DiffusionConfig(image_size=8, num_frames=2, dynamic_thres_percentile=1.0).dynamic_thres_percentile == 1.0
+    with pytest.raises(ConfigError, match=r"diffusion.dynamic_thres_percentile must lie in \(0, 1\], got 0"):
+        DiffusionConfig(image_size=8, num_frames=2, dynamic_thres_percentile=0)
+    with pytest.raises(ConfigError, match=r"trainer.image_ratio must lie in \[0, 1\), got 1"):
+        TrainerConfig(image_ratio=1)
+    with pytest.raises(TypeError, match="trainer.amp must be a bool"):  # a ConfigError and a TypeError
+        TrainerConfig(amp=1)
+    with pytest.raises(ConfigError, match=r"trainer.seed must be an int <= 9223372036854775807"):
+        TrainerConfig(seed=2**70)
+    with pytest.raises(ConfigError, match=r"trainer.adam_betas\[1\] must lie in \[0, 1\)"):
+        TrainerConfig(adam_betas=[0.9, 1.0])
+    with pytest.raises(ConfigError, match=r"trainer.lr_schedule must be one of 'constant', 'cosine', 'linear'"):
+        TrainerConfig(lr_schedule="cosin")
+    with pytest.raises(ConfigError, match=r"trainer.parallel must be one of .*'fsdp'"):
+        TrainerConfig(parallel="zero")
+
+
+def test_sections_refuse_unknown_keys_with_a_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown sample key 'sampler_' \(did you mean 'sampler'\?\)"):
+        SampleConfig.from_dict({"sampler_": "ddim"})
+    with pytest.raises(ConfigError, match=r"data.folder is not a key of data.kind='moving-digits'"):
+        DataConfig.from_dict({"folder": "x"})
+    with pytest.raises(ConfigError, match=r"unknown config key 'trainr' \(did you mean 'trainer'\?\)"):
+        RunConfig.from_dict({**get_preset("debug"), "trainr": {}})
+
+
+def test_sample_kwargs_are_checked_against_their_target_and_the_schedule():
+    def sample(cond=None, cond_scale=1.0, batch_size=16, *, sampler="ddpm", steps=None, eta=0.0):
+        return None
+
+    check_sample_kwargs("k", {"sampler": "ddim", "steps": 3}, target=sample, timesteps=3)
+    with pytest.raises(ConfigError, match=r"unknown k key 'foo'; allowed keys: eta, sampler, steps"):
+        check_sample_kwargs("k", {"foo": 1}, target=sample)
+    with pytest.raises(ConfigError, match=r"k.steps must be an int <= 2, got 3"):
+        check_sample_kwargs("k", {"steps": 3}, timesteps=2)
+    with pytest.raises(ConfigError, match=r"k.batch_size is set by the trainer"):
+        check_sample_kwargs("k", {"batch_size": 3})
+    with pytest.raises(ConfigError, match=r"trainer.sample_kwargs.steps must be an int <= 20"):
+        validate_config(debug_config(trainer={"sample_kwargs": {"steps": 50}}))
+    with pytest.raises(ConfigError, match=r"sample.steps must be at most diffusion.timesteps=20, got 50"):
+        validate_config(debug_config(sample={"steps": 50}))
+
+
+def test_old_spellings_are_read_with_a_warning():
+    old = get_preset("debug")
+    old["preset"] = old.pop("unet_preset")
+    old["diffusion"]["cond_on_tokens"] = True
+    with pytest.warns(FutureWarning) as caught:
+        config = RunConfig.from_dict(old)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "'preset' is now 'unet_preset'" in messages and "cond_on_tokens" in messages
+    assert config.unet.preset == "debug"
+    with pytest.raises(ConfigError, match="both 'preset'"):
+        RunConfig.from_dict({**old, "unet_preset": "debug"})
+
+
+def test_text2video_from_scratch_layout():
+    seed = {
+        "training_data_dir": "./training_data",
+        "model": {"dim": 8, "use_bert_text_cond": True, "dim_mults": [1, 2], "init_dim": None,
+                  "init_kernel_size": 7, "use_sparse_linear_attn": True},
+        "diffusion": {"image_size": 16, "num_frames": 5, "timesteps": 10, "loss_type": "l1",
+                      "use_dynamic_thres": False, "dynamic_thres_percentile": 0.9},
+        "trainer": {"ema_decay": 0.995, "train_batch_size": 2, "save_model_every": 10,
+                    "results_folder": "./saved_models", "max_grad_norm": None},
+    }
+    config = RunConfig.from_dict(seed)
+    assert config.unet.name == "unet3d"
+    assert config.data.to_dict() == {"kind": "folder", "folder": "./training_data"}
+    assert config.trainer.save_model_every == 10 and config.trainer.results_folder == "./saved_models"
+    with pytest.raises(ConfigError, match="both 'training_data_dir' and a data section"):
+        RunConfig.from_dict({**seed, "data": {"kind": "moving-digits"}})
+
+
+def test_resume_conflicts_name_each_key_a_checkpoint_cannot_honour():
+    saved = RunConfig.from_dict(get_preset("debug"))
+    same = saved.resolved()  # the U-Net written out field by field, as in config.json
+    assert resume_conflicts(saved, same) == []
+    honoured = RunConfig.from_dict(debug_config(trainer={"train_num_steps": 99, "max_seconds": 5.0},
+                                                sample={"steps": 2}))
+    assert resume_conflicts(saved, honoured) == []
+    changed = RunConfig.from_dict(debug_config(trainer={"train_lr": 0.5}, model={"dim": 16},
+                                               diffusion={"timesteps": 30}))
+    assert resume_conflicts(saved, changed) == [
+        "model.dim (8 -> 16)", "diffusion.timesteps (20 -> 30)", "trainer.train_lr (0.0001 -> 0.5)",
+    ]
+    assert "train_lr" not in RESUME_HONOURED and "train_num_steps" in RESUME_HONOURED
+
+
+# --- round trip ------------------------------------------------------------------------------
+
+trainer_values = st.fixed_dictionaries({}, optional={
+    "train_lr": st.floats(1e-6, 1.0),
+    "train_num_steps": st.integers(0, 10**6),
+    "train_batch_size": st.integers(1, 8),
+    "lr_schedule": st.sampled_from(["constant", "cosine", "linear"]),
+    "max_grad_norm": st.one_of(st.none(), st.floats(0.1, 10.0)),
+    "adam_betas": st.tuples(st.floats(0.0, 0.99), st.floats(0.0, 0.999)).map(list),
+    "seed": st.integers(0, 2**63 - 1),
+    "sample_captions": st.one_of(st.none(), st.lists(st.text(min_size=1).filter(str.strip), max_size=3)),
+    "sample_kwargs": st.fixed_dictionaries({}, optional={"sampler": st.sampled_from(["ddpm", "ddim"]),
+                                                         "steps": st.integers(1, 20), "eta": st.floats(0, 1)}),
+    "max_seconds": st.floats(0, 1e6),
+    "save_model_every": st.one_of(st.none(), st.integers(1, 100)),
+    "condition_on_captions": st.one_of(st.none(), st.booleans()),
+})
+diffusion_values = st.fixed_dictionaries({}, optional={
+    "timesteps": st.integers(20, 2000),
+    "objective": st.sampled_from(["noise", "x0", "v"]),
+    "loss_type": st.sampled_from(["l1", "l2", "huber"]),
+    "null_cond_prob": st.floats(0, 1),
+    "use_dynamic_thres": st.booleans(),
+})
+
+
+@given(trainer=trainer_values, diffusion=diffusion_values, suffix=st.sampled_from([".yaml", ".json"]))
+def test_run_config_round_trips_through_yaml_and_json(tmp_path_factory, trainer, diffusion, suffix):
+    import yaml
+
+    config = RunConfig.from_dict(debug_config(trainer=trainer, diffusion=diffusion))
+    data = config.to_dict()
+    assert RunConfig.from_dict(data) == config
+    path = tmp_path_factory.mktemp("rt") / f"run{suffix}"
+    path.write_text(json.dumps(data) if suffix == ".json" else yaml.safe_dump(data))
+    assert RunConfig.from_dict(load_config_file(path)) == config
+    assert json.loads(config.to_json()) == data
+
+
+# --- hostile files and values -----------------------------------------------------------------
+
+
+@given(depth=st.integers(65, 100_000), flow=st.booleans())
+def test_deep_yaml_is_refused_before_parsing_recurses(tmp_path_factory, depth, flow):
+    if not flow:
+        depth = 65 + depth % 640  # block style indents: deeper files pass the 1 MiB size limit
+    if flow:
+        text = "trainer: {sample_kwargs: " + "[" * depth + "]" * depth + "}\n"
+    else:
+        text = "".join("  " * i + f"k{i}:\n" for i in range(depth)) + "  " * depth + "v: 1\n"
+    path = tmp_path_factory.mktemp("deep") / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="nests deeper than 64 levels"):
+        load_config_file(path)
+
+
+@given(depth=st.integers(65, 100_000))
+def test_deep_json_is_refused(tmp_path_factory, depth):
+    path = tmp_path_factory.mktemp("deep") / "run.json"
+    path.write_text('{"trainer": ' + "[" * depth + "]" * depth + "}")
+    with pytest.raises(ValueError, match="nests deeper than 64 levels"):
+        load_config_file(path)
+
+
+def test_yaml_alias_bomb_is_refused_quickly(tmp_path):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    text = "trainer:\n  sample_kwargs:\n" + "".join(f"    {line}\n" for line in lines)
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"more than {MAX_NODES:,} values"):
+        load_config_file(path)
+    # Aliases that stay small are fine, and read as YAML reads them.
+    assert yaml_load("a: &x [1, 2]\nb: *x\n") == {"a": [1, 2], "b": [1, 2]}
+
+
+def test_config_files_must_be_regular_utf8_files(tmp_path):
+    import os
+
+    fifo = tmp_path / "run.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="is a FIFO"):
+        load_config_file(fifo)
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"trainer: {train_lr: \xff}\n")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        load_config_file(bad)
+    big = tmp_path / "big.json"
+    big.write_text("{" + " " * (1 << 20) + "}")
+    with pytest.raises(ValueError, match="at most 1,048,576"):
+        load_config_file(big)
+
+
+MEMORY_KEYS = {  # key -> the smallest power of two that no machine holds (terabytes at least)
+    ("trainer", "train_batch_size"): 30,
+    ("diffusion", "image_size"): 17,
+    ("diffusion", "timesteps"): 34,
+    ("sample", "batch_size"): 30,
+    ("model", "dim"): 20,
+}
+
+
+@given(key=st.sampled_from(sorted(MEMORY_KEYS)), extra=st.integers(0, 40))
+def test_settings_too_large_for_the_machine_name_their_key(key, extra):
+    section, name = key
+    value = 2 ** (MEMORY_KEYS[key] + extra)
+    with pytest.raises(ConfigError) as info:
+        validate_config(debug_config(**{section: {name: value}}))
+    message = str(info.value)
+    assert f"{section}.{name}" in message and "\n" not in message
+
+
+SCALAR_KEYS = [
+    (section.key, name)
+    for section in (DiffusionConfig, TrainerConfig, SampleConfig)
+    for name, field in section.__dataclass_fields__.items()
+    if any(t in str(field.type) for t in ("int", "float", "bool")) and name != "adam_betas"
+] + [("data", "num_videos"), ("data", "digit_size"), ("data", "speed"), ("data", "seed"), ("model", "dim"),
+     ("model", "attn_heads")]
+
+hostile_values = st.one_of(
+    st.integers(-(10**30), 10**30),
+    st.integers(0, 400).map(lambda k: 10**k),
+    st.integers(0, 400).map(lambda k: -(10**k)),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.text(max_size=5),
+    st.none(),
+    st.lists(st.integers(), max_size=2),
+)
+
+
+@given(key=st.sampled_from(SCALAR_KEYS), value=hostile_values)
+def test_any_value_of_any_numeric_key_is_taken_or_refused_naming_the_key(key, value):
+    section, name = key
+    try:
+        config = RunConfig.from_dict(debug_config(**{section: {name: value}}))
+    except ConfigError as err:
+        message = str(err)
+        assert "\n" not in message
+        assert f"{section}.{name}" in message or f"{section}: " in message, message
+        return
+    # Taken: then it is what the config holds, and it round-trips.
+    assert RunConfig.from_dict(config.to_dict()) == config
+
+
+yaml_like = st.text(alphabet=st.sampled_from(list("[]{}:,&*-! \n\t'\"ab1.e#|>?%@`")), max_size=200)
+
+
+@given(text=st.one_of(yaml_like, st.text(max_size=100)), suffix=st.sampled_from([".yaml", ".json"]))
+def test_any_file_text_is_read_or_refused_as_a_value_error(tmp_path_factory, text, suffix):
+    path = tmp_path_factory.mktemp("fuzz") / f"run{suffix}"
+    path.write_text(text)
+    try:
+        data = load_config_file(path)
+        RunConfig.from_dict(data)
+    except ValueError as err:  # ConfigError, unets.guards.BadFileError: never a traceback type
+        assert "\n" not in str(err)

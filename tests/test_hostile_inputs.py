@@ -408,3 +408,115 @@ def test_default_encoder_takes_hostile_and_long_prompts():
     check_embedding(out, len(texts), encoder.max_length, encoder.dim)
     assert out.tokens.shape[1] == encoder.max_length  # the long caption fills the limit
     assert encoder._warned_truncation
+
+
+# ---------------------------------------------------------------------------------------
+# the command line: every user or environment error is one line, exit code 2
+
+import errno  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+
+from diffusion import cli  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def spacetime(*argv: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """The command line in a fresh process, under a timeout (a hang fails the test)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "diffusion", "--threads", "1", "-q", *argv],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def assert_one_line(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("spacetime: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("hostile-cli") / "run"
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(["--threads", "1", "-q", "train", "--preset", "debug", "--out", str(run),
+                         "--set", "trainer.train_num_steps=2"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return run
+
+
+def test_cli_user_errors_in_a_subprocess(cli_run, tmp_path):
+    afile = tmp_path / "a-file"
+    afile.write_text("not a folder\n")
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("trainer: " + "[" * 2000 + "]" * 2000 + "\n")
+    broken = tmp_path / "broken"
+    shutil.copytree(cli_run, broken)
+    (broken / "config.json").write_bytes(b'{"unet": "\xff"}')
+    bomb = "[" + ", ".join(["&a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"] + ["*a"] * 20000) + "]"
+    cases = [
+        (("train", "--preset", "debug", "--out", str(afile / "run")), [str(afile / "run")]),
+        (("sample", "--checkpoint", str(cli_run), "--out", str(afile / "x"), "--prompt", "a", "--steps", "1"),
+         [str(afile / "x")]),
+        (("data", "moving-digits", "--out", str(afile / "d"), "--num-videos", "1", "--image-size", "8",
+          "--num-frames", "2", "--digit-size", "4"), [str(afile)]),
+        (("train", "--config", str(tmp_path / "missing.yaml")), ["missing.yaml", "does not exist"]),
+        (("train", "--config", str(deep)), ["deep.yaml", "nests deeper than 64 levels"]),
+        (("sample", "--checkpoint", str(cli_run), "--seed", str(2**70)), ["--seed", str(2**70)]),
+        (("sample", "--checkpoint", str(broken)), ["config.json", "not UTF-8"]),
+        (("train", "--preset", "debug", "--set", f"trainer.sample_kwargs={{a: {bomb}}}", "--print-config"),
+         ["trainer.sample_kwargs", "values (YAML aliases expanded)"]),
+        (("train", "--preset", "debug", "--set", "trainer.train_batch_size=1000000000", "--print-config"),
+         ["trainer.train_batch_size=1000000000", "GiB"]),
+    ]
+    for argv, fragments in cases:
+        assert_one_line(spacetime(*argv), *fragments)
+    with open(afile) as handle:  # nothing was written over the file
+        assert handle.read() == "not a folder\n"
+
+
+def test_eval_out_under_a_file(tmp_path):
+    data = tmp_path / "data"
+    assert cli.main(["-q", "data", "moving-digits", "--out", str(data), "--num-videos", "2", "--image-size", "16",
+                     "--num-frames", "4", "--digit-size", "8", "--speed", "1"]) == 0
+    (tmp_path / "f").write_text("x")
+    assert_one_line(spacetime("eval", str(data), "--out", str(tmp_path / "f" / "eval.json")), "eval.json")
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("spacetime: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_environment_errors_print_one_line_and_bugs_keep_their_traceback(cli_run, tmp_path, monkeypatch, capsys):
+    from diffusion.trainer import NonFiniteLossError, Trainer
+
+    def diverge(self, *args, **kwargs):
+        raise NonFiniteLossError("loss is nan at step 0 (micro-batch 0): training stopped without saving this state")
+
+    monkeypatch.setattr(Trainer, "train", diverge)
+    argv = ["-q", "train", "--preset", "debug", "--out", str(tmp_path / "nan")]
+    assert cli.main(argv) == 2
+    assert "loss is nan at step 0" in one_line(capsys)
+    monkeypatch.undo()
+
+    def full_disk(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(ckpt, "atomic_write_text", full_disk)
+    assert cli.main(["-q", "train", "--preset", "debug", "--out", str(tmp_path / "full")]) == 2
+    err = one_line(capsys)
+    assert "No space left on device" in err and "config.json" in err
+    monkeypatch.undo()
+
+    def bug(args):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(cli, "cmd_eval", bug)
+    with pytest.raises(KeyError):
+        cli.main(["-q", "eval", str(tmp_path)])

@@ -1,0 +1,232 @@
+"""A training run folder, opened from Python: `load_run(path)` -> a ready diffusion process.
+
+    from diffusion import load_run
+    diffusion = load_run("runs/demo")                    # EMA weights of the latest checkpoint
+    videos = diffusion.sample(cond=["the digit 3 moving up"], cond_scale=5.0, sampler="ddim", steps=50)
+
+A run folder (what `spacetime train` writes) holds `config.json` (the resolved `RunConfig`)
+and the Trainer's checkpoints (`checkpoint-*/` with `model.safetensors`, `ema.safetensors`,
+`state.pt`, and a `latest` pointer). The process is rebuilt from `config.json` (validated,
+memory estimated, before anything is allocated) and loaded with the checkpoint's weights;
+strings given as `cond` are encoded by the process's text encoder (the library's offline
+default), which is how the run was trained.
+
+This module also assembles runs for the command line (`build_diffusion`, `build_dataset`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from diffusion.config import ConfigError, RunConfig
+from diffusion.config_io import MAX_CONFIG_BYTES, read_config_text
+from unets import guards
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CONFIG_NAME", "RESUME_HONOURED", "LoadedRun", "build_dataset", "build_diffusion", "cond_format",
+           "latest_checkpoint", "load_run", "open_run", "read_run_config", "resume_conflicts"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS = ("ema", "model")
+CHECKPOINT_PREFIX = "checkpoint-"
+LATEST = "latest"
+
+
+def read_run_config(path: str | os.PathLike) -> RunConfig:
+    """The `RunConfig` in a run's `config.json` (a regular UTF-8 file, size and depth bounded)."""
+    from diffusion.config import normalise
+
+    path = Path(path)
+    text = guards.read_text(path, what="run config", max_bytes=MAX_CONFIG_BYTES)
+    data = read_config_text(text, suffix=".json", what=f"run config {str(path)!r}")
+    try:
+        return RunConfig.from_dict(normalise(data))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The run's newest complete checkpoint folder, or None (the Trainer's rule: the folder
+    `latest` names, else the newest `checkpoint-*` holding `state.pt`)."""
+    run_dir = Path(run_dir)
+    try:
+        from diffusion.checkpoint import CheckpointManager  # the Trainer's own reader, where present
+    except ImportError:
+        return _latest_complete(run_dir)
+    return CheckpointManager(run_dir).latest()
+
+
+def _complete(folder: Path) -> bool:
+    return folder.is_dir() and all((folder / name).is_file() for name in ("state.pt", "model.safetensors"))
+
+
+def _latest_complete(run_dir: Path) -> Path | None:
+    pointer = run_dir / LATEST
+    if pointer.exists() or pointer.is_symlink():
+        try:
+            name = guards.read_text(pointer, what="checkpoint pointer", max_bytes=4096).strip()
+        except (guards.BadFileError, OSError) as err:
+            logger.warning("ignoring %s: %s", pointer, err)
+            name = ""
+        # `latest` names a folder of this run: a path elsewhere is not followed.
+        if name.startswith(CHECKPOINT_PREFIX) and "/" not in name and "\\" not in name and _complete(run_dir / name):
+            return run_dir / name
+        if name:
+            logger.warning("%s names %r, not a complete checkpoint of this run; using the newest one", pointer, name)
+    complete = [p for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*") if not p.is_symlink() and _complete(p)]
+    return max(complete, key=lambda p: (p / "state.pt").stat().st_mtime_ns) if complete else None
+
+
+def run_traces(run_dir: Path) -> list[str]:
+    """What a run folder holds of an earlier run besides its config (metrics, checkpoint
+    folders, a `latest` pointer): work that starting again at step 0 would overwrite."""
+    found = []
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append("metrics.jsonl")
+    folders = sorted(p.name for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*"))
+    if folders:
+        found.append(f"checkpoint folders ({', '.join(folders[:3])}{', ...' if len(folders) > 3 else ''})")
+    if (run_dir / LATEST).exists() or (run_dir / LATEST).is_symlink():
+        found.append(LATEST)
+    return found
+
+
+def cond_format(denoise_fn: Any) -> str | None:
+    """What condition the denoiser takes: None, "pooled" or "tokens" (its `cond_format`)."""
+    if hasattr(denoise_fn, "cond_format"):
+        return denoise_fn.cond_format
+    # U-Nets of before `cond_format`: the attribute the diffusion process reads, then the config.
+    if getattr(denoise_fn, "cond_on_tokens", False):
+        return "tokens"
+    config = getattr(denoise_fn, "config", None)
+    if getattr(config, "cond_dim", None) is not None or getattr(config, "use_bert_text_cond", False):
+        return "pooled"
+    return None
+
+
+def build_diffusion(config: RunConfig, *, unet_config: Any = None) -> Any:
+    """The `GaussianDiffusion` (with its U-Net) that `config` describes."""
+    import unets
+
+    from diffusion.gaussian import GaussianDiffusion
+
+    net = unets.build(unet_config if unet_config is not None else config.unet.unet_config())
+    return GaussianDiffusion(net, **config.diffusion.to_dict())
+
+
+def build_dataset(config: RunConfig) -> Any:
+    """The training data set of `config.data`, at the process's video shape."""
+    video = {k: getattr(config.diffusion, k) for k in ("image_size", "num_frames", "channels")}
+    options = config.data.given()
+    if config.data.kind == "moving-digits":
+        from diffusion.moving_digits import MovingDigits
+
+        return MovingDigits(options.pop("num_videos", 2000), **video, **options)
+    from diffusion.data import VideoFolder
+
+    return VideoFolder(options.pop("folder"), **video, **options)
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    """A run opened for sampling: its config, the checkpoint read and the ready process."""
+
+    config: RunConfig
+    run_dir: Path
+    checkpoint: Path
+    diffusion: Any
+
+
+def find_checkpoint(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(run folder, checkpoint folder) for a run folder or one of its checkpoint folders."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"run folder {str(path)!r} does not exist")
+    if (path.parent / CONFIG_NAME).is_file() and path.name.startswith(CHECKPOINT_PREFIX):
+        if not _complete(path):
+            raise ConfigError(f"{path} is not a complete checkpoint (state.pt and model.safetensors)")
+        return path.parent, path
+    if (path / CONFIG_NAME).exists():
+        folder = latest_checkpoint(path)
+        if folder is None:
+            raise ConfigError(f"{path} has no complete checkpoint yet (checkpoint-*/ with state.pt)")
+        return path, folder
+    raise ConfigError(
+        f"{path} is neither a training run folder (with {CONFIG_NAME}) nor one of its checkpoint-* folders"
+    )
+
+
+def weights_mismatch(config_file: Path, weights: Path | None, err: RuntimeError) -> str:
+    """One line for `load_state_dict`'s refusal of weights the config does not describe."""
+    first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+    return f"{config_file} no longer matches the weights in {weights}: {first}"
+
+
+def open_run(path: str | os.PathLike, weights: str = "ema", *, device: Any = "cpu") -> LoadedRun:
+    """`load_run` with the run's config and the checkpoint folder it read (see `LoadedRun`)."""
+    from diffusion import checkpoint as ckpt
+
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(map(repr, WEIGHTS))}, got {weights!r}")
+    run_dir, folder = find_checkpoint(path)
+    config = read_run_config(run_dir / CONFIG_NAME)
+    diffusion = build_diffusion(config)
+    file = folder / f"{weights}.safetensors"
+    guards.regular_file(file, what="weights file")
+    state = ckpt.load_tensors(file)
+    try:
+        diffusion.load_state_dict(state)
+    except RuntimeError as err:
+        raise ConfigError(weights_mismatch(run_dir / CONFIG_NAME, file, err)) from None
+    diffusion.to(device).eval()
+    return LoadedRun(config=config, run_dir=run_dir, checkpoint=folder, diffusion=diffusion)
+
+
+def load_run(path: str | os.PathLike, weights: str = "ema", *, device: Any = "cpu") -> Any:
+    """A training run folder (or one of its `checkpoint-*` folders) -> a ready
+    `GaussianDiffusion` in eval mode on `device`, with its U-Net, the checkpoint's `weights`
+    ("ema": the averaged weights, or "model") and its text encoder, so that
+    `.sample(cond=["a caption"], cond_scale=...)` works. A run folder gives its latest
+    complete checkpoint."""
+    return open_run(path, weights, device=device).diffusion
+
+
+# ---------------------------------------------------------------------------------------
+# resuming with changed settings
+
+# Trainer settings a resumed run takes from the new config. Everything else (the U-Net,
+# the process, the data, the optimizer and EMA settings, the batch and seed that fix the
+# data order) is what the checkpoint was trained with: a change is refused, naming the key.
+# `train_num_steps` may grow or shrink; a decaying learning rate is then planned over the
+# new length from the resumed step on.
+RESUME_HONOURED = (
+    "train_num_steps", "max_seconds", "save_and_sample_every", "save_model_every", "log_every",
+    "num_sample_rows", "sample_captions", "sample_kwargs", "cond_scale", "write_mp4", "fps", "num_workers",
+    "compile", "text_cache_dir", "results_folder", "find_unused_parameters", "parallel",
+)
+
+
+def resume_conflicts(saved: RunConfig, new: RunConfig) -> list[str]:
+    """Dotted keys whose value differs between a run's saved config and the config it is
+    resumed with, and that a resumed run cannot honour (see `RESUME_HONOURED`). Each entry
+    reads `key (saved value -> new value)`."""
+    out = []
+    saved_unet = saved.unet.unet_config().to_dict()
+    new_unet = new.unet.unet_config().to_dict()
+    for key in sorted(set(saved_unet) | set(new_unet)):
+        if saved_unet.get(key) != new_unet.get(key):
+            out.append(f"model.{key} ({saved_unet.get(key)!r} -> {new_unet.get(key)!r})")
+    for section in ("diffusion", "trainer", "data"):
+        old, now = getattr(saved, section).to_dict(), getattr(new, section).to_dict()
+        for key in sorted(set(old) | set(now)):
+            if section == "trainer" and key in RESUME_HONOURED:
+                continue
+            if old.get(key) != now.get(key):
+                out.append(f"{section}.{key} ({old.get(key)!r} -> {now.get(key)!r})")
+    return out
