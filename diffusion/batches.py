@@ -133,6 +133,41 @@ def collate(items: Sequence[Any]) -> dict[str, Any]:
 
 
 
+def conditioning(batch: Mapping[str, Any], device: torch.device, *, captions: bool) -> dict[str, Any]:
+    """The condition keywords of a batch for the diffusion model: its `cond` (and
+    `cond_mask`) tensors, else its captions when the run conditions on them."""
+    if "cond" in batch:
+        out = {"cond": batch["cond"].to(device)}
+        if "cond_mask" in batch:
+            out["cond_mask"] = batch["cond_mask"].to(device)
+        return out
+    if captions:
+        if "caption" not in batch:
+            raise ValueError("condition_on_captions=True but the data set's items carry no captions")
+        return {"cond": list(batch["caption"])}
+    return {}
+
+
+def fixed_randomness_steps(model: Any, world_size: int = 1) -> int | None:
+    """The model's timestep count if its forward takes `times=` and `noise=`
+    (GaussianDiffusion's does), which lets every sample's timestep and noise be drawn from
+    its own position instead of the rank's stream; None otherwise."""
+    import inspect
+    import logging
+
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    if {"times", "noise"} <= parameters.keys() and hasattr(model, "num_timesteps"):
+        return model.num_timesteps
+    if world_size > 1:
+        logging.getLogger(__name__).warning(
+            "%s.forward takes no times= / noise=: timesteps and noise depend on the rank, so runs with different "
+            "numbers of processes differ", type(model).__name__)
+    return None
+
+
 class StepBatches:
     """The batches of a run on one rank: a loader over `StepOrderSampler`, and the per-step
     draws that must not depend on the rank (image frames, mixed image / video batches,

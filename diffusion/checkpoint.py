@@ -215,6 +215,16 @@ def load_tensors(path: str | os.PathLike, *, device: str | torch.device = "cpu")
         ) from err
 
 
+def read_whole(path: Path, *, what: str, max_bytes: int | None = None) -> bytes:
+    """A regular file's bytes, refused (`BadFileError`) when larger than `max_bytes`
+    (default: this machine's memory)."""
+    # The limit passed on is the size found, not the memory: a read of up to N bytes
+    # reserves N bytes first.
+    limit = machine_memory() if max_bytes is None else max_bytes
+    size = regular_file(path, what=what, max_bytes=limit).stat().st_size
+    return read_bytes(path, what=what, max_bytes=size)
+
+
 def read_bytes_prefix(path: Path, count: int) -> bytes:
     """The first `count` bytes of a regular file, opened without blocking (should the path
     have been swapped for a FIFO since it was checked)."""
@@ -238,7 +248,7 @@ def load_state(path: str | os.PathLike) -> Any:
     `UnsafeCheckpointError` without running it; an unreadable file `CorruptCheckpointError`;
     a FIFO, device or folder in its place `BadFileError` (all `ValueError`s)."""
     path = Path(path)
-    data = read_bytes(path, what="checkpoint state", max_bytes=machine_memory())
+    data = read_whole(path, what="checkpoint state")
     if len(data) == 0:
         raise CorruptCheckpointError(f"{path} is empty (0 bytes)")
     try:
@@ -487,6 +497,28 @@ class CheckpointManager:
         if which not in ("model", "ema"):
             raise ValueError(f"which must be 'model' or 'ema', got {which!r}")
         return load_tensors(folder / f"{which}.safetensors", device=device)
+
+    def restore(self, folder: Path, *, model: Any, ema_model: Any, optimizer: Any, scaler: Any, sharded: bool,
+                device: str | torch.device, strict: bool = True) -> dict[str, Any]:
+        """Load checkpoint `folder` into a training session (weights, EMA, optimizer, scaler,
+        global RNG states) and return its validated state, with `folder` added. Files that
+        are damaged or do not fit the model raise a `ValueError` naming them; the state file
+        is fully checked before anything is changed."""
+        from diffusion import distributed
+
+        state = self.read_state(folder)
+        where = "cpu" if sharded else device
+        weights = (self.read_weights(folder, "model", where), self.read_weights(folder, "ema", where))
+        try:
+            distributed.load_full_state(model, ema_model, optimizer, weights, state["optimizer"],
+                                        version=state["version"], sharded=sharded, strict=strict)
+            if state["scaler"]:
+                scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"])
+        except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as err:
+            raise CorruptCheckpointError(f"checkpoint {folder} does not fit this model and trainer: "
+                                         f"{type(err).__name__}: {str(err)[:2000]}") from None
+        return {**state, "folder": folder}
 
     # --- writing ------------------------------------------------------------------------
 

@@ -461,3 +461,16 @@ class VideoFolder(Dataset):
         raise RuntimeError(
             f"none of the {len(self)} videos in {self.folder} could be decoded; see the warnings above"
         )
+
+
+def folder_dataset(model: Any, folder: str | os.PathLike) -> VideoFolder:
+    """The `VideoFolder` a diffusion model trains on: its frame count, channels and (square)
+    image size."""
+    size = model.image_size
+    if not isinstance(size, int):
+        if len(set(size)) != 1:
+            raise ValueError(f"a video folder gives square frames; the model's image_size is {size}")
+        size = size[0]
+    dataset = VideoFolder(folder, image_size=size, num_frames=model.num_frames, channels=model.channels)
+    logger.info("found %d videos in %s", len(dataset), folder)
+    return dataset

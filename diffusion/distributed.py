@@ -257,6 +257,23 @@ def broadcast_error(error: BaseException | None, context: DistributedContext, sr
         raise RemoteError(f"rank {src} failed: {message}")
 
 
+def prepare_model(model: nn.Module, ema_model: nn.Module, parallel: str, context: DistributedContext, *,
+                  find_unused_parameters: bool = True) -> tuple[nn.Module, nn.Module | None]:
+    """`(train_model, sampling_copy)`: the module a training step calls (DDP-wrapped under
+    "ddp", the model itself otherwise) and, under "fsdp", an unsharded CPU copy on rank 0
+    for sample grids (None elsewhere). With "fsdp" the model and its EMA are sharded in place."""
+    if parallel == "ddp":
+        return wrap_ddp(model, context, find_unused_parameters=find_unused_parameters), None
+    if parallel != "fsdp":
+        return model, None
+    from diffusion.ema import frozen_copy
+
+    copy = frozen_copy(model).to("cpu") if context.is_main else None
+    fully_shard_model(model)
+    fully_shard_model(ema_model)
+    return model, copy
+
+
 # ---------------------------------------------------------------------------------------
 # full (unsharded) state for checkpoints
 

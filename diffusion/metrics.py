@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from diffusion import checkpoint as ckpt
-from unets.guards import read_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ class MetricsLog:
         if not os.path.lexists(self.path):
             return
         try:
-            data = read_bytes(self.path, what="metrics file", max_bytes=_MAX_BYTES)
+            data = ckpt.read_whole(self.path, what="metrics file", max_bytes=_MAX_BYTES)
         except (OSError, ValueError) as err:
             # The metrics are a log, not state: a file that cannot be read is replaced.
             logger.warning("replacing unreadable %s: %s", self.path, err)

@@ -41,6 +41,39 @@ def dataset_captions(dataset: Dataset, count: int) -> list[str] | None:
     return found or None
 
 
+def conditions_on_captions(model: Any, dataset: Dataset, requested: bool | None) -> bool:
+    """Whether a run conditions on captions: as `requested`, or (None) when the diffusion
+    model is conditional (`GaussianDiffusion.is_conditional`, the one rule) and the data
+    set's items carry captions."""
+    if requested is not None:
+        return bool(requested)
+    if not getattr(model, "is_conditional", False):
+        return False
+    captions = dataset_captions(dataset, 8)
+    if not captions:
+        return False
+    if not any(captions):
+        logger.warning("the model takes a condition but the first captions are empty strings")
+    return True
+
+
+def sampling_model(ema_model: nn.Module, *, sharded: bool, is_main: bool, unsharded_copy: nn.Module | None,
+                   device: torch.device) -> nn.Module | None:
+    """The EMA model to sample from on this rank, or None where no samples are drawn. Under
+    FSDP (`sharded`), gathers the EMA shards (a collective call: every rank calls this) into
+    rank 0's `unsharded_copy`."""
+    if not sharded:
+        return ema_model if is_main else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(ema_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_main:
+        return None
+    assert unsharded_copy is not None, "rank 0 keeps an unsharded copy under FSDP"
+    unsharded_copy.load_state_dict(state)
+    return unsharded_copy.to(device).eval()
+
+
 class SampleGrid:
     """Writes `run_dir/<milestone>.gif` grids; see the module docstring.
 

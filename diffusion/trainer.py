@@ -1,45 +1,35 @@
 """Trainer: video-diffusion-pytorch's training loop, made resumable and safe to interrupt.
 
-Takes video-diffusion-pytorch's `Trainer` arguments (a diffusion model and a folder of
-videos, batch size, learning rate, gradient accumulation, EMA, AMP, sample/save period), and
-adds: any `Dataset` in place of a folder, AdamW with linear warm-up and a decaying schedule,
-gradient clipping, bf16 autocast, `torch.compile`, caption conditioning (the diffusion model
-encodes each caption once), classifier-free-guided sample grids, image-then-video training,
-a wall-clock budget and data parallelism.
-
-The loop is assembled from parts, each its own module:
+Takes video-diffusion-pytorch's `Trainer` arguments and adds any `Dataset` in place of a
+folder, AdamW with warm-up and decay, gradient clipping, bf16 autocast, `torch.compile`,
+caption conditioning, guided sample grids, image-then-video training, a wall-clock budget
+and data parallelism. This file is the loop; its parts are modules of their own
+(torchtitan's `train.py` with its `components/` is the model):
 - `diffusion.batches`: data order and collation, a pure function of `(seed, step)`;
 - `diffusion.checkpoint.CheckpointManager`: layout, atomic writes, `latest`, validated reads;
 - `diffusion.budget`: the learning-rate curve and the time budget;
 - `diffusion.samples`: sample grids; `diffusion.metrics`: `metrics.jsonl` and the loss plot;
-- `diffusion.distributed`: process group, DDP / FSDP2 wrapping, full state for checkpoints.
+- `diffusion.interrupts`: Ctrl-C / SIGTERM finish the step, save and return;
+- `diffusion.distributed`: process group, DDP / FSDP2, full state for checkpoints.
 
-Reproducibility. With weights, optimizer, scaler and RNG state restored from a checkpoint,
+Reproducibility: with weights, optimizer, scaler and RNG state restored from a checkpoint,
 a run resumed at step k reproduces the losses and weights of an uninterrupted run exactly
 (on CPU; CUDA kernels may be nondeterministic unless `torch.use_deterministic_algorithms`).
-With `num_workers > 0`, random augmentations inside the data set are not covered.
 
-Data parallelism. Started by `torchrun --nproc_per_node=N`, the same Trainer joins the
-process group and wraps the model in DistributedDataParallel (`parallel="auto"` / `"ddp"`)
-or shards it with FSDP2 (`"fsdp"`). `train_batch_size` stays the global batch; rank r
-trains on the r-th slice, so N processes follow the trajectory of one (up to the order of
-fp32 additions in the all-reduce) and a checkpoint resumes under any N. Randomness drawn
-inside the denoiser (condition dropout) comes from a per-rank stream. Rank 0 alone writes
-checkpoints, metrics and samples; with FSDP a checkpoint gathers full tensors to rank 0 and
-samples come from an unsharded copy there. A stop request (Ctrl-C, SIGTERM, the time
-budget) is agreed on by all ranks before each step, so they stop, and save, together.
+Data parallelism: under `torchrun --nproc_per_node=N` the same Trainer wraps the model in
+DDP (`parallel="auto"` / `"ddp"`) or shards it with FSDP2 (`"fsdp"`). `train_batch_size`
+stays the global batch and rank r trains on its r-th slice, so N processes follow the
+trajectory of one (up to the order of fp32 additions) and a checkpoint resumes under any N.
+Rank 0 alone writes files; every stop (Ctrl-C, SIGTERM, the time budget) is agreed on by all
+ranks before each step, so they stop, and save, together.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 import os
-import signal
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -51,11 +41,21 @@ from torch.utils.data import Dataset
 
 from diffusion import checkpoint as ckpt
 from diffusion import distributed
-from diffusion.batches import StepBatches, StepOrderSampler, collate, derive_seed, seed_step
+from diffusion.batches import (
+    StepBatches,
+    StepOrderSampler,
+    collate,
+    conditioning,
+    derive_seed,
+    fixed_randomness_steps,
+    seed_step,
+)
 from diffusion.budget import LR_SCHEDULES, TimeBudget, lr_factor
-from diffusion.ema import EMA, frozen_copy
+from diffusion.data import folder_dataset
+from diffusion.ema import EMA
+from diffusion.interrupts import DeferredInterrupt, progress_bar
 from diffusion.metrics import MetricsLog
-from diffusion.samples import SampleGrid, dataset_captions
+from diffusion.samples import SampleGrid, conditions_on_captions, sampling_model
 from spacetime.checks import check_choice, check_int, check_number
 
 __all__ = ["CHECKPOINT_PREFIX", "LATEST", "LR_SCHEDULES", "NonFiniteLossError", "StepOrderSampler", "Trainer",
@@ -139,50 +139,21 @@ class Trainer:
     """
 
     def __init__(
-        self,
-        diffusion_model: nn.Module,
-        folder: str | os.PathLike | None = None,
-        *,
-        ema_decay: Number = 0.995,
-        num_frames: int | None = None,
-        train_batch_size: int = 32,
-        train_lr: Number = 1e-4,
-        train_num_steps: int = 100000,
-        gradient_accumulate_every: int = 2,
-        amp: bool = False,
-        step_start_ema: int = 2000,
-        update_ema_every: int = 10,
-        save_and_sample_every: int = 1000,
-        results_folder: str | os.PathLike = "./results",
-        num_sample_rows: int = 4,
-        max_grad_norm: Number | None = None,
-        dataset: Dataset | None = None,
-        warmup_steps: int = 0,
-        lr_schedule: str = "constant",
-        min_lr_ratio: Number = 0.0,
-        adam_betas: tuple[Number, Number] = (0.9, 0.99),
-        weight_decay: Number = 0.0,
-        compile: bool = False,
-        device: torch.device | str | None = None,
-        seed: int = 0,
-        shuffle: bool = True,
-        num_workers: int = 0,
-        condition_on_captions: bool | None = None,
-        text_cache_dir: str | os.PathLike | None = None,
-        cond_scale: Number = 1.0,
-        sample_captions: Sequence[str] | None = None,
-        sample_kwargs: Mapping[str, Any] | None = None,
-        image_phase_steps: int = 0,
-        image_ratio: Number = 0.0,
-        resume: bool = False,
-        progress: bool | None = None,
-        log_every: int = 1,
-        write_mp4: bool = True,
-        fps: Number = 8.0,
-        parallel: str = "auto",
-        find_unused_parameters: bool = True,
-        max_seconds: Number = 0.0,
-        save_model_every: int = 0,
+        self, diffusion_model: nn.Module, folder: str | os.PathLike | None = None, *,
+        ema_decay: Number = 0.995, num_frames: int | None = None, train_batch_size: int = 32,
+        train_lr: Number = 1e-4, train_num_steps: int = 100000, gradient_accumulate_every: int = 2,
+        amp: bool = False, step_start_ema: int = 2000, update_ema_every: int = 10,
+        save_and_sample_every: int = 1000, results_folder: str | os.PathLike = "./results",
+        num_sample_rows: int = 4, max_grad_norm: Number | None = None, dataset: Dataset | None = None,
+        warmup_steps: int = 0, lr_schedule: str = "constant", min_lr_ratio: Number = 0.0,
+        adam_betas: tuple[Number, Number] = (0.9, 0.99), weight_decay: Number = 0.0, compile: bool = False,
+        device: torch.device | str | None = None, seed: int = 0, shuffle: bool = True, num_workers: int = 0,
+        condition_on_captions: bool | None = None, text_cache_dir: str | os.PathLike | None = None,
+        cond_scale: Number = 1.0, sample_captions: Sequence[str] | None = None,
+        sample_kwargs: Mapping[str, Any] | None = None, image_phase_steps: int = 0, image_ratio: Number = 0.0,
+        resume: bool = False, progress: bool | None = None, log_every: int = 1, write_mp4: bool = True,
+        fps: Number = 8.0, parallel: str = "auto", find_unused_parameters: bool = True,
+        max_seconds: Number = 0.0, save_model_every: int = 0,
     ):
         options = {name: value for name, value in locals().items()
                    if name not in ("self", "diffusion_model", "folder", "dataset", "device", "resume", "progress")}
@@ -214,7 +185,7 @@ class Trainer:
             )
         self.device = self.dist.device
         self.model = diffusion_model.to(self.device)
-        self.ds = dataset if dataset is not None else self._video_folder(folder)
+        self.ds = dataset if dataset is not None else folder_dataset(self.model, folder)
         if len(self.ds) == 0:
             raise ValueError("need at least 1 video to train on, the data set is empty")
 
@@ -237,27 +208,18 @@ class Trainer:
         self.ema = EMA(self.model, beta=config.ema_decay, update_every=config.update_ema_every,
                        start_step=config.step_start_ema)
         self.ema_model = self.ema.ema_model
-        # Samples under FSDP come from an unsharded copy on rank 0 that is loaded with the
-        # gathered EMA weights when a grid is due.
-        self._sampling_model: nn.Module | None = None
         if config.compile:
             # The denoiser, not the whole process: the diffusion wrapper's input checks and
             # host-side branches would only break the graph. In place, so names stay.
             self.model.denoise_fn.compile()
-        self.train_model: nn.Module = self.model
-        if self.parallel == "ddp":
-            self.train_model = distributed.wrap_ddp(self.model, self.dist,
-                                                    find_unused_parameters=config.find_unused_parameters)
-        elif self.parallel == "fsdp":
-            if self.is_main:
-                self._sampling_model = frozen_copy(self.model).to("cpu")
-            distributed.fully_shard_model(self.model)
-            distributed.fully_shard_model(self.ema_model)
+        # Under FSDP, samples come from an unsharded copy on rank 0 (`_sampling_model`).
+        self.train_model, self._sampling_model = distributed.prepare_model(
+            self.model, self.ema_model, self.parallel, self.dist, find_unused_parameters=config.find_unused_parameters)
         self.batches = StepBatches(
             self.ds, seed=self.seed, batch_size=self.batch_size, accumulate=config.gradient_accumulate_every,
             rank=self.rank, world_size=self.world_size, shuffle=config.shuffle, num_workers=config.num_workers,
-            device=self.device, image_ratio=config.image_ratio, num_timesteps=self._fixed_randomness_steps(),
-        )
+            device=self.device, image_ratio=config.image_ratio,
+            num_timesteps=fixed_randomness_steps(self.model, self.world_size))
 
         # Built after sharding: FSDP replaces the parameters by sharded ones.
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=config.train_lr,
@@ -268,7 +230,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
         self.lr_horizon: int | None = None  # set by a time budget (diffusion.budget)
 
-        self.condition_on_captions = self._decide_captions(config.condition_on_captions)
+        self.condition_on_captions = conditions_on_captions(self.model, self.ds, config.condition_on_captions)
         if self.condition_on_captions and config.text_cache_dir is not None:
             self.model.use_text_cache(config.text_cache_dir)
         self.samples = SampleGrid(
@@ -280,10 +242,8 @@ class Trainer:
         self.samples.check(self.model)
 
         self.step = 0
-        self.interrupted = False
-        self.stopped_by_budget = False
-        self._interrupt_requested = False
-        self._hard_interrupt = False
+        self.interrupted = self.stopped_by_budget = False
+        self.interrupt = DeferredInterrupt()
         if resume:
             if self.checkpoints.resumable() is not None:
                 self.load(LATEST)
@@ -311,49 +271,10 @@ class Trainer:
         """The diffusion model's caching text encoder when this run conditions on captions."""
         return self.model.text_cache if self.condition_on_captions else None
 
-    def _video_folder(self, folder: str | os.PathLike) -> Dataset:
-        from diffusion.data import VideoFolder
-
-        size = self.model.image_size
-        if not isinstance(size, int):
-            if len(set(size)) != 1:
-                raise ValueError(f"a video folder gives square frames; the model's image_size is {size}")
-            size = size[0]
-        dataset = VideoFolder(folder, image_size=size, num_frames=self.model.num_frames,
-                              channels=self.model.channels)
-        logger.info("found %d videos in %s", len(dataset), folder)
-        return dataset
-
     def _collective(self, function: Callable[..., Any], *args: Any) -> Any:
         # A wrapper of "none" runs every process on its own: no collective calls then.
         context = self.dist if self.parallel != "none" else distributed.DistributedContext(device=self.device)
         return function(*args, context)
-
-    def _fixed_randomness_steps(self) -> int | None:
-        """The model's timestep count if it takes `times=` and `noise=` (GaussianDiffusion
-        does), which makes a sample's timestep and noise independent of its rank."""
-        try:
-            parameters = inspect.signature(self.model.forward).parameters
-        except (TypeError, ValueError):
-            parameters = {}
-        if {"times", "noise"} <= parameters.keys() and hasattr(self.model, "num_timesteps"):
-            return self.model.num_timesteps
-        if self.world_size > 1:
-            logger.warning("%s.forward takes no times= / noise=: timesteps and noise depend on the rank, so runs "
-                           "with different numbers of processes differ", type(self.model).__name__)
-        return None
-
-    def _decide_captions(self, requested: bool | None) -> bool:
-        if requested is not None:
-            return bool(requested)
-        if not getattr(self.model, "is_conditional", False):
-            return False
-        captions = dataset_captions(self.ds, 8)
-        if not captions:
-            return False
-        if not any(captions):
-            logger.warning("the model takes a condition but the first captions are empty strings")
-        return True
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if not self.amp:
@@ -419,22 +340,10 @@ class Trainer:
         is passed to `load_state_dict`. Under torchrun every rank reads the files (a shared
         results folder); a checkpoint written by any number of processes loads. A file that
         is damaged or does not fit this model raises a `ValueError` naming it."""
-        folder = self.checkpoints.find(milestone)
-        state = self.checkpoints.read_state(folder)
-        sharded = self.parallel == "fsdp"
-        device = "cpu" if sharded else self.device
-        weights = (self.checkpoints.read_weights(folder, "model", device),
-                   self.checkpoints.read_weights(folder, "ema", device))
-        try:
-            distributed.load_full_state(self.model, self.ema_model, self.opt, weights, state["optimizer"],
-                                        version=state["version"], sharded=sharded,
-                                        strict=load_kwargs.get("strict", True))
-            if state["scaler"]:
-                self.scaler.load_state_dict(state["scaler"])
-            ckpt.set_rng_state(state["rng"])
-        except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as err:
-            raise ValueError(f"checkpoint {folder} does not fit this model and trainer: "
-                             f"{type(err).__name__}: {str(err)[:2000]}") from None
+        state = self.checkpoints.restore(
+            self.checkpoints.find(milestone), model=self.model, ema_model=self.ema_model, optimizer=self.opt,
+            scaler=self.scaler, sharded=self.parallel == "fsdp", device=self.device,
+            strict=load_kwargs.get("strict", True))
         self.base_lrs = list(state["scheduler"]["base_lrs"])
         self.lr_horizon = state["scheduler"].get("horizon")
         self.step = int(state["step"])
@@ -452,21 +361,9 @@ class Trainer:
                         self.world_size)
         if self.is_main:
             self.metrics.truncate(self.step)
-        logger.info("loaded checkpoint %s (step %d)", folder, self.step)
+        logger.info("loaded checkpoint %s (step %d)", state["folder"], self.step)
 
     # --- one step ----------------------------------------------------------------------
-
-    def _conditioning(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        if "cond" in batch:
-            out = {"cond": batch["cond"].to(self.device)}
-            if "cond_mask" in batch:
-                out["cond_mask"] = batch["cond_mask"].to(self.device)
-            return out
-        if self.condition_on_captions:
-            if "caption" not in batch:
-                raise ValueError("condition_on_captions=True but the data set's items carry no captions")
-            return {"cond": list(batch["caption"])}
-        return {}
 
     def _non_finite(self, what: str, step: int, where: str = "") -> NonFiniteLossError:
         self.opt.zero_grad(set_to_none=True)
@@ -482,7 +379,7 @@ class Trainer:
         for micro in range(accumulate):
             batch = next(batches)
             videos = batch["video"].to(self.device, non_blocking=True)
-            kwargs: dict[str, Any] = dict(self._conditioning(batch))
+            kwargs = conditioning(batch, self.device, captions=self.condition_on_captions)
             generator = torch.Generator().manual_seed(derive_seed(self.seed, step, f"images-{micro}"))
             if image_phase:
                 videos = self.batches.image_batch(videos, generator)
@@ -536,7 +433,8 @@ class Trainer:
         Under torchrun every rank calls this and rank 0 samples; the path is returned on
         every rank."""
         gif = self.results_folder / f"{milestone}.gif"
-        model = self._ema_for_sampling()
+        model = sampling_model(self.ema_model, sharded=self.parallel == "fsdp", is_main=self.is_main,
+                               unsharded_copy=self._sampling_model, device=self.device)
         if model is None:
             return gif
         try:
@@ -547,58 +445,7 @@ class Trainer:
                 self._sampling_model.to("cpu")
         return gif
 
-    def _ema_for_sampling(self) -> nn.Module | None:
-        """The EMA model to sample from on this rank, or None where no samples are drawn.
-        Under FSDP, gathers the EMA shards (a collective call) into rank 0's unsharded copy."""
-        if self.parallel != "fsdp":
-            return self.ema_model if self.is_main else None
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        state = get_model_state_dict(self.ema_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not self.is_main:
-            return None
-        assert self._sampling_model is not None, "rank 0 keeps an unsharded copy under FSDP"
-        self._sampling_model.load_state_dict(state)
-        return self._sampling_model.to(self.device).eval()
-
     # --- the loop ----------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _deferred_sigint(self) -> Iterator[None]:
-        """First Ctrl-C: finish the current step, save, return. Second: stop at once.
-
-        Under torchrun SIGTERM is handled the same way: torchrun (and schedulers such as
-        Slurm on pre-emption) stop workers with SIGTERM before they SIGKILL them."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum: int, frame: Any) -> None:
-            if self._interrupt_requested:
-                self._hard_interrupt = True
-                raise KeyboardInterrupt
-            self._interrupt_requested = True
-            logger.warning("interrupt: finishing step %d, then saving (Ctrl-C again to stop at once)", self.step)
-
-        signals = [signal.SIGINT] + ([signal.SIGTERM] if self.world_size > 1 else [])
-        previous = {number: signal.signal(number, handler) for number in signals}
-        try:
-            yield
-        finally:
-            for number, old in previous.items():
-                signal.signal(number, old)
-
-    def _progress_bar(self) -> Any:
-        show = self.progress if self.progress is not None else sys.stderr.isatty()
-        if not show or not self.is_main:
-            return None
-        try:
-            from tqdm.auto import tqdm
-        except ImportError as err:
-            if self.progress:
-                raise ImportError("progress=True needs tqdm: pip install 'spacetime-video[train]'") from err
-            return None
-        return tqdm(total=self.train_num_steps, initial=self.step, desc="training", dynamic_ncols=True)
 
     def _agree_on_control(self, budget: TimeBudget) -> bool:
         """Whether to stop before the next step, the same on every rank: any rank's
@@ -608,10 +455,10 @@ class Trainer:
         if self.world_size > 1:
             main = 1.0 if self.is_main else 0.0
             interrupt, stop_sum, horizon, steps = self._collective(distributed.all_reduce_sum, [
-                float(self._interrupt_requested), float(stop), main * (budget.horizon or 0),
+                float(self.interrupt.requested), float(stop), main * (budget.horizon or 0),
                 main * self.train_num_steps,
             ])
-            self._interrupt_requested = interrupt > 0
+            self.interrupt.requested = interrupt > 0
             stop = stop_sum > 0
             budget.horizon = int(horizon) or None
             self.train_num_steps = int(steps)
@@ -644,17 +491,17 @@ class Trainer:
             train_kwargs["focus_present_mask"] = focus_present_mask.to(self.device)
         self.model.train()
         self.interrupted = self.stopped_by_budget = False
-        self._interrupt_requested = self._hard_interrupt = False
+        self.interrupt.reset()
         budget = TimeBudget(config.max_seconds, decaying=config.lr_schedule != "constant",
                             max_steps=self.train_num_steps, horizon=self.lr_horizon)
         budget.start(self.step)
-        bar = self._progress_bar()
+        bar = progress_bar(self.progress, total=self.train_num_steps, initial=self.step) if self.is_main else None
         batches = self.batches.loader(self.step)
         last = time.perf_counter()
         try:
-            with self._deferred_sigint():
+            with self.interrupt.handling(sigterm=self.world_size > 1, step=lambda: self.step):
                 while not self._agree_on_control(budget):
-                    if self._interrupt_requested:
+                    if self.interrupt.requested:
                         self._interrupt_save()
                         return
                     record = self._train_step(batches, train_kwargs)
@@ -673,11 +520,11 @@ class Trainer:
                     logger.debug("step %d: loss %.5f", record["step"], record["loss"])
                     if log_fn is not None:
                         log_fn(dict(record))
-                if self._interrupt_requested:
+                if self.interrupt.requested:
                     self._interrupt_save()
                     return
         except KeyboardInterrupt:
-            if self._hard_interrupt or self.world_size > 1:
+            if self.interrupt.hard or self.world_size > 1:
                 # Under torchrun the other ranks cannot be told to join a save from here.
                 # A second Ctrl-C may land inside the optimizer update: that state is torn,
                 # so nothing is saved and the last checkpoint stays the one to resume from.
