@@ -37,7 +37,7 @@ from diffusion.schedules import (
     objective_target,
     prediction_to_x0_eps,
 )
-from spacetime.checks import check_int, check_number
+from spacetime.checks import check_int, check_number, is_int
 from unets.guards import check_memory
 
 LOSS_TYPES = ("l1", "l2", "huber")
@@ -492,7 +492,7 @@ class GaussianDiffusion(nn.Module):
     ) -> Tensor:
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        check_number("cond_scale", cond_scale)
+        check_number("cond_scale", float(cond_scale) if is_int(cond_scale) else cond_scale)
         cond, cond_mask = self.prepare_cond(cond, cond_mask, None)
         if cond is not None:
             # As in video-diffusion-pytorch: one sample per condition.
@@ -608,7 +608,7 @@ class GaussianDiffusion(nn.Module):
             noise = self._initial_noise(tuple(x.shape), None, generator)
             noised.append(self.q_sample(self.normalize(x.to(device)), times, noise))
         mix = (1.0 - lam) * noised[0] + lam * noised[1]
-        check_number("cond_scale", cond_scale)
+        check_number("cond_scale", float(cond_scale) if is_int(cond_scale) else cond_scale)
         model_fn = self._model_fn(cond, cond_mask, float(cond_scale), clip_denoised)
         x = ddpm_sample(model_fn, mix, self.schedule, t_start=start, generator=generator)
         self._check_finite(x)

@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from diffusion import media
-from diffusion.data import TEXT_EMBEDDINGS, CaptionEmbeddings, check_choice
+from diffusion.data import TEXT_EMBEDDINGS, CaptionEmbeddings, check_choice, deprecated_text_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +191,7 @@ class MovingDigits(Dataset):
         ]
         self.text_embeddings: CaptionEmbeddings | None = None
         if text_encoder is not None:
+            deprecated_text_encoder("MovingDigits")
             self.text_embeddings = CaptionEmbeddings(text_encoder, self.captions, kind=text_embedding)
 
     def __len__(self) -> int:

@@ -178,7 +178,9 @@ class LazyTextEncoder(TextEncoder):
     def encode(self, texts: Sequence[str], *, device: torch.device | str | None = None) -> TextEmbedding:
         if isinstance(self.encoder, TextEncoder):
             return self.encoder.encode(texts, device=device)
-        out = self.encoder.encode(list(texts))
+        # Any object with tokens / mask / pooled is accepted from a duck-typed encoder.
+        raw = self.encoder.encode(list(texts))
+        out = TextEmbedding(tokens=raw.tokens, mask=raw.mask.bool(), pooled=raw.pooled)
         return out.to(device) if device is not None else out
 
     def to(self, device: torch.device | str) -> LazyTextEncoder:

@@ -56,7 +56,8 @@ from diffusion.ema import EMA
 from diffusion.interrupts import DeferredInterrupt, progress_bar
 from diffusion.metrics import MetricsLog
 from diffusion.samples import SampleGrid, conditions_on_captions, sampling_model
-from spacetime.checks import check_choice, check_int, check_number
+from spacetime import checks
+from spacetime.checks import check_choice, check_int
 
 __all__ = ["CHECKPOINT_PREFIX", "LATEST", "LR_SCHEDULES", "NonFiniteLossError", "StepOrderSampler", "Trainer",
            "collate", "seed_step"]
@@ -89,6 +90,10 @@ def trainer_config(options: dict[str, Any]) -> Any:
                       ("save_and_sample_every", 1), ("num_sample_rows", 1), ("warmup_steps", 0),
                       ("image_phase_steps", 0), ("num_workers", 0), ("log_every", 1), ("save_model_every", 0)):
         check_int(name, options[name], low=low)
+    def check_number(name: str, value: Any, **limits: Any) -> None:
+        # spacetime.checks.check_number is annotated to return a float and returns the value.
+        checks.check_number(name, float(value) if checks.is_int(value) else value, **limits)
+
     check_number("train_lr", options["train_lr"], low=0.0, low_open=True)
     if options["max_grad_norm"] is not None:
         check_number("max_grad_norm", options["max_grad_norm"], low=0.0, low_open=True)
