@@ -1,358 +1,601 @@
-"""Run configuration for the command line: a YAML/JSON file with sections, validated up front.
-
-The layout mirrors text2video-from-scratch's `default.yaml`:
+"""The run configuration: typed sections, validated when built, read from YAML or JSON.
 
     unet: space_time_unet          # registry name (unets.available())
-    preset: debug                  # optional U-Net preset (unets.presets(name))
+    unet_preset: debug             # optional U-Net preset (unets.presets(name))
     model: {dim: 32, ...}          # U-Net config fields, over the preset
     diffusion: {image_size: 16, num_frames: 8, channels: 1, objective: v, ...}
-                                   # GaussianDiffusion keywords, plus cond_on_tokens
-    trainer: {train_num_steps: 1000, max_seconds: 600, ...}  # Trainer keywords
+    trainer: {train_num_steps: 1000, max_seconds: 600, ...}  # Trainer options
     data: {kind: moving-digits, num_videos: 4000, ...}       # or {kind: folder, folder: DIR}
     sample: {sampler: ddim, steps: 50, cond_scale: 3, captions: [...]}
 
-`image_size`, `num_frames` and `channels` live in `diffusion` only; the data and the U-Net
-take them from there. Every key is checked before anything is built or trained: an unknown
-key, a value of the wrong type or out of range gives one `ConfigError` (a `ValueError`)
-naming the key, the value and what is allowed. Files are read with a YAML safe loader /
-`json.loads` only, so nothing in a file can construct objects.
+`RunConfig` composes `UnetSection`, `DiffusionConfig`, `TrainerConfig`, `DataConfig` and
+`SampleConfig`. Each section checks its own values in `__post_init__`; `RunConfig` checks what
+spans sections (channels, frame and size multiples of the U-Net, sampling steps against the
+schedule, the memory a batch, a schedule and the U-Net need). Every problem is one
+`ConfigError` (a `ValueError`) naming the dotted key, the value and what is allowed.
+
+`TrainerConfig` is also what `Trainer(**options)` validates its options with, so a rule
+holds in one place for the command line and for Python users.
+
+text2video-from-scratch's `default.yaml` layout (`model`, `diffusion`, `trainer`,
+`training_data_dir`, no `unet`) is read as a `unet3d` run on that folder.
+
+This module sits at the bottom of `diffusion`'s imports: it may import `spacetime`, `unets`
+and low modules (`diffusion.schedules`, `diffusion.samplers`, `diffusion.data` constants),
+never the trainer, the process or the command line. Choice lists come from their owners.
 """
 
 from __future__ import annotations
 
-import copy
-import difflib
-import functools
+import dataclasses
 import inspect
 import json
-import math
-import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, no_type_check
 
-SECTIONS = ("unet", "preset", "model", "diffusion", "trainer", "data", "sample")
+from spacetime.checks import check_choice, check_int, check_number, did_you_mean
+from unets import guards
 
+__all__ = [
+    "ConfigError", "DataConfig", "DiffusionConfig", "RunConfig", "SampleConfig", "TrainerConfig",
+    "UnetSection", "check_sample_kwargs", "normalise", "resume_conflicts", "validate_config",
+]
+
+TOP_KEYS = ("unet", "unet_preset", "model", "diffusion", "trainer", "data", "sample")
+SECTIONS = ("model", "diffusion", "trainer", "data", "sample")
+# Spellings of earlier versions, read with a warning: key -> what it is now.
+DEPRECATED_TOP = {"preset": "unet_preset"}
+DEPRECATED_DIFFUSION = ("cond_on_tokens",)
+# text2video-from-scratch's layout: the training videos' folder at the top level.
+SEED_DATA_KEY = "training_data_dir"
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
 DATA_KINDS = ("moving-digits", "folder")
-SAMPLERS = ("ddpm", "ddim")
-
-# Keys of `diffusion` that are not GaussianDiffusion arguments.
-DIFFUSION_EXTRA = {"cond_on_tokens": False}
-# Keys of `trainer` that are not Trainer arguments (handled by the command line).
-TRAINER_EXTRA = {"max_seconds": 0.0}
-# Trainer / GaussianDiffusion arguments the command line sets itself.
-TRAINER_RESERVED = (
-    "diffusion_model", "folder", "dataset", "results_folder", "device", "resume", "progress", "num_frames",
-)
-DIFFUSION_RESERVED = ("denoise_fn", "text_encoder")
-
-# data section: kind -> {key: default}; None means "no default, type not fixed".
-_MOVING_DIGITS_KEYS = {"num_videos": 2000, "digit_size": 14, "speed": 2.0, "seed": 0}
-_FOLDER_KEYS = {
-    "folder": "", "frame_mode": "stride", "window": "random", "captions": "auto",
-    "probe": "header", "decode_timeout": 10.0, "max_source_frames": 1024,
-}
-_SAMPLE_KEYS = {
-    "sampler": "ddim", "steps": 50, "cond_scale": 1.0, "eta": 0.0, "num_samples": 1,
-    "batch_size": 16, "seed": 0, "fps": 8.0, "captions": [],
-}
+MAX_SEED = 2**63 - 1  # torch generators take a signed 64-bit seed
 
 
 class ConfigError(ValueError):
     """An invalid run configuration: the message names the key, the value and what is allowed."""
 
 
-# ---------------------------------------------------------------------------------------
-# reading and merging
-
-# YAML 1.1 (PyYAML) reads `3e-4` as a string: its floats need a dot. Learning rates are
-# written that way, so the loader also takes YAML 1.2 / JSON style exponents.
-_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+class ConfigTypeError(ConfigError, TypeError):
+    """A configuration value of the wrong type (a `ValueError` and a `TypeError`)."""
 
 
-@functools.lru_cache(maxsize=1)
-def _yaml_loader() -> type:
+def _checked(check: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    # spacetime.checks raises TypeError / ValueError; here both become ConfigError so one
+    # `except ConfigError` catches every configuration mistake.
     try:
-        import yaml
-    except ImportError as err:  # pragma: no cover - pyyaml ships with the train extra
-        raise ImportError("reading YAML configs needs PyYAML: pip install 'spacetime-video[train]'") from err
-
-    class Loader(yaml.SafeLoader):
-        """yaml.SafeLoader (no object construction) that also reads `1e-4` as a float."""
-
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789"))
-    return Loader
+        return check(*args, **kwargs)
+    except TypeError as err:
+        raise ConfigTypeError(str(err)) from None
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
-def _yaml_load(text: str) -> Any:
-    import yaml
-
-    return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+def _int(name: str, value: Any, low: Any = None, high: Any = None) -> int:
+    return _checked(check_int, name, value, low=low, high=high)
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or JSON run configuration (safe loaders only) and check its sections."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
+def _optional_int(name: str, value: Any, low: Any = None) -> Any:
+    return None if value is None else _int(name, value, low)
+
+
+def _number(name: str, value: Any, low: Any = None, high: Any = None, *,
+            low_open: bool = False, high_open: bool = False) -> Any:
+    low = None if low is None else float(low)
+    high = None if high is None else float(high)
+    # check_number is annotated float -> float; ints are numbers here too (runtime checkers
+    # in the tests hold it to its annotation), and the message shows the value as given.
+    given = value
+    if isinstance(value, int) and not isinstance(value, bool):
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid JSON: {err}") from None
-    elif path.suffix.lower() in (".yaml", ".yml"):
-        _yaml_loader()
-        import yaml
-
-        try:
-            data = _yaml_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
-    else:
-        raise ConfigError(f"config file must end in .yaml, .yml or .json, got {str(path)!r}")
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"config file {str(path)!r} must hold a mapping of sections {', '.join(SECTIONS)}, "
-            f"got a {type(data).__name__}"
-        )
-    check_sections(data)
-    return data
+            given = float(value)
+        except OverflowError:  # beyond any float: as out of range as infinity
+            given = float("inf") if value > 0 else float("-inf")
+    try:
+        _checked(check_number, name, given, low=low, high=high, low_open=low_open, high_open=high_open)
+    except ConfigError as err:
+        raise type(err)(str(err).replace(repr(given), repr(value))) from None
+    return value
 
 
-def check_sections(config: Mapping[str, Any]) -> None:
-    for key, value in config.items():
-        if key not in SECTIONS:
-            raise ConfigError(unknown_key_message("config", key, SECTIONS))
-        if key in ("unet", "preset"):
-            if value is not None and not isinstance(value, str):
-                raise ConfigError(f"config key {key!r} must be a string, got {value!r}")
-        elif value is not None and not isinstance(value, dict):
-            raise ConfigError(f"config section {key!r} must be a mapping, got {value!r}")
+def _choice(name: str, value: Any, allowed: Iterable[Any]) -> Any:
+    return _checked(check_choice, name, value, allowed)
+
+
+def _bool(name: str, value: Any, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not isinstance(value, bool):
+        allowed = "a bool (true/false) or null" if optional else "a bool (true/false)"
+        raise ConfigTypeError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
+
+
+def _string(name: str, value: Any, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not isinstance(value, (str, Path)) or not str(value):
+        raise ConfigTypeError(f"{name} must be a non-empty string, got {value!r}")
+
+
+def _strings(name: str, value: Any, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) \
+            or not all(isinstance(c, str) and c.strip() for c in value):
+        raise ConfigTypeError(f"{name} must be a list of non-empty strings, got {value!r}")
 
 
 def unknown_key_message(where: str, key: Any, allowed: Iterable[str]) -> str:
     allowed = sorted(allowed)
-    close = difflib.get_close_matches(str(key), allowed, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown {where} key {key!r}{hint}; allowed keys: {', '.join(allowed)}"
+    return f"unknown {where} key {key!r}{did_you_mean(key, allowed)}; allowed keys: {', '.join(allowed)}"
 
 
-def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge `override` into a deep copy of `base`, section by section (keys of a section
-    in `override` replace those in `base`; other keys are kept). A `data` section of another
-    `kind` replaces the whole section."""
-    out = copy.deepcopy(dict(base))
-    for key, value in override.items():
-        if key == "data" and isinstance(value, dict) and isinstance(out.get(key), dict) \
-                and value.get("kind", out[key].get("kind")) != out[key].get("kind"):
-            # Another kind of data set: the old kind's keys mean nothing to it.
-            out[key] = copy.deepcopy(value)
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = {**out[key], **copy.deepcopy(value)}
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+def sampler_names() -> tuple[str, ...]:
+    """The sampler names `GaussianDiffusion.sample` takes (from `diffusion.samplers`)."""
+    from diffusion import samplers
 
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`trainer.train_lr=3e-4` -> (['trainer', 'train_lr'], 3e-4). Values are parsed as YAML
-    scalars/lists (numbers, booleans, null, [1, 2]) and fall back to the raw string."""
-    if "=" not in text:
-        raise ConfigError(f"an override must look like section.key=value, got {text!r}")
-    dotted, raw = text.split("=", 1)
-    path = [p for p in dotted.strip().split(".") if p]
-    if not path:
-        raise ConfigError(f"an override must name a key before '=', got {text!r}")
-    try:
-        value = _yaml_load(raw)
-    except Exception:  # a value YAML cannot read is taken as the literal string
-        value = raw
-    return path, value
-
-
-def apply_overrides(config: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Apply `section.key=value` (or `unet=NAME`, `preset=NAME`) overrides in order."""
-    out = merge(config, {})
-    for text in overrides:
-        path, value = parse_override(text)
-        if path[0] not in SECTIONS:
-            raise ConfigError(f"in override {text!r}: " + unknown_key_message("config", path[0], SECTIONS))
-        if len(path) == 1:
-            out[path[0]] = value
-        elif len(path) == 2:
-            if path[0] in ("unet", "preset"):
-                raise ConfigError(f"{path[0]!r} is a value, not a section: write {path[0]}=NAME, got {text!r}")
-            out = merge(out, {path[0]: {path[1]: value}})
-        else:
-            raise ConfigError(f"overrides go at most two levels deep (section.key=value), got {text!r}")
-    check_sections(out)
-    return out
+    listed = getattr(samplers, "available", None)
+    return tuple(listed()) if callable(listed) else tuple(samplers.SAMPLERS)
 
 
 # ---------------------------------------------------------------------------------------
-# value checks
-
-# Values that must be positive / non-negative wherever they appear, whatever the section.
-_POSITIVE = {
-    "timesteps", "image_size", "num_frames", "train_batch_size", "train_num_steps",
-    "gradient_accumulate_every", "save_and_sample_every", "num_videos", "dim", "channels",
-    "attn_heads", "attn_dim_head", "steps", "batch_size", "num_sample_rows", "update_ema_every",
-    "num_samples", "train_lr", "digit_size", "speed", "fps", "log_every", "max_source_frames",
-    "min_snr_gamma", "resnet_groups", "ff_mult",
-}
-_NON_NEGATIVE = {
-    "warmup_steps", "step_start_ema", "image_phase_steps", "seed", "max_seconds", "weight_decay",
-    "num_workers", "cond_scale", "min_snr_floor",
-}
-_UNIT_INTERVAL = {
-    "ema_decay", "null_cond_prob", "image_ratio", "dynamic_thres_percentile", "eta", "min_lr_ratio",
-}
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "sampler": SAMPLERS,
-    "loss_type": ("l1", "l2", "huber"),
-    "objective": ("noise", "x0", "v"),
-    "beta_schedule": ("linear", "cosine", "sigmoid"),
-    "lr_schedule": ("constant", "cosine", "linear"),
-}
+# sections
 
 
-def _type_name(expected: type) -> str:
-    return {float: "a number", int: "an int", bool: "a bool (true/false)", str: "a string", list: "a list",
-            tuple: "a list"}.get(expected, f"a {expected.__name__}")
+@no_type_check  # values come from files: __post_init__ checks them, naming the key
+@dataclasses.dataclass(kw_only=True)
+class Section:
+    """A dataclass section of the run config: `from_dict` refuses unknown keys."""
+
+    key: ClassVar[str] = ""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> Section:
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ConfigTypeError(f"config section {cls.key!r} must be a mapping, got {data!r}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        for name in data:
+            if name not in names:
+                raise ConfigError(unknown_key_message(cls.key, name, names))
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
-# "No default": not `inspect.Parameter.empty`, which signature tools read as a missing default.
-NO_DEFAULT = object()
+def _plain(value: Any) -> Any:
+    """JSON form: tuples as lists, paths as strings."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return value
 
 
-def check_value(name: str, value: Any, default: Any = NO_DEFAULT) -> None:
-    """Check one value: the type of `default` (when it has one) and the range the key's name
-    implies. Raises ConfigError naming `name`, the value and what is allowed."""
-    key = name.rsplit(".", 1)[-1]
-    if default is not NO_DEFAULT and default is not inspect.Parameter.empty and default is not None \
-            and value is not None:
-        expected = type(default)
-        if expected is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        elif expected is int:
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif expected in (tuple, list):
-            ok = isinstance(value, (tuple, list))
-        else:
-            ok = isinstance(value, expected)
-        if not ok:
+@no_type_check  # values come from files: __post_init__ checks them, naming the key
+@dataclasses.dataclass(kw_only=True)
+class DiffusionConfig(Section):
+    """`GaussianDiffusion`'s keyword arguments (the video shape, schedule, objective, loss)."""
+
+    key: ClassVar[str] = "diffusion"
+    image_size: int
+    num_frames: int
+    text_use_bert_cls: bool = False
+    channels: int = 3
+    timesteps: int = 1000
+    loss_type: str = "l1"
+    use_dynamic_thres: bool = False
+    dynamic_thres_percentile: float = 0.9
+    beta_schedule: str = "cosine"
+    objective: str = "noise"
+    min_snr_loss_weight: bool = False
+    min_snr_gamma: float = 5.0
+    min_snr_floor: float = 0.0
+    auto_normalize: bool = True
+    null_cond_prob: float = 0.0
+
+    def __post_init__(self) -> None:
+        from diffusion.schedules import BETA_SCHEDULES, LOSS_TYPES, OBJECTIVES
+
+        _int("diffusion.image_size", self.image_size, 1)
+        _int("diffusion.num_frames", self.num_frames, 1)
+        _int("diffusion.channels", self.channels, 1)
+        _int("diffusion.timesteps", self.timesteps, 1)
+        for name in ("text_use_bert_cls", "use_dynamic_thres", "min_snr_loss_weight", "auto_normalize"):
+            _bool(f"diffusion.{name}", getattr(self, name))
+        _choice("diffusion.loss_type", self.loss_type, LOSS_TYPES)
+        _choice("diffusion.beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        _choice("diffusion.objective", self.objective, OBJECTIVES)
+        _number("diffusion.dynamic_thres_percentile", self.dynamic_thres_percentile, 0, 1, low_open=True)
+        _number("diffusion.min_snr_gamma", self.min_snr_gamma, 0, low_open=True)
+        _number("diffusion.min_snr_floor", self.min_snr_floor, 0, self.min_snr_gamma)
+        _number("diffusion.null_cond_prob", self.null_cond_prob, 0, 1)
+        if self.min_snr_loss_weight and self.min_snr_floor > 0 and self.objective == "noise":
             raise ConfigError(
-                f"{name} must be {_type_name(expected)}, got {value!r} ({type(value).__name__})"
+                f"diffusion.min_snr_floor={self.min_snr_floor} needs diffusion.objective 'v' or 'x0' "
+                "(on the noise objective the floor becomes a loss scale of millions); got 'noise'"
             )
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{name} must be a finite number, got {value!r}")
-        if key in _POSITIVE and value <= 0:
-            raise ConfigError(f"{name} must be > 0, got {value!r}")
-        if key in _NON_NEGATIVE and value < 0:
-            raise ConfigError(f"{name} must be >= 0, got {value!r}")
-        if key in _UNIT_INTERVAL and not 0 <= value <= 1:
-            raise ConfigError(f"{name} must be in [0, 1], got {value!r}")
-    if key in _CHOICES and value not in _CHOICES[key] and value is not None:
-        raise ConfigError(f"{name} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> DiffusionConfig:
+        data = dict(data or {})
+        for old in DEPRECATED_DIFFUSION:
+            if old in data:
+                value = data.pop(old)
+                warnings.warn(
+                    f"diffusion.{old}={value!r} is ignored: each U-Net says itself whether it takes "
+                    "pooled text or tokens (its cond_format)", FutureWarning, stacklevel=3,
+                )
+        for required in ("image_size", "num_frames"):
+            if required not in data:
+                raise ConfigError(f"diffusion.{required} is required (a positive int)")
+        return super().from_dict.__func__(cls, data)  # type: ignore[attr-defined]
 
 
-def check_kwargs(section: str, kwargs: Mapping[str, Any], target: Callable[..., Any] | Mapping[str, Any],
-                 *, exclude: Iterable[str] = (), extra: Mapping[str, Any] | None = None) -> None:
-    """Check that `kwargs` are keywords `target` accepts (a callable, or a mapping of key ->
-    default), with values of the type its defaults have and in range. `extra` adds keys
-    (with defaults) that are not the target's. Raises one ConfigError naming the key, the
-    value and what is allowed."""
-    exclude = set(exclude)
-    if isinstance(target, Mapping):
-        defaults = {k: v for k, v in target.items() if k not in exclude}
-    else:
-        defaults = {
-            name: p.default
-            for name, p in inspect.signature(target).parameters.items()
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in exclude
-        }
-    defaults.update(extra or {})
+@no_type_check  # values come from files: __post_init__ checks them, naming the key
+@dataclasses.dataclass(kw_only=True)
+class TrainerConfig(Section):
+    """The `Trainer`'s options (all but the model, the data and where it runs), with the
+    Trainer's defaults; see `diffusion.trainer.Trainer` for their meaning.
+
+    `max_seconds`: a wall-clock budget for `train()` (0: none). `save_model_every`:
+    text2video-from-scratch's option, a checkpoint every N steps without a sample grid."""
+
+    key: ClassVar[str] = "trainer"
+    ema_decay: float = 0.995
+    num_frames: int | None = None
+    train_batch_size: int = 32
+    train_lr: float = 1e-4
+    train_num_steps: int = 100000
+    gradient_accumulate_every: int = 2
+    amp: bool = False
+    step_start_ema: int = 2000
+    update_ema_every: int = 10
+    save_and_sample_every: int = 1000
+    results_folder: str = "./results"
+    num_sample_rows: int = 4
+    max_grad_norm: float | None = None
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    compile: bool = False
+    seed: int = 0
+    shuffle: bool = True
+    num_workers: int = 0
+    condition_on_captions: bool | None = None
+    text_cache_dir: str | None = None
+    cond_scale: float = 1.0
+    sample_captions: list[str] | None = None
+    sample_kwargs: dict[str, Any] | None = None
+    image_phase_steps: int = 0
+    image_ratio: float = 0.0
+    log_every: int = 1
+    write_mp4: bool = True
+    fps: float = 8.0
+    parallel: str = "auto"
+    find_unused_parameters: bool = True
+    max_seconds: float = 0.0
+    save_model_every: int | None = None
+
+    def __post_init__(self) -> None:
+        from diffusion.distributed import PARALLEL_MODES
+
+        t = "trainer."
+        for name, low in (("train_batch_size", 1), ("train_num_steps", 0), ("gradient_accumulate_every", 1),
+                          ("step_start_ema", 0), ("update_ema_every", 1), ("save_and_sample_every", 1),
+                          ("num_sample_rows", 1), ("warmup_steps", 0), ("num_workers", 0),
+                          ("image_phase_steps", 0), ("log_every", 1)):
+            _int(t + name, getattr(self, name), low)
+        _int(t + "seed", self.seed, 0, MAX_SEED)
+        _optional_int(t + "num_frames", self.num_frames, 1)
+        _optional_int(t + "save_model_every", self.save_model_every, 1)
+        _number(t + "ema_decay", self.ema_decay, 0, 1)
+        _number(t + "train_lr", self.train_lr, 0, low_open=True)
+        if self.max_grad_norm is not None:
+            _number(t + "max_grad_norm", self.max_grad_norm, 0, low_open=True)
+        _choice(t + "lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _number(t + "min_lr_ratio", self.min_lr_ratio, 0, 1)
+        if isinstance(self.adam_betas, str) or not isinstance(self.adam_betas, (list, tuple)) \
+                or len(self.adam_betas) != 2:
+            raise ConfigTypeError(f"trainer.adam_betas must be a list of two numbers in [0, 1), got {self.adam_betas!r}")
+        for index, beta in enumerate(self.adam_betas):
+            _number(f"{t}adam_betas[{index}]", beta, 0, 1, high_open=True)
+        self.adam_betas = tuple(self.adam_betas)
+        _number(t + "weight_decay", self.weight_decay, 0)
+        for name in ("amp", "compile", "shuffle", "write_mp4", "find_unused_parameters"):
+            _bool(t + name, getattr(self, name))
+        _bool(t + "condition_on_captions", self.condition_on_captions, optional=True)
+        _string(t + "results_folder", self.results_folder)
+        _string(t + "text_cache_dir", self.text_cache_dir, optional=True)
+        _number(t + "cond_scale", self.cond_scale, 0)
+        _strings(t + "sample_captions", self.sample_captions, optional=True)
+        if self.sample_captions is not None:
+            self.sample_captions = list(self.sample_captions)
+        if self.sample_kwargs is not None:
+            check_sample_kwargs(t + "sample_kwargs", self.sample_kwargs)
+            self.sample_kwargs = dict(self.sample_kwargs)
+        _number(t + "image_ratio", self.image_ratio, 0, 1, high_open=True)
+        _number(t + "fps", self.fps, 0, low_open=True)
+        _choice(t + "parallel", self.parallel, PARALLEL_MODES)
+        _number(t + "max_seconds", self.max_seconds, 0)
+
+
+# `sample()` arguments a trainer sets itself for its grids (the batch and its conditions).
+_GRID_RESERVED = ("batch_size", "cond", "cond_mask", "cond_scale", "generator", "noise")
+
+
+def check_sample_kwargs(where: str, kwargs: Any, *, target: Any = None, timesteps: Any = None) -> None:
+    """Check extra `sample()` arguments (a trainer's `sample_kwargs`) before any training:
+    the known ones by type and range (`steps` at most `timesteps`), every key against
+    `target`'s parameters (the model's `sample`) when it is given."""
+    if not isinstance(kwargs, Mapping):
+        raise ConfigTypeError(f"{where} must be a mapping of sample() arguments, got {kwargs!r}")
     for key, value in kwargs.items():
-        if key not in defaults:
-            raise ConfigError(unknown_key_message(section, key, defaults))
-        check_value(f"{section}.{key}", value, defaults[key])
+        name = f"{where}.{key}"
+        if key in _GRID_RESERVED:
+            raise ConfigError(f"{name} is set by the trainer for its sample grids; remove it from {where}")
+        if key == "sampler":
+            _choice(name, value, sampler_names())
+        elif key == "steps":
+            if value is not None:
+                _int(name, value, 1, timesteps)
+        elif key == "eta":
+            _number(name, value, 0)
+        elif key == "num_frames":
+            _optional_int(name, value, 1)
+        elif key in ("clip_denoised", "progress"):
+            _bool(name, value)
+    if target is not None:
+        parameters = inspect.signature(target).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            allowed = [n for n, p in parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                       and n not in _GRID_RESERVED]
+            for key in kwargs:
+                if key not in allowed:
+                    raise ConfigError(unknown_key_message(where, key, allowed))
 
 
-# ---------------------------------------------------------------------------------------
-# the whole run configuration
+@no_type_check  # values come from files: __post_init__ checks them, naming the key
+@dataclasses.dataclass(kw_only=True)
+class DataConfig(Section):
+    """The training videos: the embedded moving digits, or a folder of videos."""
+
+    key: ClassVar[str] = "data"
+    kind: str = "moving-digits"
+    # moving-digits
+    num_videos: int | None = None
+    digit_size: int | None = None
+    speed: float | None = None
+    seed: int | None = None
+    # folder (diffusion.data.VideoFolder)
+    folder: str | None = None
+    frame_mode: str | None = None
+    window: str | None = None
+    captions: str | None = None
+    probe: str | None = None
+    decode_timeout: float | None = None
+    max_source_frames: int | None = None
+
+    KIND_KEYS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "moving-digits": ("num_videos", "digit_size", "speed", "seed"),
+        "folder": ("folder", "frame_mode", "window", "captions", "probe", "decode_timeout", "max_source_frames"),
+    }
+
+    def __post_init__(self) -> None:
+        from diffusion.data import CAPTION_MODES, FRAME_MODES, PROBE_MODES, WINDOWS
+
+        _choice("data.kind", self.kind, DATA_KINDS)
+        for name in self.given():
+            if name not in self.KIND_KEYS[self.kind]:
+                raise ConfigError(
+                    f"data.{name} is not a key of data.kind={self.kind!r}; allowed keys: "
+                    f"{', '.join(('kind',) + self.KIND_KEYS[self.kind])}{did_you_mean(name, self.KIND_KEYS[self.kind])}"
+                )
+        _optional_int("data.num_videos", self.num_videos, 1)
+        _optional_int("data.digit_size", self.digit_size, 4)
+        if self.speed is not None:
+            _number("data.speed", self.speed, 0, low_open=True)
+        if self.seed is not None:
+            _int("data.seed", self.seed, 0, MAX_SEED)
+        if self.kind == "folder" and not self.folder:
+            raise ConfigError("data.folder is required with data.kind=folder (a folder of videos)")
+        _string("data.folder", self.folder, optional=True)
+        for name, allowed in (("frame_mode", FRAME_MODES), ("window", WINDOWS), ("captions", CAPTION_MODES),
+                              ("probe", PROBE_MODES)):
+            if getattr(self, name) is not None:
+                _choice(f"data.{name}", getattr(self, name), allowed)
+        if self.decode_timeout is not None:
+            _number("data.decode_timeout", self.decode_timeout, 0, low_open=True)
+        _optional_int("data.max_source_frames", self.max_source_frames, 1)
+
+    def given(self) -> dict[str, Any]:
+        """The keys set (not None), without `kind`: the data set's keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name != "kind" and getattr(self, f.name) is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **_plain(self.given())}
 
 
-def _unet_defaults(config_class: type) -> dict[str, Any]:
-    import dataclasses
+@no_type_check  # values come from files: __post_init__ checks them, naming the key
+@dataclasses.dataclass(kw_only=True)
+class SampleConfig(Section):
+    """Defaults of `spacetime sample` for this run. `steps` None: 50, or every timestep of a
+    shorter schedule."""
 
-    out = {}
-    for field in dataclasses.fields(config_class):
-        if field.default is not dataclasses.MISSING:
-            out[field.name] = field.default
-        elif field.default_factory is not dataclasses.MISSING:
-            out[field.name] = None  # a nested part: left to the config class to check
-        else:
-            out[field.name] = 0 if field.type in ("int", int) else NO_DEFAULT
-    return out
+    key: ClassVar[str] = "sample"
+    sampler: str = "ddim"
+    steps: int | None = None
+    cond_scale: float = 1.0
+    eta: float = 0.0
+    num_samples: int = 1
+    batch_size: int = 16
+    seed: int = 0
+    fps: float = 8.0
+    captions: list[str] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _choice("sample.sampler", self.sampler, sampler_names())
+        _optional_int("sample.steps", self.steps, 1)
+        _number("sample.cond_scale", self.cond_scale, 0)
+        _number("sample.eta", self.eta, 0)
+        _int("sample.num_samples", self.num_samples, 1)
+        _int("sample.batch_size", self.batch_size, 1)
+        _int("sample.seed", self.seed, 0, MAX_SEED)
+        _number("sample.fps", self.fps, 0, low_open=True)
+        _strings("sample.captions", self.captions)
+        self.captions = list(self.captions)
 
 
-def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Check a whole run configuration and return it with defaults filled in where the
-    command line needs them (`diffusion.image_size/num_frames/channels`, `data.kind`,
-    `model.channels`). Raises ConfigError for the first problem found."""
-    import unets
+@no_type_check  # values come from files: __post_init__ checks them, naming the key
+@dataclasses.dataclass(kw_only=True)
+class UnetSection:
+    """Which U-Net (registry name), an optional U-Net preset and config fields over it."""
 
-    from diffusion.gaussian import GaussianDiffusion
-    from diffusion.trainer import Trainer
+    name: str
+    preset: str | None = None
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    check_sections(config)
-    out = merge({section: {} for section in ("model", "diffusion", "trainer", "data", "sample")}, config)
-    for section in ("model", "diffusion", "trainer", "data", "sample"):
-        if out[section] is None:
-            out[section] = {}
+    def __post_init__(self) -> None:
+        import unets
 
-    name = out.get("unet")
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"config key 'unet' must name a U-Net, one of {', '.join(unets.available())}; got {name!r}")
-    if name not in unets.available():
-        raise ConfigError(unknown_key_message("U-Net", name, unets.available()).replace("key ", "name ", 1))
-    preset = out.get("preset")
-    if preset is not None and preset not in unets.presets(name):
-        raise ConfigError(
-            f"preset {preset!r} is not a preset of U-Net {name!r}; allowed: {', '.join(unets.presets(name))}"
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"unet must name a U-Net, one of {', '.join(unets.available())}; got {self.name!r}")
+        if self.name not in unets.available():
+            raise ConfigError(
+                f"unknown U-Net name {self.name!r}{did_you_mean(self.name, unets.available())}; "
+                f"allowed: {', '.join(unets.available())}"
+            )
+        if self.preset is not None and self.preset not in unets.presets(self.name):
+            raise ConfigError(
+                f"unet_preset {self.preset!r} is not a preset of U-Net {self.name!r}"
+                f"{did_you_mean(self.preset, unets.presets(self.name))}; allowed: {', '.join(unets.presets(self.name))}"
+            )
+        if not isinstance(self.model, Mapping):
+            raise ConfigTypeError(f"config section 'model' must be a mapping, got {self.model!r}")
+        self.model = dict(self.model)
+        fields = unets.get(self.name).config_class.field_names()
+        for key in self.model:
+            if key not in fields:
+                raise ConfigError(unknown_key_message("model", key, fields))
+
+    def unet_config(self) -> Any:
+        """The U-Net's typed config (the preset with `model` over it)."""
+        import unets
+
+        try:
+            return unets.build_config(self.name, preset=self.preset, **self.model)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"model: {err}") from None
+
+
+@no_type_check  # values come from files: __post_init__ checks them, naming the key
+@dataclasses.dataclass(kw_only=True)
+class RunConfig:
+    """A whole run: the sections above, checked together (see the module docstring)."""
+
+    unet: UnetSection
+    diffusion: DiffusionConfig
+    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+
+    def __post_init__(self) -> None:
+        d, t, model = self.diffusion, self.trainer, self.unet.model
+        if model.setdefault("channels", d.channels) != d.channels:
+            raise ConfigError(
+                f"model.channels={model['channels']!r} differs from diffusion.channels={d.channels!r}; "
+                "set only diffusion.channels"
+            )
+        if t.num_frames is not None and t.num_frames != d.num_frames:
+            raise ConfigError(
+                f"trainer.num_frames={t.num_frames} differs from diffusion.num_frames={d.num_frames}; "
+                "set only diffusion.num_frames"
+            )
+        _check_unet_and_memory(self)
+        if t.sample_kwargs:
+            check_sample_kwargs("trainer.sample_kwargs", t.sample_kwargs, timesteps=d.timesteps)
+        steps = self.sample.steps
+        if steps is not None and steps > d.timesteps:
+            raise ConfigError(f"sample.steps must be at most diffusion.timesteps={d.timesteps}, got {steps}")
+        if self.data.kind == "moving-digits":
+            if d.channels not in (1, 3):
+                raise ConfigError(f"moving digits have 1 or 3 channels; diffusion.channels is {d.channels}")
+            digit_size = self.data.digit_size if self.data.digit_size is not None else 14
+            if not 4 <= digit_size <= d.image_size:
+                raise ConfigError(
+                    f"data.digit_size must be between 4 and diffusion.image_size={d.image_size}, got {digit_size}"
+                )
+            if d.num_frames < 2:
+                raise ConfigError(f"diffusion.num_frames must be >= 2 for moving digits (motion), got {d.num_frames}")
+
+    # --- dicts and files ----------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
+        data = normalise(data)
+        return cls(
+            unet=UnetSection(name=data.get("unet"), preset=data.get("unet_preset"), model=data.get("model") or {}),
+            diffusion=DiffusionConfig.from_dict(data.get("diffusion")),
+            trainer=TrainerConfig.from_dict(data.get("trainer")),
+            data=DataConfig.from_dict(data.get("data")),
+            sample=SampleConfig.from_dict(data.get("sample")),
         )
 
-    diffusion = out["diffusion"]
-    for key in ("image_size", "num_frames"):
-        if key not in diffusion:
-            raise ConfigError(f"diffusion.{key} is required (a positive int)")
-    check_kwargs("diffusion", diffusion, GaussianDiffusion.__init__, exclude=("self", *DIFFUSION_RESERVED),
-                 extra=DIFFUSION_EXTRA)
-    if isinstance(diffusion["image_size"], bool) or not isinstance(diffusion["image_size"], int):
-        raise ConfigError(f"diffusion.image_size must be an int, got {diffusion['image_size']!r}")
-    if isinstance(diffusion["num_frames"], bool) or not isinstance(diffusion["num_frames"], int):
-        raise ConfigError(f"diffusion.num_frames must be an int, got {diffusion['num_frames']!r}")
-    diffusion.setdefault("channels", 3)
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "unet": self.unet.name,
+            "unet_preset": self.unet.preset,
+            "model": _plain(self.unet.model),
+            "diffusion": self.diffusion.to_dict(),
+            "trainer": self.trainer.to_dict(),
+            "data": self.data.to_dict(),
+            "sample": self.sample.to_dict(),
+        }
 
-    entry = unets.get(name)
-    model = out["model"]
-    check_kwargs("model", model, _unet_defaults(entry.config_class))
-    channels = diffusion["channels"]
-    if model.setdefault("channels", channels) != channels:
-        raise ConfigError(
-            f"model.channels={model['channels']!r} differs from diffusion.channels={channels!r}; "
-            "set only diffusion.channels"
-        )
+    def resolved(self, unet_config: Any = None) -> RunConfig:
+        """This config with the U-Net written out field by field (no preset), so the run can be
+        rebuilt even if presets change later."""
+        config = unet_config if unet_config is not None else self.unet.unet_config()
+        model = config.to_dict()
+        model.pop("name", None)
+        unet = UnetSection(name=self.unet.name, preset=None, model=model)
+        return dataclasses.replace(self, unet=unet)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+
+def _check_unet_and_memory(run: RunConfig) -> None:
+    """The U-Net's frame and size multiples, and the memory the run needs, before anything is
+    allocated: the U-Net is built on the meta device (shapes only, no storage)."""
+    import torch
+
+    d, t, s = run.diffusion, run.trainer, run.sample
+    config = run.unet.unet_config()
+    name = run.unet.name
+    width = getattr(config, "dim", None)
     try:
-        unet_config = unets.build_config(name, preset=preset, **model)
+        with torch.device("meta"):
+            import unets
+
+            net = unets.get(name).model_class.from_config(config)
+    except (RuntimeError, OverflowError, MemoryError) as err:
+        raise ConfigError(f"model: the {name} U-Net (model.dim={width!r}) is too large to build: {err}") from None
     except (ValueError, TypeError) as err:
         raise ConfigError(f"model: {err}") from None
-    net = entry.model_class.from_config(unet_config)
-    size, frames = diffusion["image_size"], diffusion["num_frames"]
+    params = sum(p.numel() for p in net.parameters())
+    frames, size = d.num_frames, d.image_size
     if size % net.size_multiple:
         raise ConfigError(
             f"diffusion.image_size must be a multiple of {net.size_multiple} (the size_multiple of this "
@@ -363,32 +606,94 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
             f"diffusion.num_frames must be a multiple of {net.frame_multiple} (the frame_multiple of this "
             f"{name} U-Net), got {frames}"
         )
+    # Lower bounds, fp32: a run that fails them cannot fit; one that passes may still not.
+    video = d.channels * frames * size * size * 4
+    shape = f"diffusion.image_size={size} x num_frames={frames} x channels={d.channels}"
+    estimates = (
+        (d.timesteps * 8 * 16, f"the noise schedule of diffusion.timesteps={d.timesteps}"),
+        (video, f"one video of {shape}"),
+        # weights, EMA copy, gradients and AdamW's two moments
+        (params * 4 * 5, f"the {name} U-Net's {params:,} parameters with EMA, gradients and optimizer state "
+                         f"(model.dim={width!r})"),
+        # the batch, its noise, the noised batch and the prediction, plus one activation of
+        # the U-Net's first width per video
+        (t.train_batch_size * (4 * video + video // d.channels * (width if isinstance(width, int) else 1)),
+         f"a training batch of trainer.train_batch_size={t.train_batch_size} videos of {shape}"),
+        (s.batch_size * 4 * video, f"a sampling batch of sample.batch_size={s.batch_size} videos of {shape}"),
+    )
+    for nbytes, what in estimates:
+        try:
+            guards.check_memory(float(nbytes), what=what)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
-    check_kwargs("trainer", out["trainer"], Trainer.__init__, exclude=("self", *TRAINER_RESERVED),
-                 extra=TRAINER_EXTRA)
 
-    data = out["data"]
-    kind = data.setdefault("kind", "moving-digits")
-    if kind not in DATA_KINDS:
-        raise ConfigError(f"data.kind must be one of {', '.join(DATA_KINDS)}, got {kind!r}")
-    fields = _MOVING_DIGITS_KEYS if kind == "moving-digits" else _FOLDER_KEYS
-    check_kwargs(f"data ({kind})", {k: v for k, v in data.items() if k != "kind"}, fields)
-    if kind == "folder" and not data.get("folder"):
-        raise ConfigError("data.folder is required with data.kind=folder (a folder of videos)")
-    if kind == "moving-digits":
-        if channels not in (1, 3):
-            raise ConfigError(f"moving digits have 1 or 3 channels; diffusion.channels is {channels}")
-        digit_size = data.get("digit_size", _MOVING_DIGITS_KEYS["digit_size"])
-        if not 4 <= digit_size <= size:
-            raise ConfigError(
-                f"data.digit_size must be between 4 and diffusion.image_size={size}, got {digit_size}"
-            )
-        if frames < 2:
-            raise ConfigError(f"diffusion.num_frames must be >= 2 for moving digits (motion), got {frames}")
+def normalise(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A config mapping in this version's layout: old spellings (`preset:`) renamed with a
+    warning, text2video-from-scratch's layout mapped, unknown top-level keys refused."""
+    if not isinstance(config, Mapping):
+        raise ConfigTypeError(f"a run config must be a mapping of sections {', '.join(TOP_KEYS)}, got {config!r}")
+    out = dict(config)
+    for old, new in DEPRECATED_TOP.items():
+        if old in out:
+            if new in out:
+                raise ConfigError(f"config has both {old!r} (the old name) and {new!r}; keep only {new!r}")
+            warnings.warn(f"config key {old!r} is now {new!r} (the U-Net preset)", FutureWarning, stacklevel=3)
+            out[new] = out.pop(old)
+    if SEED_DATA_KEY in out:
+        # text2video-from-scratch: `Unet3D(**config['model'])` trained on this folder.
+        folder = out.pop(SEED_DATA_KEY)
+        if out.get("data"):
+            raise ConfigError(f"config has both {SEED_DATA_KEY!r} and a data section; keep one")
+        _string(SEED_DATA_KEY, folder)
+        out["data"] = {"kind": "folder", "folder": str(folder)}
+        out.setdefault("unet", "unet3d")
+    for key, value in out.items():
+        if key not in TOP_KEYS:
+            raise ConfigError(unknown_key_message("config", key, TOP_KEYS + (SEED_DATA_KEY,)))
+        if key in ("unet", "unet_preset"):
+            if value is not None and not isinstance(value, str):
+                raise ConfigTypeError(f"config key {key!r} must be a string, got {value!r}")
+        elif value is not None and not isinstance(value, Mapping):
+            raise ConfigTypeError(f"config section {key!r} must be a mapping, got {value!r}")
+    return out
 
-    sample = out["sample"]
-    check_kwargs("sample", sample, _SAMPLE_KEYS)
-    captions = sample.get("captions", [])
-    if not all(isinstance(c, str) and c.strip() for c in captions):
-        raise ConfigError(f"sample.captions must be a list of non-empty strings, got {captions!r}")
+
+def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """`RunConfig.from_dict(config).to_dict()`: the checked config with defaults filled in."""
+    return RunConfig.from_dict(config).to_dict()
+
+
+# ---------------------------------------------------------------------------------------
+# resuming with changed settings
+
+# Trainer settings a resumed run takes from the new config. Everything else (the U-Net,
+# the process, the data, the optimizer and EMA settings, the batch and seed that fix the
+# data order) is what the checkpoint was trained with: a change is refused, naming the key.
+# `train_num_steps` may grow or shrink; a decaying learning rate is then planned over the
+# new length from the resumed step on.
+RESUME_HONOURED = (
+    "train_num_steps", "max_seconds", "save_and_sample_every", "save_model_every", "log_every",
+    "num_sample_rows", "sample_captions", "sample_kwargs", "cond_scale", "write_mp4", "fps", "num_workers",
+    "compile", "text_cache_dir", "results_folder", "find_unused_parameters", "parallel",
+)
+
+
+def resume_conflicts(saved: RunConfig, new: RunConfig) -> list[str]:
+    """Dotted keys whose value differs between a run's saved config and the config it is
+    resumed with, and that a resumed run cannot honour (see `RESUME_HONOURED`). Each entry
+    reads `key (saved value -> new value)`."""
+    out = []
+    saved_unet = saved.unet.unet_config().to_dict()
+    new_unet = new.unet.unet_config().to_dict()
+    for key in sorted(set(saved_unet) | set(new_unet)):
+        if saved_unet.get(key) != new_unet.get(key):
+            out.append(f"model.{key} ({saved_unet.get(key)!r} -> {new_unet.get(key)!r})")
+    for section in ("diffusion", "trainer", "data"):
+        old, now = getattr(saved, section).to_dict(), getattr(new, section).to_dict()
+        for key in sorted(set(old) | set(now)):
+            if section == "trainer" and key in RESUME_HONOURED:
+                continue
+            if old.get(key) != now.get(key):
+                out.append(f"{section}.{key} ({old.get(key)!r} -> {now.get(key)!r})")
     return out

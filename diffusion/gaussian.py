@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from diffusion.guidance import denoiser_kwargs, guided_output
 from diffusion.samplers import SAMPLERS, ddpm_sample, sample_loop
 from diffusion.schedules import (
+    LOSS_TYPES,
     NoiseSchedule,
     beta_schedule as make_betas,
     check_objective,
@@ -40,7 +41,6 @@ from diffusion.schedules import (
 from spacetime.checks import check_int, check_number, is_int
 from unets.guards import check_memory
 
-LOSS_TYPES = ("l1", "l2", "huber")
 COND_FORMATS = (None, "pooled", "tokens")
 # Bytes per timestep of the schedule's tables (a dozen float64 tables, with room to spare),
 # for the memory check before they are allocated.

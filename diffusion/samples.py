@@ -102,25 +102,6 @@ class SampleGrid:
         if self.captions is not None and not conditional:
             logger.warning("sample_captions ignored: this run does not condition on captions")
 
-    def check(self, model: nn.Module) -> None:
-        """Refuse `sample_kwargs` that `model.sample` does not take, before training starts
-        rather than at the first grid."""
-        import inspect
-
-        reserved = {"batch_size", "generator", "cond", "cond_mask", "cond_scale"}
-        try:
-            parameters = inspect.signature(model.sample).parameters
-        except (TypeError, ValueError):
-            return
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-        allowed = sorted(set(parameters) - reserved - {"self"})
-        for key in self.sample_kwargs:
-            if key in reserved or not (takes_any or key in parameters):
-                raise ValueError(
-                    f"sample_kwargs key {key!r} is not a {type(model).__name__}.sample() option the grid may set; "
-                    f"allowed: {', '.join(allowed)}"
-                )
-
     def conditions(self, count: int) -> tuple[list[str] | None, dict[str, Tensor] | None]:
         """`(captions, None)` for a captioned run, `(None, {cond, cond_mask})` for a data set
         of condition tensors, `(None, None)` for an unconditional one."""

@@ -24,6 +24,8 @@ from torch import Tensor
 
 BETA_SCHEDULES = ("cosine", "linear", "sigmoid")
 OBJECTIVES = ("noise", "x0", "v")
+# Losses between a network output and its objective's target (GaussianDiffusion.loss_type).
+LOSS_TYPES = ("l1", "l2", "huber")
 
 
 # --- beta schedules (float64, shape (timesteps,)) -------------------------------------------

@@ -27,6 +27,7 @@ ranks before each step, so they stop, and save, together.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -51,13 +52,12 @@ from diffusion.batches import (
     seed_step,
 )
 from diffusion.budget import LR_SCHEDULES, TimeBudget, lr_factor
+from diffusion.config import TrainerConfig, check_sample_kwargs
 from diffusion.data import folder_dataset
 from diffusion.ema import EMA
 from diffusion.interrupts import DeferredInterrupt, progress_bar
 from diffusion.metrics import MetricsLog
 from diffusion.samples import SampleGrid, conditions_on_captions, sampling_model
-from spacetime import checks
-from spacetime.checks import check_choice, check_int
 
 __all__ = ["CHECKPOINT_PREFIX", "LATEST", "LR_SCHEDULES", "NonFiniteLossError", "StepOrderSampler", "Trainer",
            "collate", "seed_step"]
@@ -82,27 +82,23 @@ def _autocast_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
-def trainer_config(options: dict[str, Any]) -> Any:
-    """The Trainer's options, validated (each error names the option)."""
-    from types import SimpleNamespace
-
-    for name, low in (("train_batch_size", 1), ("train_num_steps", 0), ("gradient_accumulate_every", 1),
-                      ("save_and_sample_every", 1), ("num_sample_rows", 1), ("warmup_steps", 0),
-                      ("image_phase_steps", 0), ("num_workers", 0), ("log_every", 1), ("save_model_every", 0)):
-        check_int(name, options[name], low=low)
-    def check_number(name: str, value: Any, **limits: Any) -> None:
-        # spacetime.checks.check_number is annotated to return a float and returns the value.
-        checks.check_number(name, float(value) if checks.is_int(value) else value, **limits)
-
-    check_number("train_lr", options["train_lr"], low=0.0, low_open=True)
-    if options["max_grad_norm"] is not None:
-        check_number("max_grad_norm", options["max_grad_norm"], low=0.0, low_open=True)
-    check_choice("lr_schedule", options["lr_schedule"], LR_SCHEDULES)
-    check_number("min_lr_ratio", options["min_lr_ratio"], low=0.0, high=1.0)
-    check_number("image_ratio", options["image_ratio"], low=0.0, high=1.0, high_open=True)
-    check_number("max_seconds", options["max_seconds"], low=0.0)
-    check_choice("parallel", options["parallel"], distributed.PARALLEL_MODES)
-    return SimpleNamespace(**options)
+def _config_types(options: dict[str, Any]) -> dict[str, Any]:
+    """`options` in the types `TrainerConfig` declares, for values Python code passes as a
+    matter of course: paths where a string is declared, ints where a float is, tuples
+    where a list is. Anything else is left for `TrainerConfig` to judge."""
+    declared = {field.name: str(field.type) for field in dataclasses.fields(TrainerConfig)}
+    out = dict(options)
+    for name, value in options.items():
+        kind = declared.get(name, "")
+        if isinstance(value, os.PathLike) and "str" in kind:
+            out[name] = os.fspath(value)
+        elif isinstance(value, int) and not isinstance(value, bool) and kind.startswith("float"):
+            out[name] = float(value)
+        elif isinstance(value, tuple) and kind.startswith("list"):
+            out[name] = list(value)
+        elif isinstance(value, Mapping) and not isinstance(value, dict) and kind.startswith("dict"):
+            out[name] = dict(value)
+    return out
 
 
 class Trainer:
@@ -114,7 +110,7 @@ class Trainer:
     there), `train_batch_size`, `train_lr`, `train_num_steps`, `gradient_accumulate_every`,
     `amp`, `step_start_ema`, `update_ema_every`, `save_and_sample_every`, `results_folder`,
     `num_sample_rows` (a rows x rows grid), `max_grad_norm`; text2video-from-scratch's
-    `save_model_every` (a checkpoint `checkpoint-step-<step>` every N steps, no grid; 0 = off).
+    `save_model_every` (a checkpoint `checkpoint-step-<step>` every N steps, no grid; None = off).
 
     Every option but `diffusion_model, folder, dataset, device, resume, progress` is
     validated by `diffusion.config.TrainerConfig` and read from `self.config`. Further:
@@ -158,11 +154,11 @@ class Trainer:
         sample_kwargs: Mapping[str, Any] | None = None, image_phase_steps: int = 0, image_ratio: Number = 0.0,
         resume: bool = False, progress: bool | None = None, log_every: int = 1, write_mp4: bool = True,
         fps: Number = 8.0, parallel: str = "auto", find_unused_parameters: bool = True,
-        max_seconds: Number = 0.0, save_model_every: int = 0,
+        max_seconds: Number = 0.0, save_model_every: int | None = None,
     ):
         options = {name: value for name, value in locals().items()
                    if name not in ("self", "diffusion_model", "folder", "dataset", "device", "resume", "progress")}
-        self.config = config = trainer_config(options)
+        self.config = config = TrainerConfig(**_config_types(options))
         for attribute in ("image_size", "num_frames", "channels", "sample"):
             if not hasattr(diffusion_model, attribute):
                 raise TypeError(
@@ -244,7 +240,9 @@ class Trainer:
             sample_kwargs=config.sample_kwargs, fps=config.fps, write_mp4=config.write_mp4, device=self.device,
             autocast=self._autocast,
         )
-        self.samples.check(self.model)
+        if config.sample_kwargs:
+            check_sample_kwargs("sample_kwargs", config.sample_kwargs, target=self.model.sample,
+                                timesteps=getattr(self.model, "num_timesteps", None))
 
         self.step = 0
         self.interrupted = self.stopped_by_budget = False
