@@ -49,7 +49,7 @@ class TimeBudget:
     `horizon` is the step at which the learning-rate schedule ends: None until estimated
     (the schedule then uses `train_num_steps`), or the value a checkpoint stored."""
 
-    def __init__(self, max_seconds: float, *, decaying: bool, max_steps: int, horizon: int | None = None,
+    def __init__(self, max_seconds: float | int, *, decaying: bool, max_steps: int, horizon: int | None = None,
                  clock=time.perf_counter):
         self.max_seconds = float(max_seconds)
         self.decaying = decaying
