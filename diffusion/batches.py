@@ -206,6 +206,24 @@ class StepBatches:
         )
         return iter(loader)
 
+    def prepare(self, batch: Mapping[str, Any], step: int, micro: int, *, image_phase: bool, captions: bool,
+                train_kwargs: Mapping[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+        """The videos (or images) of micro-batch `micro` of `step` on this rank, and the
+        keywords of the diffusion model's call: conditions, `enable_time`, and each
+        sample's timestep and noise."""
+        videos = batch["video"].to(self.device, non_blocking=True)
+        kwargs = conditioning(batch, self.device, captions=captions)
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, step, f"images-{micro}"))
+        if image_phase:
+            videos = self.image_batch(videos, generator)
+            kwargs["enable_time"] = False
+        else:
+            kwargs.update(train_kwargs)
+            if self.image_ratio > 0:
+                videos, kwargs["enable_time"] = self.mixed_batch(videos, generator)
+        kwargs.update(self.sample_randomness(step, micro, videos.shape))
+        return videos, kwargs
+
     def local_rows(self) -> slice:
         """This rank's rows of a global micro-batch."""
         first = self.rank * self.local_batch_size

@@ -499,11 +499,14 @@ class CheckpointManager:
         return load_tensors(folder / f"{which}.safetensors", device=device)
 
     def restore(self, folder: Path, *, model: Any, ema_model: Any, optimizer: Any, scaler: Any, sharded: bool,
-                device: str | torch.device, strict: bool = True) -> dict[str, Any]:
+                device: str | torch.device, strict: bool = True, now: Mapping[str, Any] | None = None
+                ) -> dict[str, Any]:
         """Load checkpoint `folder` into a training session (weights, EMA, optimizer, scaler,
         global RNG states) and return its validated state, with `folder` added. Files that
         are damaged or do not fit the model raise a `ValueError` naming them; the state file
-        is fully checked before anything is changed."""
+        is fully checked before anything is changed. `now` (the session's `seed`, data
+        `length`, `batch_size`, `world_size`) is compared with the checkpoint's, with a
+        warning where the resumed run cannot continue the interrupted one's data order."""
         from diffusion import distributed
 
         state = self.read_state(folder)
@@ -518,6 +521,18 @@ class CheckpointManager:
         except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as err:
             raise CorruptCheckpointError(f"checkpoint {folder} does not fit this model and trainer: "
                                          f"{type(err).__name__}: {str(err)[:2000]}") from None
+        if now is not None:
+            if state["seed"] != now["seed"]:
+                logger.warning("checkpoint was trained with seed %d, not %d: continuing with its seed",
+                               state["seed"], now["seed"])
+            data = state["data"]
+            if (data["length"], data["batch_size"]) != (now["length"], now["batch_size"]):
+                logger.warning("data differs from the checkpoint's (%d items, batch %d; now %d, %d): the data "
+                               "order will not continue the interrupted run's",
+                               data["length"], data["batch_size"], now["length"], now["batch_size"])
+            if state.get("world_size", 1) != now["world_size"]:
+                logger.info("checkpoint written by %s process(es), resumed by %d", state.get("world_size", 1),
+                            now["world_size"])
         return {**state, "folder": folder}
 
     # --- writing ------------------------------------------------------------------------
@@ -559,6 +574,11 @@ class CheckpointManager:
             save_state(dict(state), staging / "state.pt")
             self._swap_in(staging, target)
             atomic_write_text(self.run_dir / LATEST, target.name + "\n")
+        except CheckpointWriteError as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            previous = self.latest()
+            kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+            raise CheckpointWriteError(f"{err}; {kept}", errno=err.errno, path=err.filename) from err
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -12,16 +12,12 @@ and data parallelism. This file is the loop; its parts are modules of their own
 - `diffusion.interrupts`: Ctrl-C / SIGTERM finish the step, save and return;
 - `diffusion.distributed`: process group, DDP / FSDP2, full state for checkpoints.
 
-Reproducibility: with weights, optimizer, scaler and RNG state restored from a checkpoint,
-a run resumed at step k reproduces the losses and weights of an uninterrupted run exactly
-(on CPU; CUDA kernels may be nondeterministic unless `torch.use_deterministic_algorithms`).
-
-Data parallelism: under `torchrun --nproc_per_node=N` the same Trainer wraps the model in
-DDP (`parallel="auto"` / `"ddp"`) or shards it with FSDP2 (`"fsdp"`). `train_batch_size`
-stays the global batch and rank r trains on its r-th slice, so N processes follow the
-trajectory of one (up to the order of fp32 additions) and a checkpoint resumes under any N.
-Rank 0 alone writes files; every stop (Ctrl-C, SIGTERM, the time budget) is agreed on by all
-ranks before each step, so they stop, and save, together.
+A run resumed at step k reproduces the losses and weights of an uninterrupted one exactly
+(on CPU; CUDA kernels may be nondeterministic). Under `torchrun --nproc_per_node=N` the model
+is wrapped in DDP (`parallel="auto"` / `"ddp"`) or sharded with FSDP2 (`"fsdp"`);
+`train_batch_size` stays the global batch, so N processes follow the trajectory of one and a
+checkpoint resumes under any N. Rank 0 alone writes files; every stop (Ctrl-C, SIGTERM, the
+time budget) is agreed on by all ranks before each step, so they stop, and save, together.
 """
 
 from __future__ import annotations
@@ -42,15 +38,7 @@ from torch.utils.data import Dataset
 
 from diffusion import checkpoint as ckpt
 from diffusion import distributed
-from diffusion.batches import (
-    StepBatches,
-    StepOrderSampler,
-    collate,
-    conditioning,
-    derive_seed,
-    fixed_randomness_steps,
-    seed_step,
-)
+from diffusion.batches import StepBatches, StepOrderSampler, fixed_randomness_steps, seed_step  # noqa: F401
 from diffusion.budget import LR_SCHEDULES, TimeBudget, lr_factor
 from diffusion.config import TrainerConfig, check_sample_kwargs
 from diffusion.data import folder_dataset
@@ -59,14 +47,10 @@ from diffusion.interrupts import DeferredInterrupt, progress_bar
 from diffusion.metrics import MetricsLog
 from diffusion.samples import SampleGrid, conditions_on_captions, sampling_model
 
-__all__ = ["CHECKPOINT_PREFIX", "LATEST", "LR_SCHEDULES", "NonFiniteLossError", "StepOrderSampler", "Trainer",
-           "collate", "seed_step"]
-
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = ckpt.CHECKPOINT_PREFIX
 LATEST = ckpt.LATEST
-STATE_VERSION = ckpt.STATE_VERSION
 
 Number = float | int
 
@@ -83,21 +67,16 @@ def _autocast_dtype(device: torch.device) -> torch.dtype:
 
 
 def _config_types(options: dict[str, Any]) -> dict[str, Any]:
-    """`options` in the types `TrainerConfig` declares, for values Python code passes as a
-    matter of course: paths where a string is declared, ints where a float is, tuples
-    where a list is. Anything else is left for `TrainerConfig` to judge."""
+    """`options` in the types `TrainerConfig` declares where Python code passes another as a
+    matter of course (a path for a str, an int for a float, a tuple for a list, a Mapping
+    for a dict); every other value is left for `TrainerConfig` to judge."""
     declared = {field.name: str(field.type) for field in dataclasses.fields(TrainerConfig)}
+    casts = (("str", os.PathLike, os.fspath), ("float", int, float), ("list", tuple, list), ("dict", Mapping, dict))
     out = dict(options)
     for name, value in options.items():
-        kind = declared.get(name, "")
-        if isinstance(value, os.PathLike) and "str" in kind:
-            out[name] = os.fspath(value)
-        elif isinstance(value, int) and not isinstance(value, bool) and kind.startswith("float"):
-            out[name] = float(value)
-        elif isinstance(value, tuple) and kind.startswith("list"):
-            out[name] = list(value)
-        elif isinstance(value, Mapping) and not isinstance(value, dict) and kind.startswith("dict"):
-            out[name] = dict(value)
+        for kind, given, cast in casts:
+            if declared.get(name, "").startswith(kind) and isinstance(value, given) and not isinstance(value, bool):
+                out[name] = cast(value)
     return out
 
 
@@ -117,14 +96,11 @@ class Trainer:
     dataset: a `Dataset` of tensors `(C, F, H, W)` in [0, 1], `(video, caption)` pairs or
         dicts with `video` (and `caption`, `cond`, `cond_mask`).
     warmup_steps, lr_schedule, min_lr_ratio, adam_betas, weight_decay: AdamW and its
-        learning-rate curve (`diffusion.budget`).
-    max_seconds: wall-clock budget of each `train()` call (0 = none); see `diffusion.budget`
-        for how a decaying schedule meets it.
+        learning-rate curve; max_seconds: wall-clock budget of each `train()` call (0 =
+        none), see `diffusion.budget` for how a decaying schedule meets it.
     amp: autocast to bf16 (CPU, and GPUs that support it), else fp16 with a GradScaler.
-    compile: compile the denoiser in place (a compiled run is reproducible, but draws its
-        random numbers differently from an eager one).
-    device: where to train (default: where the model's parameters are); seed, shuffle: the
-        data order (`diffusion.batches`).
+    compile: compile the denoiser in place (reproducible, but not step for step eager's).
+    device: default, where the model's parameters are; seed, shuffle: `diffusion.batches`.
     condition_on_captions: None (default) conditions on captions when the diffusion model is
         conditional (`GaussianDiffusion.is_conditional`) and the data has captions. The model
         encodes them (each distinct caption once; `text_cache_dir` keeps them on disk too).
@@ -159,16 +135,13 @@ class Trainer:
         options = {name: value for name, value in locals().items()
                    if name not in ("self", "diffusion_model", "folder", "dataset", "device", "resume", "progress")}
         self.config = config = TrainerConfig(**_config_types(options))
-        for attribute in ("image_size", "num_frames", "channels", "sample"):
-            if not hasattr(diffusion_model, attribute):
-                raise TypeError(
-                    f"diffusion_model must be a GaussianDiffusion (with .{attribute}), got {type(diffusion_model).__name__}"
-                )
+        missing = [a for a in ("image_size", "num_frames", "channels", "sample") if not hasattr(diffusion_model, a)]
+        if missing:
+            raise TypeError(f"diffusion_model must be a GaussianDiffusion (with .{missing[0]}), "
+                            f"got {type(diffusion_model).__name__}")
         if (folder is None) == (dataset is None):
-            raise ValueError(
-                "give exactly one of `folder` (a folder of videos) and `dataset=` (any Dataset); "
-                f"got folder={folder!r} and dataset={type(dataset).__name__ if dataset is not None else None}"
-            )
+            raise ValueError("give exactly one of `folder` (a folder of videos) and `dataset=` (any Dataset); got "
+                             f"folder={folder!r} and dataset={type(dataset).__name__ if dataset is not None else None}")
         if num_frames is not None and num_frames != diffusion_model.num_frames:
             logger.warning("num_frames=%d ignored: the diffusion model trains on %d frames",
                            num_frames, diffusion_model.num_frames)
@@ -198,13 +171,7 @@ class Trainer:
         self.results_folder = Path(config.results_folder)
         self.checkpoints = ckpt.CheckpointManager(self.results_folder)
         self.metrics = MetricsLog(self.results_folder)
-        error = None
-        if self.is_main:
-            try:
-                self.checkpoints.check_writable()
-            except OSError as err:
-                error = err
-        self._collective(distributed.broadcast_error, error)
+        self._on_main(self.checkpoints.check_writable)
 
         self.ema = EMA(self.model, beta=config.ema_decay, update_every=config.update_ema_every,
                        start_step=config.step_start_ema)
@@ -279,6 +246,17 @@ class Trainer:
         context = self.dist if self.parallel != "none" else distributed.DistributedContext(device=self.device)
         return function(*args, context)
 
+    def _on_main(self, function: Callable[[], Any]) -> None:
+        """Run `function` on rank 0 alone; its error is raised there and, as a
+        `distributed.RemoteError`, on every other rank, so none waits for a partner."""
+        error = None
+        if self.is_main:
+            try:
+                function()
+            except Exception as err:
+                error = err
+        self._collective(distributed.broadcast_error, error)
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         if not self.amp:
             return contextlib.nullcontext()
@@ -308,18 +286,8 @@ class Trainer:
         target = self.checkpoint_dir(milestone)
         model_state, ema_state, optimizer_state = distributed.full_state_dicts(
             self.model, self.ema_model, self.opt, sharded=self.parallel == "fsdp")
-        error = None
-        if self.is_main:
-            try:
-                self.checkpoints.write(milestone, model_state=model_state, ema_state=ema_state,
-                                       state=self._state(milestone, optimizer_state))
-            except ckpt.CheckpointWriteError as err:
-                previous = self.latest_checkpoint()
-                kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-                error = ckpt.CheckpointWriteError(f"{err}; {kept}", errno=err.errno, path=err.filename)
-            except Exception as err:  # handed to the other ranks, then raised here
-                error = err
-        self._collective(distributed.broadcast_error, error)
+        self._on_main(lambda: self.checkpoints.write(milestone, model_state=model_state, ema_state=ema_state,
+                                                     state=self._state(milestone, optimizer_state)))
         if self.is_main:
             logger.info("saved checkpoint %s at step %d", target, self.step)
         return target
@@ -327,7 +295,7 @@ class Trainer:
     def _state(self, milestone: int | str, optimizer_state: Mapping[str, Any]) -> dict[str, Any]:
         config = self.config
         return {
-            "version": STATE_VERSION, "step": self.step, "milestone": ckpt.milestone_name(milestone),
+            "version": ckpt.STATE_VERSION, "step": self.step, "milestone": ckpt.milestone_name(milestone),
             "seed": self.seed, "world_size": self.world_size, "parallel": self.parallel,
             "data": {"length": len(self.ds), "shuffle": config.shuffle, "batch_size": self.batch_size},
             "optimizer": optimizer_state,
@@ -346,22 +314,14 @@ class Trainer:
         state = self.checkpoints.restore(
             self.checkpoints.find(milestone), model=self.model, ema_model=self.ema_model, optimizer=self.opt,
             scaler=self.scaler, sharded=self.parallel == "fsdp", device=self.device,
-            strict=load_kwargs.get("strict", True))
+            strict=load_kwargs.get("strict", True),
+            now={"seed": self.seed, "length": len(self.ds), "batch_size": self.batch_size,
+                 "world_size": self.world_size})
         self.base_lrs = list(state["scheduler"]["base_lrs"])
         self.lr_horizon = state["scheduler"].get("horizon")
         self.step = int(state["step"])
-        if state["seed"] != self.seed:
-            logger.warning("checkpoint was trained with seed %d, not %d: continuing with its seed",
-                           state["seed"], self.seed)
-            self.seed = self.batches.seed = self.samples.seed = int(state["seed"])
-        data = state["data"]
-        if data["length"] != len(self.ds) or data["batch_size"] != self.batch_size:
-            logger.warning("data differs from the checkpoint's (%d items, batch %d; now %d, %d): the data order "
-                           "will not continue the interrupted run's",
-                           data["length"], data["batch_size"], len(self.ds), self.batch_size)
-        if state.get("world_size", 1) != self.world_size:
-            logger.info("checkpoint written by %s process(es), resumed by %d", state.get("world_size", 1),
-                        self.world_size)
+        # The data order and sample noise continue the checkpoint's seed.
+        self.seed = self.batches.seed = self.samples.seed = int(state["seed"])
         if self.is_main:
             self.metrics.truncate(self.step)
         logger.info("loaded checkpoint %s (step %d)", state["folder"], self.step)
@@ -380,18 +340,8 @@ class Trainer:
         parallel = self.world_size > 1
         total = 0.0
         for micro in range(accumulate):
-            batch = next(batches)
-            videos = batch["video"].to(self.device, non_blocking=True)
-            kwargs = conditioning(batch, self.device, captions=self.condition_on_captions)
-            generator = torch.Generator().manual_seed(derive_seed(self.seed, step, f"images-{micro}"))
-            if image_phase:
-                videos = self.batches.image_batch(videos, generator)
-                kwargs["enable_time"] = False
-            else:
-                kwargs.update(train_kwargs)
-                if self.config.image_ratio > 0:
-                    videos, kwargs["enable_time"] = self.batches.mixed_batch(videos, generator)
-            kwargs.update(self.batches.sample_randomness(step, micro, videos.shape))
+            videos, kwargs = self.batches.prepare(next(batches), step, micro, image_phase=image_phase,
+                                                  captions=self.condition_on_captions, train_kwargs=train_kwargs)
             # Gradients are all-reduced (DDP) or reduce-scattered (FSDP) once, after the
             # last micro-batch; the others only accumulate locally.
             with distributed.gradient_sync(self.train_model, micro == accumulate - 1):
@@ -431,10 +381,8 @@ class Trainer:
 
     @torch.no_grad()
     def sample_and_save(self, milestone: int | str) -> Path:
-        """Sample a `num_sample_rows`^2 grid from the EMA model and write it as GIF (and MP4
-        with the video extra), with the captions in a `.txt` beside it, and the loss plot.
-        Under torchrun every rank calls this and rank 0 samples; the path is returned on
-        every rank."""
+        """Write a sample grid of the EMA model (`diffusion.samples`) and the loss plot. Under
+        torchrun every rank calls this and rank 0 samples; every rank gets the GIF's path."""
         gif = self.results_folder / f"{milestone}.gif"
         model = sampling_model(self.ema_model, sharded=self.parallel == "fsdp", is_main=self.is_main,
                                unsharded_copy=self._sampling_model, device=self.device)
@@ -458,9 +406,7 @@ class Trainer:
         if self.world_size > 1:
             main = 1.0 if self.is_main else 0.0
             interrupt, stop_sum, horizon, steps = self._collective(distributed.all_reduce_sum, [
-                float(self.interrupt.requested), float(stop), main * (budget.horizon or 0),
-                main * self.train_num_steps,
-            ])
+                float(self.interrupt.requested), float(stop), main * (budget.horizon or 0), main * self.train_num_steps])
             self.interrupt.requested = interrupt > 0
             stop = stop_sum > 0
             budget.horizon = int(horizon) or None
@@ -475,12 +421,8 @@ class Trainer:
         path = self.save(f"step-{self.step}")
         logger.warning("training interrupted at step %d; saved %s (resume with resume=True)", self.step, path)
 
-    def train(
-        self,
-        prob_focus_present: Number = 0.0,
-        focus_present_mask: Tensor | None = None,
-        log_fn: Callable[[dict[str, Any]], None] | None = None,
-    ) -> None:
+    def train(self, prob_focus_present: Number = 0.0, focus_present_mask: Tensor | None = None,
+              log_fn: Callable[[dict[str, Any]], None] | None = None) -> None:
         """Train until `train_num_steps` (or the time budget). Ctrl-C saves a checkpoint and
         returns; a NaN or infinite loss raises `NonFiniteLossError` without saving. `log_fn`
         receives each step's record (read-only: the loop does not look at what it does)."""
