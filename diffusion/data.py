@@ -42,6 +42,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from diffusion import media
+from spacetime.checks import check_choice, check_int
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -55,16 +56,8 @@ PROBE_MODES = ("header", "full", "none")
 TEXT_EMBEDDINGS = ("pooled", "tokens")
 
 
-def check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-
-
 def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+    check_int(name, value, low=1)
 
 
 # ---------------------------------------------------------------------------------------

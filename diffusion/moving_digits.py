@@ -35,7 +35,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from diffusion import media
-from diffusion.data import TEXT_EMBEDDINGS, CaptionEmbeddings, check_choice, deprecated_text_encoder
+from diffusion.data import TEXT_EMBEDDINGS, CaptionEmbeddings, deprecated_text_encoder
+from spacetime.checks import check_choice
 
 logger = logging.getLogger(__name__)
 
