@@ -562,12 +562,12 @@ class CheckpointManager:
             stale.unlink(missing_ok=True)
         staging = self.run_dir / f".{target.name}.tmp-{os.getpid()}"
         try:
-            if staging.exists():
-                shutil.rmtree(staging)
-            staging.mkdir(parents=True)
-        except OSError as err:
-            raise CheckpointWriteError.from_os_error(err, f"cannot create {staging}") from err
-        try:
+            try:
+                if staging.exists():
+                    shutil.rmtree(staging)
+                staging.mkdir(parents=True)
+            except OSError as err:
+                raise CheckpointWriteError.from_os_error(err, f"cannot create {staging}") from err
             step = {"step": str(state.get("step"))}
             save_tensors(model_state, staging / "model.safetensors", metadata=step)
             save_tensors(ema_state, staging / "ema.safetensors", metadata=step)
