@@ -200,6 +200,9 @@ class Trainer:
 
         self.condition_on_captions = conditions_on_captions(self.model, self.ds, config.condition_on_captions)
         if self.condition_on_captions and config.text_cache_dir is not None:
+            if not hasattr(self.model, "use_text_cache"):
+                raise TypeError(f"text_cache_dir needs a model that encodes captions (GaussianDiffusion), got "
+                                f"{type(self.model).__name__}")
             self.model.use_text_cache(config.text_cache_dir)
         self.samples = SampleGrid(
             self.results_folder, self.ds, rows=config.num_sample_rows, batch_size=self.batch_size, seed=self.seed,
@@ -239,7 +242,7 @@ class Trainer:
     @property
     def text_encoder(self) -> Any:
         """The diffusion model's caching text encoder when this run conditions on captions."""
-        return self.model.text_cache if self.condition_on_captions else None
+        return getattr(self.model, "text_cache", None) if self.condition_on_captions else None
 
     def _collective(self, function: Callable[..., Any], *args: Any) -> Any:
         # A wrapper of "none" runs every process on its own: no collective calls then.
