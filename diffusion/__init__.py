@@ -1,6 +1,6 @@
 """diffusion: the pluggable diffusion process, trainer, video data, text encoders and CLI."""
 
-from diffusion.gaussian import GaussianDiffusion, threshold_x0
+from diffusion.gaussian import GaussianDiffusion, NonFiniteSampleError, threshold_x0
 from diffusion.samplers import ddim_sample, ddim_timesteps, ddpm_sample, sample_loop
 from diffusion.schedules import (
     NoiseSchedule,

@@ -23,9 +23,11 @@ complete and before it is renamed into place, so a test can kill the process mid
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import pickle
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -34,6 +36,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from unets.guards import BadFileError, machine_memory, read_bytes, read_text, regular_file
 
 logger = logging.getLogger(__name__)
 
@@ -108,16 +112,19 @@ def _fsync_dir(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, keep_suffix: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on a clean exit it replaces `path` atomically.
 
     If the body raises (or the process dies), `path` is left untouched and the temporary file
-    is removed (or, after a kill, left behind under a `.tmp` name that loaders never read).
+    is removed (or, after a kill, left behind under a hidden `.tmp` name that loaders never
+    read). `keep_suffix` ends the temporary name with `path`'s extension, for writers that
+    choose the format by it (image and video encoders).
     """
     path = Path(path)
+    suffix = f".tmp{path.suffix}" if keep_suffix else ".tmp"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     except OSError as err:
         raise CheckpointWriteError.from_os_error(err, f"cannot write {path}") from err
     os.close(fd)
@@ -144,9 +151,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     _fsync_dir(path.parent)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, keep_suffix: bool = False) -> Path:
     """Call `write(tmp_path)` and move the result to `path` atomically."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, keep_suffix=keep_suffix) as tmp:
         write(tmp)
     return Path(path)
 
@@ -186,16 +193,14 @@ def save_tensors(
 
 def load_tensors(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> dict[str, Tensor]:
     """Read a safetensors file. Anything else (a pickle, a truncated file) raises
-    `CorruptCheckpointError`; safetensors never executes code, whatever the file holds."""
+    `CorruptCheckpointError`; a FIFO, device or folder in its place `BadFileError`, before
+    it is opened (a FIFO would block the read forever). safetensors never executes code,
+    whatever the file holds."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(path)
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(8)
-    except IsADirectoryError:
-        raise CorruptCheckpointError(f"{path} is a folder, not a safetensors file") from None
+    path = regular_file(path, what="weights file", max_bytes=machine_memory())
+    head = read_bytes_prefix(path, 8)
     if len(head) < 8:
         raise CorruptCheckpointError(f"{path} is not a safetensors file: {len(head)} bytes, truncated or empty")
     try:
@@ -210,6 +215,27 @@ def load_tensors(path: str | os.PathLike, *, device: str | torch.device = "cpu")
         ) from err
 
 
+def read_whole(path: Path, *, what: str, max_bytes: int | None = None) -> bytes:
+    """A regular file's bytes, refused (`BadFileError`) when larger than `max_bytes`
+    (default: this machine's memory)."""
+    # The limit passed on is the size found, not the memory: a read of up to N bytes
+    # reserves N bytes first.
+    limit = machine_memory() if max_bytes is None else max_bytes
+    size = regular_file(path, what=what, max_bytes=limit).stat().st_size
+    return read_bytes(path, what=what, max_bytes=size)
+
+
+def read_bytes_prefix(path: Path, count: int) -> bytes:
+    """The first `count` bytes of a regular file, opened without blocking (should the path
+    have been swapped for a FIFO since it was checked)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as err:
+        raise BadFileError(f"{path} cannot be read: {err.strerror or err}") from None
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read(count)
+
+
 def save_state(state: Any, path: str | os.PathLike) -> Path:
     """`torch.save` atomically. Keep `state` to tensors and plain Python types so that
     `load_state` (which uses `weights_only=True`) can read it back without unpickling code."""
@@ -219,16 +245,14 @@ def save_state(state: Any, path: str | os.PathLike) -> Path:
 def load_state(path: str | os.PathLike) -> Any:
     """`torch.load(weights_only=True)`: tensors and plain Python types only. A file whose
     pickle would build any other object (and so could run code) raises
-    `UnsafeCheckpointError` without running it; an unreadable file `CorruptCheckpointError`."""
+    `UnsafeCheckpointError` without running it; an unreadable file `CorruptCheckpointError`;
+    a FIFO, device or folder in its place `BadFileError` (all `ValueError`s)."""
     path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as err:
-        raise FileNotFoundError(f"cannot read checkpoint state {path}: {err.strerror or err}") from err
-    if size == 0:
+    data = read_whole(path, what="checkpoint state")
+    if len(data) == 0:
         raise CorruptCheckpointError(f"{path} is empty (0 bytes)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # weights_only's unpickler refuses every global outside its allow-list (tensors,
         # containers, numbers, strings) before calling it: nothing in the file has run.
@@ -243,3 +267,340 @@ def load_state(path: str | os.PathLike) -> Any:
         ) from err
     except Exception as err:  # the unpickler meets garbage in many ways (KeyError, EOFError, ...)
         raise CorruptCheckpointError(f"{path} is not a readable checkpoint state file ({type(err).__name__}: {err})") from err
+
+
+# ---------------------------------------------------------------------------------------
+# a run's checkpoints: layout, the `latest` pointer, RNG state, validated reads
+
+CHECKPOINT_PREFIX = "checkpoint-"
+LATEST = "latest"
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "state.pt")
+# 2: optimizer state keyed by parameter names (torch.distributed.checkpoint.state_dict),
+# which FSDP and plain runs share; version 1 (keyed by position) is still read.
+STATE_VERSION = 2
+READABLE_STATE_VERSIONS = (1, 2)
+_POINTER_BYTES = 4096
+
+
+class IncompleteRunError(ValueError):
+    """Resuming was asked for, checkpoint folders exist, and none of them is complete:
+    starting over would silently discard the run's metrics."""
+
+
+def milestone_name(milestone: int | str) -> str:
+    name = str(milestone)
+    if not name or "/" in name or "\\" in name or name.startswith(".") or "\0" in name:
+        raise ValueError(f"milestone must be an int or a plain name, got {milestone!r}")
+    return name
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch, CUDA, numpy and python global generators, as tensors and plain types."""
+    import random
+
+    import numpy as np
+
+    keys, pos, has_gauss, cached = np.random.get_state()[1:]
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"]))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# field -> (test, what is allowed); checked before any of the state is applied, so a
+# malformed file is one named error instead of a KeyError deep inside a restore.
+_STATE_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "step": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    "seed": (_is_int, "an int"),
+    "optimizer": (lambda v: isinstance(v, Mapping), "a mapping"),
+    "scaler": (lambda v: isinstance(v, Mapping), "a mapping"),
+    "data": (lambda v: isinstance(v, Mapping) and _is_int(v.get("length")) and _is_int(v.get("batch_size")),
+             "a mapping with int 'length' and 'batch_size'"),
+    "scheduler": (lambda v: isinstance(v, Mapping) and isinstance(v.get("base_lrs"), list)
+                  and all(_is_number(x) for x in v["base_lrs"])
+                  and (v.get("horizon") is None or _is_int(v["horizon"]) and v["horizon"] >= 1),
+                  "a mapping with 'base_lrs' (a list of numbers) and 'horizon' (None or an int >= 1)"),
+    "rng": (lambda v: isinstance(v, Mapping) and isinstance(v.get("torch"), Tensor)
+            and v["torch"].dtype == torch.uint8 and isinstance(v.get("cuda"), list)
+            and isinstance(v.get("numpy"), Mapping) and isinstance(v["numpy"].get("keys"), Tensor)
+            and v["numpy"]["keys"].numel() == 624 and _is_int(v["numpy"].get("pos"))
+            and _is_int(v["numpy"].get("has_gauss")) and _is_number(v["numpy"].get("cached_gaussian"))
+            and isinstance(v.get("python"), Mapping) and _is_int(v["python"].get("version"))
+            and isinstance(v["python"].get("internal"), list) and len(v["python"]["internal"]) == 625
+            and all(_is_int(x) for x in v["python"]["internal"])
+            and (v["python"].get("gauss_next") is None or _is_number(v["python"]["gauss_next"])),
+            "the torch / cuda / numpy / python generator states this library writes"),
+}
+
+
+def check_state(state: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """`state` (read from the checkpoint state file `path`) if it has every field a resume
+    needs with the right types; else `CorruptCheckpointError` naming the file and field."""
+    if not isinstance(state, dict):
+        raise CorruptCheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint state mapping")
+    version = state.get("version")
+    if version not in READABLE_STATE_VERSIONS:
+        raise CorruptCheckpointError(
+            f"{path}: field 'version' is {version!r}; this library reads checkpoint versions {READABLE_STATE_VERSIONS}"
+        )
+    for field, (test, allowed) in _STATE_FIELDS.items():
+        if field not in state:
+            raise CorruptCheckpointError(f"{path}: field {field!r} is missing")
+        try:
+            good = test(state[field])
+        except Exception:  # a hostile value whose comparison itself fails
+            good = False
+        if not good:
+            shown = repr(state[field]) if not isinstance(state[field], (Mapping, list, Tensor)) else type(state[field]).__name__
+            raise CorruptCheckpointError(f"{path}: field {field!r} must be {allowed}, got {shown[:80]}")
+    return state
+
+
+class CheckpointManager:
+    """The checkpoints of one run folder (torchtitan's `CheckpointManager` is the model).
+
+    Layout: `run_dir/checkpoint-<milestone>/` holding `model.safetensors`, `ema.safetensors`
+    (weights only) and `state.pt` (optimizer, scaler, step, seed, RNG states: tensors and
+    plain types, read with `torch.load(weights_only=True)`), and `run_dir/latest`, a text
+    file naming the newest one. A checkpoint is assembled in a hidden staging folder and
+    renamed into place, then `latest` is replaced atomically, so a crash at any moment
+    leaves the previous checkpoint intact and `latest` naming a complete one.
+
+    Every file is read through `unets.guards` (a regular file of bounded size: a FIFO in
+    place of a weights file is refused, never opened). `latest` must name a checkpoint
+    folder inside the run folder; a pointer that is unreadable, not UTF-8, names a path
+    outside the run (`../other/checkpoint-1`, an absolute path) or an incomplete folder is
+    ignored with a warning, and the newest complete checkpoint is used instead.
+
+    Only the writing process (rank 0 under torchrun) calls `write`; every rank reads."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.run_dir = Path(run_dir)
+
+    def folder(self, milestone: int | str) -> Path:
+        return self.run_dir / f"{CHECKPOINT_PREFIX}{milestone_name(milestone)}"
+
+    def folders(self) -> list[Path]:
+        """Every `checkpoint-*` entry of the run folder, complete or not."""
+        return sorted(self.run_dir.glob(f"{CHECKPOINT_PREFIX}*")) if self.run_dir.is_dir() else []
+
+    def _inside(self, path: Path) -> bool:
+        try:
+            return path.resolve().parent == self.run_dir.resolve()
+        except (OSError, RuntimeError):  # a symlink loop
+            return False
+
+    def is_complete(self, folder: Path) -> bool:
+        """All three files present as regular files (`is_file` is False for a FIFO), in a
+        folder that lies in this run (a symlink out of it does not count)."""
+        if not self._inside(folder):
+            return False
+        try:
+            return all((folder / name).is_file() for name in CHECKPOINT_FILES)
+        except OSError:
+            return False
+
+    def complete(self) -> list[Path]:
+        return [folder for folder in self.folders() if self.is_complete(folder)]
+
+    def _pointed(self) -> Path | None:
+        pointer = self.run_dir / LATEST
+        if not os.path.lexists(pointer):
+            return None
+        try:
+            name = read_text(pointer, what="checkpoint pointer", max_bytes=_POINTER_BYTES).strip()
+        except (OSError, ValueError) as err:
+            logger.warning("ignoring %s: %s", pointer, err)
+            return None
+        if not name.startswith(CHECKPOINT_PREFIX) or os.sep in name or "/" in name or "\0" in name:
+            logger.warning("ignoring %s: it names %r, not a checkpoint folder of this run", pointer, name[:200])
+            return None
+        target = self.run_dir / name
+        if not self._inside(target):
+            logger.warning("ignoring %s: %s leads outside the run folder %s", pointer, target, self.run_dir)
+            return None
+        if not self.is_complete(target):
+            logger.warning("%s names %s, which is incomplete; looking for another checkpoint", pointer, target)
+            return None
+        return target
+
+    def latest(self) -> Path | None:
+        """The checkpoint `latest` names, or (pointer lost, damaged or hostile) the newest
+        complete one, or None when the run has no complete checkpoint."""
+        target = self._pointed()
+        if target is not None:
+            return target
+        complete = self.complete()
+        if not complete:
+            return None
+        return max(complete, key=lambda path: (path / "state.pt").stat().st_mtime_ns)
+
+    def resumable(self) -> Path | None:
+        """For resuming: the latest checkpoint, None for a run with no checkpoint folder at
+        all, and `IncompleteRunError` when folders exist but none is complete."""
+        latest = self.latest()
+        if latest is None and self.folders():
+            names = ", ".join(p.name for p in self.folders()[:5])
+            raise IncompleteRunError(
+                f"cannot resume {self.run_dir}: it holds checkpoint folders ({names}) but none is complete "
+                f"(each needs {', '.join(CHECKPOINT_FILES)} as regular files); move them away, or start a "
+                "fresh run in another folder"
+            )
+        return latest
+
+    def find(self, milestone: int | str) -> Path:
+        """The folder of a complete checkpoint: `'latest'` or -1 for the newest."""
+        if milestone in (LATEST, -1):
+            folder = self.latest()
+            if folder is None:
+                raise FileNotFoundError(f"no complete checkpoint in {self.run_dir} to load")
+            return folder
+        folder = self.folder(milestone)
+        if not self.is_complete(folder):
+            available = [p.name for p in self.complete()]
+            raise FileNotFoundError(f"no complete checkpoint at {folder}; found {available}")
+        return folder
+
+    # --- reading ------------------------------------------------------------------------
+
+    def read_state(self, folder: Path) -> dict[str, Any]:
+        return check_state(load_state(folder / "state.pt"), folder / "state.pt")
+
+    def read_weights(self, folder: Path, which: str, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+        if which not in ("model", "ema"):
+            raise ValueError(f"which must be 'model' or 'ema', got {which!r}")
+        return load_tensors(folder / f"{which}.safetensors", device=device)
+
+    def restore(self, folder: Path, *, model: Any, ema_model: Any, optimizer: Any, scaler: Any, sharded: bool,
+                device: str | torch.device, strict: bool = True, now: Mapping[str, Any] | None = None
+                ) -> dict[str, Any]:
+        """Load checkpoint `folder` into a training session (weights, EMA, optimizer, scaler,
+        global RNG states) and return its validated state, with `folder` added. Files that
+        are damaged or do not fit the model raise a `ValueError` naming them; the state file
+        is fully checked before anything is changed. `now` (the session's `seed`, data
+        `length`, `batch_size`, `world_size`) is compared with the checkpoint's, with a
+        warning where the resumed run cannot continue the interrupted one's data order."""
+        from diffusion import distributed
+
+        state = self.read_state(folder)
+        where = "cpu" if sharded else device
+        weights = (self.read_weights(folder, "model", where), self.read_weights(folder, "ema", where))
+        try:
+            distributed.load_full_state(model, ema_model, optimizer, weights, state["optimizer"],
+                                        version=state["version"], sharded=sharded, strict=strict)
+            if state["scaler"]:
+                scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"])
+        except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as err:
+            raise CorruptCheckpointError(f"checkpoint {folder} does not fit this model and trainer: "
+                                         f"{type(err).__name__}: {str(err)[:2000]}") from None
+        if now is not None:
+            if state["seed"] != now["seed"]:
+                logger.warning("checkpoint was trained with seed %d, not %d: continuing with its seed",
+                               state["seed"], now["seed"])
+            data = state["data"]
+            if (data["length"], data["batch_size"]) != (now["length"], now["batch_size"]):
+                logger.warning("data differs from the checkpoint's (%d items, batch %d; now %d, %d): the data "
+                               "order will not continue the interrupted run's",
+                               data["length"], data["batch_size"], now["length"], now["batch_size"])
+            if state.get("world_size", 1) != now["world_size"]:
+                logger.info("checkpoint written by %s process(es), resumed by %d", state.get("world_size", 1),
+                            now["world_size"])
+        return {**state, "folder": folder}
+
+    # --- writing ------------------------------------------------------------------------
+
+    def check_writable(self) -> None:
+        """Create the run folder and make sure files can be made in it."""
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CheckpointWriteError.from_os_error(err, f"cannot create results folder {self.run_dir}") from err
+        check_writable(self.run_dir)
+
+    def write(self, milestone: int | str, *, model_state: Mapping[str, Tensor], ema_state: Mapping[str, Tensor],
+              state: Mapping[str, Any]) -> Path:
+        """Write checkpoint `milestone` and point `latest` at it. A failed write raises
+        `CheckpointWriteError` naming the file, with the previous checkpoint untouched."""
+        name = milestone_name(milestone)
+        target = self.folder(name)
+        if os.path.islink(target):
+            # The link itself is replaced (never followed: that would write outside the run,
+            # and a dangling or looping one leads nowhere), so the checkpoint is not lost.
+            logger.warning("replacing the symlink %s (to %r) by a checkpoint folder", target, os.readlink(target))
+        # Debris of writes a kill interrupted: this process is the folder's only writer.
+        for stale in self.run_dir.glob(f".{target.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        for stale in self.run_dir.glob(f".{LATEST}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        staging = self.run_dir / f".{target.name}.tmp-{os.getpid()}"
+        try:
+            try:
+                if staging.exists():
+                    shutil.rmtree(staging)
+                staging.mkdir(parents=True)
+            except OSError as err:
+                raise CheckpointWriteError.from_os_error(err, f"cannot create {staging}") from err
+            step = {"step": str(state.get("step"))}
+            save_tensors(model_state, staging / "model.safetensors", metadata=step)
+            save_tensors(ema_state, staging / "ema.safetensors", metadata=step)
+            save_state(dict(state), staging / "state.pt")
+            self._swap_in(staging, target)
+            atomic_write_text(self.run_dir / LATEST, target.name + "\n")
+        except CheckpointWriteError as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            previous = self.latest()
+            kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+            raise CheckpointWriteError(f"{err}; {kept}", errno=err.errno, path=err.filename) from err
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return target
+
+    def _swap_in(self, staging: Path, target: Path) -> None:
+        # A folder cannot be renamed over a non-empty one, so an existing checkpoint of the
+        # same name is moved aside first and removed once the new one is in place.
+        retired = None
+        try:
+            if os.path.lexists(target):
+                retired = self.run_dir / f".{target.name}.old-{os.getpid()}"
+                if retired.exists():
+                    shutil.rmtree(retired)
+                os.replace(target, retired)
+            os.replace(staging, target)
+        except OSError as err:
+            if retired is not None and not os.path.lexists(target):
+                os.replace(retired, target)  # put the old one back
+            raise CheckpointWriteError.from_os_error(err, f"cannot move {staging} to {target}") from err
+        if retired is not None:
+            if retired.is_dir() and not retired.is_symlink():
+                shutil.rmtree(retired, ignore_errors=True)
+            else:
+                retired.unlink(missing_ok=True)

@@ -1,7 +1,8 @@
 """Video data sets: a folder of videos with captions, and the helpers they share.
 
-`VideoFolder` yields `{"video": (C, F, H, W) float32 in [0, 1], "caption": str}` per item,
-plus the caption's text embedding when a text encoder is given (see `CaptionEmbeddings`).
+`VideoFolder` yields `{"video": (C, F, H, W) float32 in [0, 1], "caption": str}` per item;
+the diffusion model encodes the captions (the deprecated `text_encoder=` still adds
+embeddings here).
 `collate_videos` batches such items (it pads token embeddings of different lengths).
 
 How a video is cast to `num_frames` (`frame_mode`):
@@ -27,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import warnings
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from diffusion import media
+from spacetime.checks import check_choice, check_int
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -53,16 +56,8 @@ PROBE_MODES = ("header", "full", "none")
 TEXT_EMBEDDINGS = ("pooled", "tokens")
 
 
-def check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-
-
 def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+    check_int(name, value, low=1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -162,8 +157,19 @@ def read_caption(source: str | Path) -> str | None:
     return text or None
 
 
+def deprecated_text_encoder(owner: str) -> None:
+    warnings.warn(
+        f"{owner}(text_encoder=...) is deprecated: data sets return captions and the diffusion model "
+        "encodes them (GaussianDiffusion(text_encoder=...), each distinct caption once)",
+        DeprecationWarning, stacklevel=3,
+    )
+
+
 class CaptionEmbeddings:
-    """Text embeddings of a fixed set of captions, encoded once, in batches, and kept in
+    """Deprecated: the diffusion model encodes captions now (`GaussianDiffusion.text_cache`).
+    Kept for code that passes `text_encoder=` to a data set.
+
+    Text embeddings of a fixed set of captions, encoded once, in batches, and kept in
     memory keyed by the caption string.
 
     Encoding up front (in the main process, before any data loader worker forks) means
@@ -288,8 +294,8 @@ class VideoFolder(Dataset):
     captions: "auto" (read `name.txt` beside each video, "" when absent), "required" (a
         missing caption is a ValueError listing the files, raised here), "none" (ignore
         caption files; every caption is "").
-    text_encoder: if given, every distinct caption is encoded once here and items carry
-        `cond` (and `cond_mask`), see `CaptionEmbeddings` and `text_embedding`.
+    text_encoder: deprecated (the diffusion model encodes captions); if given, every
+        distinct caption is encoded here and items carry `cond` (and `cond_mask`).
     probe: "header" (default), "full" or "none", see the module docstring.
     decode_timeout: seconds allowed to decode one video (None: no limit).
     max_source_frames: at most this many frames of a source are decoded (stride then spans
@@ -388,6 +394,7 @@ class VideoFolder(Dataset):
         self.sources: list[VideoSource] = sources
         self.text_embeddings: CaptionEmbeddings | None = None
         if text_encoder is not None:
+            deprecated_text_encoder("VideoFolder")
             self.text_embeddings = CaptionEmbeddings(
                 text_encoder, [s.caption for s in sources], kind=text_embedding
             )
@@ -461,3 +468,16 @@ class VideoFolder(Dataset):
         raise RuntimeError(
             f"none of the {len(self)} videos in {self.folder} could be decoded; see the warnings above"
         )
+
+
+def folder_dataset(model: Any, folder: str | os.PathLike) -> VideoFolder:
+    """The `VideoFolder` a diffusion model trains on: its frame count, channels and (square)
+    image size."""
+    size = model.image_size
+    if not isinstance(size, int):
+        if len(set(size)) != 1:
+            raise ValueError(f"a video folder gives square frames; the model's image_size is {size}")
+        size = size[0]
+    dataset = VideoFolder(folder, image_size=size, num_frames=model.num_frames, channels=model.channels)
+    logger.info("found %d videos in %s", len(dataset), folder)
+    return dataset

@@ -255,3 +255,69 @@ def broadcast_error(error: BaseException | None, context: DistributedContext, sr
         raise error
     if message is not None:
         raise RemoteError(f"rank {src} failed: {message}")
+
+
+def prepare_model(model: nn.Module, ema_model: nn.Module, parallel: str, context: DistributedContext, *,
+                  find_unused_parameters: bool = True) -> tuple[nn.Module, nn.Module | None]:
+    """`(train_model, sampling_copy)`: the module a training step calls (DDP-wrapped under
+    "ddp", the model itself otherwise) and, under "fsdp", an unsharded CPU copy on rank 0
+    for sample grids (None elsewhere). With "fsdp" the model and its EMA are sharded in place."""
+    if parallel == "ddp":
+        return wrap_ddp(model, context, find_unused_parameters=find_unused_parameters), None
+    if parallel != "fsdp":
+        return model, None
+    from diffusion.ema import frozen_copy
+
+    copy = frozen_copy(model).to("cpu") if context.is_main else None
+    fully_shard_model(model)
+    fully_shard_model(ema_model)
+    return model, copy
+
+
+# ---------------------------------------------------------------------------------------
+# full (unsharded) state for checkpoints
+
+
+def full_state_dicts(model: nn.Module, ema_model: nn.Module, optimizer: torch.optim.Optimizer,
+                     *, sharded: bool) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:
+    """Model, EMA and optimizer state as full tensors; under FSDP (`sharded`) a collective
+    call that leaves them on rank 0 only (empty elsewhere). The optimizer state is keyed by
+    parameter name, the same for sharded and plain models."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=sharded, cpu_offload=sharded)
+    if sharded:
+        model_state = get_model_state_dict(model, options=options)
+        ema_state = get_model_state_dict(ema_model, options=options)
+    else:
+        model_state, ema_state = model.state_dict(), ema_model.state_dict()
+    return model_state, ema_state, get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_full_state(model: nn.Module, ema_model: nn.Module, optimizer: torch.optim.Optimizer,
+                    weights: tuple[dict[str, Tensor], dict[str, Tensor]], optimizer_state: dict[str, Any],
+                    *, version: int, sharded: bool, strict: bool = True) -> None:
+    """The inverse of `full_state_dicts` (every rank holds the full tensors read from disk);
+    `version` 1 optimizer state is keyed by position."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model_state, ema_state = weights
+    if sharded:
+        options = StateDictOptions(full_state_dict=True, strict=strict)
+        set_model_state_dict(model, model_state, options=options)
+        set_model_state_dict(ema_model, ema_state, options=options)
+    else:
+        model.load_state_dict(model_state, strict=strict)
+        ema_model.load_state_dict(ema_state, strict=strict)
+    if version == 1:
+        optimizer.load_state_dict(optimizer_state)
+    else:
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=sharded))

@@ -21,17 +21,11 @@ from torch import nn
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A deep copy of `model` that shares, rather than copies, frozen text encoders.
 
-    A text encoder kept on a module outside its registered children (GaussianDiffusion does
-    this so it stays out of `state_dict`) would otherwise be duplicated along with its
-    weights, which for a real encoder is hundreds of megabytes."""
-    from diffusion.text import TextEncoder
-
-    memo: dict[int, object] = {}
-    for module in model.modules():
-        for value in vars(module).values():
-            if isinstance(value, TextEncoder):
-                memo[id(value)] = value
-    return copy.deepcopy(model, memo)
+    A diffusion model's text encoder (and its cache of encoded captions) is no part of the
+    trained weights; `diffusion.text.TextEncoder.__deepcopy__` returns the encoder itself,
+    so the copy (an EMA model, a sampling copy) shares it instead of duplicating hundreds
+    of megabytes of weights and re-encoding every caption."""
+    return copy.deepcopy(model)
 
 
 class EMA:

@@ -15,7 +15,9 @@ hands that to a plain sampler function from `diffusion.samplers`.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +38,39 @@ from diffusion.schedules import (
     objective_target,
     prediction_to_x0_eps,
 )
+from spacetime.checks import check_int, check_number, is_int
+from unets.guards import check_memory
+
+COND_FORMATS = (None, "pooled", "tokens")
+# Bytes per timestep of the schedule's tables (a dozen float64 tables, with room to spare),
+# for the memory check before they are allocated.
+_SCHEDULE_BYTES_PER_STEP = 16 * 8
+
+
+class NonFiniteSampleError(ValueError):
+    """Sampling produced NaN or infinite values (damaged weights, or a guidance scale far
+    outside what the model was trained for); nothing is returned or written."""
+
+
+def denoiser_cond_format(denoise_fn: Any) -> str | None:
+    """What a denoiser takes as its condition: None (nothing), "pooled" (one vector per
+    sample) or "tokens" (token embeddings and their mask), from its `cond_format`."""
+    declared = getattr(denoise_fn, "cond_format", COND_FORMATS)
+    if declared is not COND_FORMATS:
+        if declared not in COND_FORMATS:
+            raise ValueError(
+                f"{type(denoise_fn).__name__}.cond_format must be one of {COND_FORMATS}, got {declared!r}"
+            )
+        return declared
+    # Denoisers without `cond_format`: the attributes U-Nets of this library set before it
+    # existed, read here and nowhere else.
+    if getattr(denoise_fn, "cond_on_tokens", False):
+        return "tokens"
+    config = getattr(denoise_fn, "config", None)
+    if (getattr(denoise_fn, "has_cond", False) or getattr(config, "cond_dim", None) is not None
+            or getattr(config, "use_bert_text_cond", False)):
+        return "pooled"
+    return None
 
 Cond = Float[Tensor, "b d"] | Float[Tensor, "b l d"] | list[str] | tuple[str, ...] | None
 Number = float | int
@@ -79,11 +114,15 @@ class GaussianDiffusion(nn.Module):
     `forward(x, t)` works for unconditional use.
 
     Conditions (`cond`): a tensor `(B, cond_dim)`, token embeddings `(B, L, D)` with an
-    optional `cond_mask` `(B, L)` bool, or a list of strings. Strings are encoded by
-    `text_encoder` (default: `diffusion.text.default_text_encoder()`); the denoiser gets the
-    pooled vector `(B, D)` as `cond`, or, if it sets the attribute `cond_on_tokens = True`,
-    the token embeddings as `cond` with their padding mask as `cond_mask`. With
-    `text_use_bert_cls=True` the first token's embedding replaces the pooled vector.
+    optional `cond_mask` `(B, L)` bool, or a list of strings. This process is the one owner
+    of text conditioning: strings are encoded by `text_encoder` (default:
+    `diffusion.text.default_text_encoder()`, loaded on first use) through a cache it owns
+    (`text_cache`: each distinct caption is encoded once; `text_cache_dir` keeps them on
+    disk too), and the denoiser's `cond_format` decides what it gets: the pooled vector
+    `(B, D)` ("pooled"), or the token embeddings as `cond` with their padding mask as
+    `cond_mask` ("tokens"). With `text_use_bert_cls=True` the first token's embedding
+    replaces the pooled vector. `is_conditional` tells whether the denoiser takes a
+    condition at all.
 
     `null_cond_prob` is the default probability of dropping the condition during training
     (classifier-free guidance needs it above 0, typically 0.1 to 0.2; the default 0 matches
@@ -110,8 +149,11 @@ class GaussianDiffusion(nn.Module):
         auto_normalize: bool = True,
         text_encoder: Any = None,
         null_cond_prob: Number = 0.0,
+        text_cache_dir: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
+        check_int("timesteps", timesteps, low=1)
+        check_memory(float(timesteps * _SCHEDULE_BYTES_PER_STEP), what=f"timesteps={timesteps:,} (the noise schedule's tables)")
         if isinstance(image_size, int):
             image_hw = (image_size, image_size)
         else:
@@ -149,9 +191,8 @@ class GaussianDiffusion(nn.Module):
         self.auto_normalize = auto_normalize
         self.text_use_bert_cls = text_use_bert_cls
         self.null_cond_prob = float(null_cond_prob)
-        # A frozen encoder is no part of the trained model: stored past nn.Module's
-        # registration so its weights stay out of parameters(), state_dict() and optimizers.
-        object.__setattr__(self, "text_encoder", text_encoder)
+        self._text_cache_dir = Path(text_cache_dir) if text_cache_dir is not None else None
+        self.text_encoder = text_encoder
 
         schedule = NoiseSchedule.from_betas(make_betas(beta_schedule, timesteps))
         for name, table in schedule.tables().items():
@@ -208,19 +249,55 @@ class GaussianDiffusion(nn.Module):
             f"(channels, num_frames, image_size of this GaussianDiffusion), got shape {tuple(x.shape)}"
         )
 
-    def encode_text(self, texts: list[str]) -> tuple[Tensor, Tensor | None]:
-        """Encode strings into the condition the denoiser takes: `(pooled, None)`, or
-        `(tokens, mask)` when `denoise_fn.cond_on_tokens` is True."""
-        encoder = self.text_encoder
-        if encoder is None:
-            # Imported here: the text extra (transformers) is optional.
-            from diffusion.text import default_text_encoder
+    # --- text: this process owns the encoder, its cache and the condition format -------
 
-            encoder = default_text_encoder()
+    @property
+    def text_encoder(self) -> Any:
+        """The encoder given (None: the default one, loaded on first use)."""
+        return self._text_encoder
+
+    @text_encoder.setter
+    def text_encoder(self, encoder: Any) -> None:
+        from diffusion.text import CachedTextEncoder, LazyTextEncoder, TextEncoder, default_text_encoder
+
+        if encoder is not None and not callable(getattr(encoder, "encode", None)):
+            raise TypeError(f"text_encoder must have an encode(list[str]) method, got {type(encoder).__name__}")
+        # A frozen encoder is no part of the trained model: it is not an nn.Module, so its
+        # weights stay out of parameters(), state_dict() and optimizers. Copies of this
+        # process (EMA, sampling) share it and its cache (`TextEncoder.__deepcopy__`).
+        self.__dict__["_text_encoder"] = encoder
+        if isinstance(encoder, CachedTextEncoder):
+            cache = encoder
+        else:
+            if isinstance(encoder, TextEncoder):
+                inner = encoder
+            else:  # the default encoder, loaded on first use, or any object with encode()
+                inner = LazyTextEncoder(default_text_encoder if encoder is None else (lambda: encoder))
+            cache = CachedTextEncoder(inner, cache_dir=self._text_cache_dir)
+        self.__dict__["text_cache"] = cache
+
+    def use_text_cache(self, folder: str | os.PathLike | None) -> None:
+        """Keep encoded captions in `folder` too (one safetensors file per caption), so a
+        later run with the same encoder reads them back instead of encoding again."""
+        self._text_cache_dir = Path(folder) if folder is not None else None
+        self.text_cache.cache_dir = self._text_cache_dir
+
+    @property
+    def cond_format(self) -> str | None:
+        """What the denoiser takes: None, "pooled" or "tokens" (`denoiser_cond_format`)."""
+        return denoiser_cond_format(self.denoise_fn)
+
+    @property
+    def is_conditional(self) -> bool:
+        return self.cond_format is not None
+
+    def encode_text(self, texts: list[str]) -> tuple[Tensor, Tensor | None]:
+        """Encode strings (each distinct one once) into the condition the denoiser takes:
+        `(pooled, None)`, or `(tokens, mask)` for a denoiser whose `cond_format` is "tokens"."""
         with torch.no_grad():
-            embedding = encoder.encode(list(texts))
+            embedding = self.text_cache.encode(list(texts))
         device = self.betas.device
-        if getattr(self.denoise_fn, "cond_on_tokens", False):
+        if self.cond_format == "tokens":
             return embedding.tokens.to(device), embedding.mask.to(device)
         if self.text_use_bert_cls:
             return embedding.tokens[:, 0].to(device), None
@@ -415,6 +492,7 @@ class GaussianDiffusion(nn.Module):
     ) -> Tensor:
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        check_number("cond_scale", float(cond_scale) if is_int(cond_scale) else cond_scale)
         cond, cond_mask = self.prepare_cond(cond, cond_mask, None)
         if cond is not None:
             # As in video-diffusion-pytorch: one sample per condition.
@@ -432,7 +510,17 @@ class GaussianDiffusion(nn.Module):
         finally:
             if bar is not None:
                 bar.close()
+        self._check_finite(x)
         return self.unnormalize(x)
+
+    @staticmethod
+    def _check_finite(x: Tensor) -> None:
+        bad = int((~torch.isfinite(x)).sum())
+        if bad:
+            raise NonFiniteSampleError(
+                f"sampling produced {bad:,} NaN or infinite values out of {x.numel():,}: the weights may be "
+                "damaged (non-finite parameters) or the guidance scale far too large; no sample is returned"
+            )
 
     def sample(
         self,
@@ -520,8 +608,11 @@ class GaussianDiffusion(nn.Module):
             noise = self._initial_noise(tuple(x.shape), None, generator)
             noised.append(self.q_sample(self.normalize(x.to(device)), times, noise))
         mix = (1.0 - lam) * noised[0] + lam * noised[1]
+        check_number("cond_scale", float(cond_scale) if is_int(cond_scale) else cond_scale)
         model_fn = self._model_fn(cond, cond_mask, float(cond_scale), clip_denoised)
-        return self.unnormalize(ddpm_sample(model_fn, mix, self.schedule, t_start=start, generator=generator))
+        x = ddpm_sample(model_fn, mix, self.schedule, t_start=start, generator=generator)
+        self._check_finite(x)
+        return self.unnormalize(x)
 
 
 def _progress_bar(sampler: str, num_timesteps: int, steps: int | None) -> tuple[Any, Callable[..., None]]:

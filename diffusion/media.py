@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,8 @@ import torch
 from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor
+
+from diffusion.checkpoint import atomic_write
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -347,19 +349,6 @@ def read_gif(path: str | Path, *, channels: int = 3) -> Float[Tensor, "c f h w"]
 # writing
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write through a temporary name in the same folder and rename into place, so a
-    reader (or a data loader) never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
-        write(temporary)
-        temporary.replace(path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
-
-
 def write_gif(
     video: Float[Tensor, "c f h w"], path: str | Path, *, fps: float | int = 8.0, loop: int = 0
 ) -> Path:
@@ -387,7 +376,7 @@ def write_gif(
             comment=f"spacetime-video frame_duration_ms={duration}",
         )
 
-    return _atomic_write(Path(path), write)
+    return atomic_write(Path(path), write, keep_suffix=True)
 
 
 def write_mp4(
@@ -419,7 +408,7 @@ def write_mp4(
     def write(target: Path) -> None:
         iio.imwrite(target, frames, plugin="pyav", codec=codec, fps=fps)
 
-    return _atomic_write(path, write)
+    return atomic_write(path, write, keep_suffix=True)
 
 
 def write_video(video: Float[Tensor, "c f h w"], path: str | Path, *, fps: float | int = 8.0) -> Path:
@@ -520,7 +509,7 @@ def plot_loss(
         axes.grid(True, alpha=0.3)
         figure.tight_layout()
         path = Path(path)
-        _atomic_write(path, lambda target: figure.savefig(target, format="png"))
+        atomic_write(path, lambda target: figure.savefig(target, format="png"), keep_suffix=True)
     finally:
         plt.close(figure)
     return path

@@ -35,7 +35,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from diffusion import media
-from diffusion.data import TEXT_EMBEDDINGS, CaptionEmbeddings, check_choice
+from diffusion.data import TEXT_EMBEDDINGS, CaptionEmbeddings, deprecated_text_encoder
+from spacetime.checks import check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +192,7 @@ class MovingDigits(Dataset):
         ]
         self.text_embeddings: CaptionEmbeddings | None = None
         if text_encoder is not None:
+            deprecated_text_encoder("MovingDigits")
             self.text_embeddings = CaptionEmbeddings(text_encoder, self.captions, kind=text_embedding)
 
     def __len__(self) -> int:

@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +140,52 @@ class TextEncoder(abc.ABC):
 
     def to(self, device: torch.device | str) -> TextEncoder:
         """Run the encoder on `device`. Encoders without weights have nothing to move."""
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> TextEncoder:
+        # Frozen: a copy of a model holding one (its EMA copy, a sampling copy) shares it,
+        # and with it the cache of encoded captions, instead of duplicating its weights.
+        return self
+
+
+class LazyTextEncoder(TextEncoder):
+    """The encoder `factory()` returns, built on first use (so that building a model does
+    not load a text model it may never need). `factory` may also return any object with
+    `encode(list[str])` returning a `TextEmbedding`."""
+
+    def __init__(self, factory: Callable[[], Any]):
+        if not callable(factory):
+            raise TypeError(f"LazyTextEncoder needs a callable returning an encoder, got {type(factory).__name__}")
+        self._factory = factory
+        self._encoder: Any = None
+
+    @property
+    def encoder(self) -> Any:
+        if self._encoder is None:
+            self._encoder = self._factory()
+        return self._encoder
+
+    @property
+    def dim(self) -> int:
+        dim = getattr(self.encoder, "dim", None)
+        return int(dim) if dim is not None else self.encoder.encode([""]).pooled.shape[-1]
+
+    @property
+    def fingerprint(self) -> str:
+        encoder = self.encoder
+        return str(getattr(encoder, "fingerprint", f"{type(encoder).__qualname__}@{id(encoder):x}"))
+
+    def encode(self, texts: Sequence[str], *, device: torch.device | str | None = None) -> TextEmbedding:
+        if isinstance(self.encoder, TextEncoder):
+            return self.encoder.encode(texts, device=device)
+        # Any object with tokens / mask / pooled is accepted from a duck-typed encoder.
+        raw = self.encoder.encode(list(texts))
+        out = TextEmbedding(tokens=raw.tokens, mask=raw.mask.bool(), pooled=raw.pooled)
+        return out.to(device) if device is not None else out
+
+    def to(self, device: torch.device | str) -> LazyTextEncoder:
+        if isinstance(self.encoder, TextEncoder):
+            self.encoder.to(device)
         return self
 
 

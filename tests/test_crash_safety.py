@@ -118,11 +118,14 @@ def saved_step(results: Path) -> int:
         ckpt.load_tensors(folder / "model.safetensors")
         ckpt.load_tensors(folder / "ema.safetensors")
         ckpt.load_state(folder / "state.pt")
-    pointer = results / LATEST
-    if not pointer.is_file():
+    # A kill between a checkpoint's rename into place and the rename of `latest` leaves a
+    # complete checkpoint that `latest` does not name yet: resuming takes the newest
+    # complete one, as the manager does.
+    folder = ckpt.CheckpointManager(results).latest()
+    if folder is None:
         assert not list(results.glob("checkpoint-*"))
         return 0
-    return int(ckpt.load_state(results / pointer.read_text().strip() / "state.pt")["step"])
+    return int(ckpt.load_state(folder / "state.pt")["step"])
 
 
 def kill_plan(kills: int, rng: random.Random) -> list[tuple[str, float]]:

@@ -79,7 +79,7 @@ def worker(out: Path) -> None:
 
     def rank1_interrupt(record):
         if stop.rank == 1 and record["step"] == 1:
-            stop._interrupt_requested = True
+            stop.interrupt.requested = True
 
     stop.train(log_fn=rank1_interrupt)
     report = {

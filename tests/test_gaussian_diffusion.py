@@ -76,6 +76,7 @@ class FakeTextEncoder:
         max_len = int(lengths.max())
         tokens = torch.arange(len(texts) * max_len * self.dim, dtype=torch.float32).view(len(texts), max_len, self.dim)
         mask = torch.arange(max_len)[None, :] < lengths[:, None]
+        tokens = tokens * mask[..., None]  # zero at padding, as TextEmbedding documents
         pooled = tokens.mean(dim=1) + 1000.0
         return SimpleNamespace(tokens=tokens, mask=mask, pooled=pooled)
 
@@ -414,7 +415,7 @@ def test_dynamic_thresholding_is_used_when_sampling():
         ({"loss_type": "l3"}, r"loss_type must be one of \('l1', 'l2', 'huber'\), got 'l3'"),
         ({"beta_schedule": "quadratic"}, r"beta_schedule must be one of \('cosine', 'linear', 'sigmoid'\), got 'quadratic'"),
         ({"objective": "eps"}, r"objective must be one of \('noise', 'x0', 'v'\), got 'eps'"),
-        ({"timesteps": 0}, "timesteps must be a positive int, got 0"),
+        ({"timesteps": 0}, "timesteps must be an int >= 1, got 0"),
         ({"image_size": (0, 4)}, "image_size must be a positive int or"),
         ({"null_cond_prob": 1.5}, r"null_cond_prob must lie in \[0, 1\]"),
         ({"dynamic_thres_percentile": 0.0}, "dynamic_thres_percentile must lie in"),

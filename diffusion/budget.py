@@ -1,0 +1,95 @@
+"""The learning-rate curve and the wall-clock budget of a training run.
+
+The learning rate is a pure function of the step (no scheduler object whose state could
+drift from the step counter on resume): linear warm-up over `warmup_steps`, then constant
+or a cosine / linear decay to `min_lr_ratio` * lr at the schedule's horizon.
+
+The horizon is `train_num_steps`, unless a wall-clock budget (`max_seconds`) ends the run
+sooner. A decay planned for more steps than the budget allows would stop while the rate is
+still high, which leaves noisy weights; so, with a decaying schedule, the number of steps
+the budget allows is estimated ONCE, from the step rate measured over the first
+`ESTIMATE_AFTER` steps of the session, and becomes the horizon (never more than
+`train_num_steps`). The horizon is stored in the checkpoint, so a resumed run follows the
+same curve whatever its own timing; nothing rewrites the run's options mid-run. The run
+stops at the horizon or when the budget is used up, whichever comes first.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+logger = logging.getLogger(__name__)
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+# Enough steps for the first (slow: allocation, caches, compilation) ones to weigh little,
+# few enough that the decay has hardly begun when the horizon is fixed.
+ESTIMATE_AFTER = 10
+
+
+def lr_factor(step: int, *, warmup_steps: int, schedule: str, horizon: int, min_lr_ratio: float) -> float:
+    """The learning rate of `step` as a fraction of the base rate."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    span = max(1, horizon - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    if schedule == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        shape = 1.0 - progress
+    return min_lr_ratio + (1.0 - min_lr_ratio) * shape
+
+
+class TimeBudget:
+    """Tracks one training session's wall-clock budget (`max_seconds`, 0 = none).
+
+    `horizon` is the step at which the learning-rate schedule ends: None until estimated
+    (the schedule then uses `train_num_steps`), or the value a checkpoint stored."""
+
+    def __init__(self, max_seconds: float | int, *, decaying: bool, max_steps: int, horizon: int | None = None,
+                 clock=time.perf_counter):
+        self.max_seconds = float(max_seconds)
+        self.decaying = decaying
+        self.max_steps = max_steps
+        self.horizon = horizon
+        self.clock = clock
+        self.start_time = clock()
+        self.start_step = 0
+        self.stopped_early = False
+
+    @property
+    def active(self) -> bool:
+        return self.max_seconds > 0
+
+    def start(self, step: int) -> None:
+        self.start_time = self.clock()
+        self.start_step = step
+        self.stopped_early = False
+
+    def elapsed(self) -> float:
+        return self.clock() - self.start_time
+
+    def after_step(self, step: int) -> None:
+        """Called with the number of completed steps; fixes the horizon once."""
+        if not self.active or not self.decaying or self.horizon is not None:
+            return
+        done = step - self.start_step
+        if done < ESTIMATE_AFTER:
+            return
+        projected = self.start_step + int(done / max(self.elapsed(), 1e-9) * self.max_seconds)
+        self.horizon = max(step + 1, min(self.max_steps, projected))
+        logger.info("time budget of %.0f s: the learning-rate schedule ends at step %d", self.max_seconds, self.horizon)
+
+    def should_stop(self, step: int) -> bool:
+        """True once the budget is used up or the schedule's horizon is reached."""
+        if not self.active:
+            return False
+        if self.elapsed() >= self.max_seconds or (self.horizon is not None and step >= self.horizon):
+            if step < self.max_steps and not self.stopped_early:
+                self.stopped_early = True
+                logger.info("time budget of %.0f s used up at step %d", self.max_seconds, step)
+            return True
+        return False
