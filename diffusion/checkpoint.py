@@ -79,6 +79,11 @@ class CorruptCheckpointError(ValueError):
     """The file is truncated, empty or not in the expected format."""
 
 
+class WeightsMismatchError(CorruptCheckpointError):
+    """A checkpoint's weights are intact but do not fit the model built from the config
+    (missing, unexpected or differently shaped tensors): the config changed since."""
+
+
 def check_writable(folder: str | os.PathLike) -> None:
     """Create and remove a file in `folder`; raise `CheckpointWriteError` if that fails."""
     folder = Path(folder)
@@ -518,7 +523,13 @@ class CheckpointManager:
             if state["scaler"]:
                 scaler.load_state_dict(state["scaler"])
             set_rng_state(state["rng"])
-        except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as err:
+        except RuntimeError as err:
+            if "state_dict" not in str(err):
+                raise CorruptCheckpointError(f"checkpoint {folder} cannot be restored: {str(err)[:2000]}") from None
+            # load_state_dict's report: a header line, then one line per mismatched tensor.
+            first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+            raise WeightsMismatchError(f"checkpoint {folder} does not fit this model: {first}") from None
+        except (KeyError, TypeError, ValueError, IndexError) as err:
             raise CorruptCheckpointError(f"checkpoint {folder} does not fit this model and trainer: "
                                          f"{type(err).__name__}: {str(err)[:2000]}") from None
         if now is not None:

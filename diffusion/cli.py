@@ -57,7 +57,6 @@ from diffusion.run import (
     read_run_config,
     resume_conflicts,
     run_traces,
-    weights_mismatch,
 )
 from unets import guards
 
@@ -220,20 +219,7 @@ def _clear_unfinished_run(out: Path) -> None:
 
 
 def _trainer_options(config: RunConfig, out: Path) -> dict[str, Any]:
-    options = {**config.trainer.options(), "results_folder": str(out)}
-    # Transition only, until the Trainer takes every TrainerConfig field: a Trainer from
-    # before it has neither option, so at their defaults they are left out; set, the Trainer
-    # refuses them itself (nothing is silently ignored). Delete with that merge.
-    import inspect
-
-    from diffusion.trainer import Trainer
-
-    accepted = inspect.signature(Trainer.__init__).parameters
-    if "save_model_every" not in accepted and not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
-        for key, default in (("max_seconds", 0.0), ("save_model_every", None)):
-            if options.get(key) == default:
-                options.pop(key)
-    return options
+    return {**config.trainer.options(), "results_folder": str(out)}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -266,10 +252,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         trainer = Trainer(diffusion, dataset=dataset, device=device, resume=resume, progress=args.progress,
                           **_trainer_options(config, out))
-    except RuntimeError as err:
-        if resume and "state_dict" in str(err):  # a config.json edited after the checkpoint
-            raise ConfigError(weights_mismatch(out / CONFIG_NAME, latest_checkpoint(out), err)) from None
-        raise
+    except ckpt.WeightsMismatchError as err:  # a config.json edited after the checkpoint
+        raise ConfigError(f"{out / CONFIG_NAME} no longer matches the weights: {err}") from None
     start, first_step = time.perf_counter(), trainer.step
     trainer.train()
     seconds = time.perf_counter() - start

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, no_type_check
 
+from diffusion.budget import LR_SCHEDULES
 from spacetime.checks import check_choice, check_int, check_number, did_you_mean
 from unets import guards
 
@@ -51,7 +52,6 @@ DEPRECATED_DIFFUSION = ("cond_on_tokens",)
 # text2video-from-scratch's layout: the training videos' folder at the top level.
 SEED_DATA_KEY = "training_data_dir"
 
-LR_SCHEDULES = ("constant", "cosine", "linear")
 DATA_KINDS = ("moving-digits", "folder")
 MAX_SEED = 2**63 - 1  # torch generators take a signed 64-bit seed
 
