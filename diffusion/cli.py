@@ -236,6 +236,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     device = _device(args.device)
 
     unet_config = config.unet.unet_config()
+    # The initial weights are part of the run: drawn from the run's seed, so the same command
+    # on the same machine trains the same model (the Trainer seeds every step after this).
+    import torch
+
+    torch.manual_seed(config.trainer.seed)
     diffusion = build_diffusion(config, unet_config=unet_config)
     if config.trainer.sample_kwargs:
         check_sample_kwargs("trainer.sample_kwargs", config.trainer.sample_kwargs, target=diffusion.sample,

@@ -250,3 +250,24 @@ def test_a_config_json_edited_after_the_checkpoint_is_one_line(trained_run, tmp_
     assert err.count("\n") == 1 and "config.json no longer matches the weights" in err
     assert run_cli("sample", "--checkpoint", str(run), "--prompt", "a", "--steps", "1") == 2
     assert "config.json no longer matches the weights" in capsys.readouterr().err
+
+
+def test_same_command_trains_the_same_model(tmp_path):
+    """The initial weights come from the run's seed: the same command gives the same losses,
+    another seed other ones (before, only the steps were seeded and every run differed)."""
+    threads = torch.get_num_threads()
+
+    def losses(name: str, seed: int) -> list[float]:
+        run = tmp_path / name
+        args = ("train", "--preset", "debug", "--out", str(run), "--set", "trainer.train_num_steps=3",
+                "--set", "trainer.log_every=1", "--set", f"trainer.seed={seed}")
+        try:
+            assert run_cli(*args) == 0
+        finally:
+            torch.set_num_threads(threads)
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line)["loss"] for line in lines]
+
+    first, again, other = losses("a", 0), losses("b", 0), losses("c", 1)
+    assert len(first) == 3 and first == again
+    assert first[0] != other[0]
