@@ -1,5 +1,5 @@
 """GaussianDiffusion: the DDPM process around any denoiser that follows the U-Net call
-convention (DESIGN.md), with video-diffusion-pytorch's arguments.
+convention (docs/design.md), with video-diffusion-pytorch's arguments.
 
 Training (Ho et al. 2020, Algorithm 1): draw `t`, noise the data to
 `x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps` and regress the network output on the
@@ -110,7 +110,7 @@ class GaussianDiffusion(nn.Module):
     the schedule, objective, loss weighting, normalisation and text options below).
 
     `denoise_fn(x_t, t, cond=..., ...)` is any module following the call convention of
-    DESIGN.md; only keywords that differ from their defaults are passed, so a plain
+    docs/design.md; only keywords that differ from their defaults are passed, so a plain
     `forward(x, t)` works for unconditional use.
 
     Conditions (`cond`): a tensor `(B, cond_dim)`, token embeddings `(B, L, D)` with an

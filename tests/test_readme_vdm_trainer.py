@@ -2,7 +2,7 @@
 
 The example's sizes are shrunk so it runs in seconds on a CPU (dim, dim_mults, image_size,
 num_frames, timesteps, batch size, steps, save period) and `.cuda()` is dropped, which
-API.md allows for CPU users. Every argument name and the call sequence are the README's."""
+docs/api.md allows for CPU users. Every argument name and the call sequence are the README's."""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ def one_thread():
 
 class TinyDenoiser(nn.Module):
     """Spatial conv + temporal conv (masked by enable_time) + timestep and condition embeddings,
-    following the U-Net call convention of DESIGN.md."""
+    following the U-Net call convention of docs/design.md."""
 
     def __init__(self, channels: int = 1, dim: int = 8, cond_dim: int | None = None, timesteps: int = 1000):
         super().__init__()

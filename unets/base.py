@@ -2,7 +2,7 @@
 
 A U-Net class derives from `(UnetMixin, nn.Module)`, sets `config_class`, stores its config
 as `self.config` and implements `frame_multiple` / `size_multiple`. The mixin then provides
-the rest of the common surface (API.md, DESIGN.md "U-Net call convention"):
+the rest of the common surface (docs/api.md, docs/design.md "U-Net call convention"):
 
 - `from_config(config)` (what `unets.build` calls) and `save_pretrained(path)`;
 - `temporal_parameters()` / `spatial_parameters()` (split by `spacetime.mark_temporal`);

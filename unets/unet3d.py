@@ -48,7 +48,7 @@ from unets.config import UnetConfig
 
 __all__ = ["PRESETS", "TEXT_ENCODER_DIM", "Unet3D", "Unet3DConfig"]
 
-# Width of the default text encoder's embeddings (all-MiniLM-L6-v2, DESIGN.md "Text"). Kept as a
+# Width of the default text encoder's embeddings (all-MiniLM-L6-v2, docs/design.md "Text"). Kept as a
 # constant so the U-Net needs no text libraries; diffusion.text checks it against the encoder.
 TEXT_ENCODER_DIM = 384
 
@@ -593,7 +593,7 @@ class Unet3D(UnetMixin, nn.Module):
             if keep is not None:
                 token_mask = token_mask & rearrange(keep, "b -> b 1")
 
-        # Masked mean over real tokens (DESIGN.md); a sample left with none uses the null.
+        # Masked mean over real tokens (docs/design.md); a sample left with none uses the null.
         pooled, count = masked_mean(tokens, token_mask)
         pooled = torch.where(count > 0, pooled, null.to(tokens.dtype))
         if not self.text_cross_attn:
