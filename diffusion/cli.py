@@ -51,7 +51,6 @@ from diffusion.run import (
     CONFIG_NAME,
     build_dataset,
     build_diffusion,
-    cond_format,
     latest_checkpoint,
     open_run,
     read_run_config,
@@ -322,7 +321,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UsageError(f"--steps must be at most the run's diffusion.timesteps={diffusion.num_timesteps}, "
                          f"got {options.steps}")
 
-    conditional = cond_format(diffusion.denoise_fn) is not None
+    conditional = diffusion.cond_format is not None
     if not conditional and (args.prompt or args.prompts_file):
         raise UsageError("this model is unconditional (no cond_dim): it takes no prompts")
     prompts = _read_prompts(args, config) if conditional else []

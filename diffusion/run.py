@@ -28,7 +28,7 @@ from unets import guards
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CONFIG_NAME", "RESUME_HONOURED", "LoadedRun", "build_dataset", "build_diffusion", "cond_format",
+__all__ = ["CONFIG_NAME", "RESUME_HONOURED", "LoadedRun", "build_dataset", "build_diffusion",
            "latest_checkpoint", "load_run", "open_run", "read_run_config", "resume_conflicts"]
 
 CONFIG_NAME = "config.json"
@@ -95,19 +95,6 @@ def run_traces(run_dir: Path) -> list[str]:
     if (run_dir / LATEST).exists() or (run_dir / LATEST).is_symlink():
         found.append(LATEST)
     return found
-
-
-def cond_format(denoise_fn: Any) -> str | None:
-    """What condition the denoiser takes: None, "pooled" or "tokens" (its `cond_format`)."""
-    if hasattr(denoise_fn, "cond_format"):
-        return denoise_fn.cond_format
-    # U-Nets of before `cond_format`: the attribute the diffusion process reads, then the config.
-    if getattr(denoise_fn, "cond_on_tokens", False):
-        return "tokens"
-    config = getattr(denoise_fn, "config", None)
-    if getattr(config, "cond_dim", None) is not None or getattr(config, "use_bert_text_cond", False):
-        return "pooled"
-    return None
 
 
 def build_diffusion(config: RunConfig, *, unet_config: Any = None) -> Any:

@@ -10,7 +10,7 @@ Choosing a backend, first match wins:
     1. the `backend=` argument of `attend`;
     2. the innermost `attention_backend(name)` context (thread-local);
     3. the environment variable `SPACETIME_ATTN_BACKEND`;
-    4. `auto`.
+    4. `auto` (a layer built with `flash=True` asks `auto` to try fused kernels first).
 Under torch.compile the choice is read while tracing; the thread-local is guarded by Dynamo, so
 entering a different context recompiles, while the environment variable is read once per trace.
 
@@ -790,9 +790,13 @@ _AUTO_ORDER = {
 CPU_MATH_MAX_KEYS = 16
 
 
-def _auto_order(inputs: _Inputs) -> tuple[AttentionBackend, ...]:
+def _auto_order(inputs: _Inputs, prefer_fused: bool = False) -> tuple[AttentionBackend, ...]:
     if inputs.device.type == "cuda":
         return _AUTO_ORDER["cuda"]
+    if prefer_fused:
+        # The caller asked for a fused kernel (make-a-video's `flash=True`): sdpa's fused CPU
+        # kernel before math, whatever the sequence length.
+        return _AUTO_ORDER["other"]
     if inputs.bias_needs_grad or inputs.k.shape[2] <= CPU_MATH_MAX_KEYS:
         return _AUTO_ORDER["other_math_first"]
     return _AUTO_ORDER["other"]
@@ -891,7 +895,7 @@ def _validate(q: object, k: object, v: object, bias: object, causal: object) -> 
         )
 
 
-def _choose(requested: AttentionBackend, inputs: _Inputs) -> AttentionBackend:
+def _choose(requested: AttentionBackend, inputs: _Inputs, prefer_fused: bool = False) -> AttentionBackend:
     if requested is not AttentionBackend.AUTO:
         reasons = _reasons(requested, inputs)
         if reasons:
@@ -900,7 +904,7 @@ def _choose(requested: AttentionBackend, inputs: _Inputs) -> AttentionBackend:
             )
         return requested
     on_cuda = inputs.device.type == "cuda"
-    for name in _auto_order(inputs):
+    for name in _auto_order(inputs, prefer_fused):
         if not _reasons(name, inputs):
             if name is AttentionBackend.MATH and on_cuda and not torch.compiler.is_compiling():
                 _warn_math_fallback(inputs)  # pragma: no cover - needs CUDA
@@ -976,6 +980,7 @@ def attend(
     *,
     causal: bool = False,
     backend: str | AttentionBackend | None = None,
+    prefer_fused: bool = False,
 ) -> Float[Tensor, "b h nq d"]:
     """softmax(q k^T / sqrt(D) + bias) v.
 
@@ -983,10 +988,13 @@ def attend(
     a float bias is added to the logits, a bool bias is a keep-mask (True = attend). `causal`
     hides keys after the query's position, aligned at the end when Nq != Nk. `backend` is a
     name from `AttentionBackend`; None uses the context / environment default (see module doc).
+    `prefer_fused` only matters when the choice falls through to `auto`: fused kernels are then
+    tried before math on every device (on CUDA they already are). It never overrides an
+    explicit backend, a context or the environment variable.
     Batches above a backend's `max_batch` are split and concatenated."""
     _validate(q, k, v, bias, causal)
     requested = _default_backend() if backend is None else _parse_backend(backend, "backend")
-    name = _choose(requested, _describe(q, k, v, bias, causal))
+    name = _choose(requested, _describe(q, k, v, bias, causal), prefer_fused)
     run = _BACKENDS[name].run
     limit = _BACKENDS[name].capability.max_batch
     batch = q.shape[0]

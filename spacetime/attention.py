@@ -99,6 +99,7 @@ class Attention(nn.Module):
         context_dim: int | None = None,
         causal: bool = False,
         backend: str | None = None,
+        prefer_fused: bool = False,
     ):
         super().__init__()
         if dim < 1 or dim_head < 1 or heads < 1:
@@ -110,6 +111,7 @@ class Attention(nn.Module):
         self.heads = heads
         self.causal = causal
         self.backend = backend
+        self.prefer_fused = prefer_fused
         self.context_dim = context_dim
         self.norm = RMSNorm(dim, axis=-1)
         self.context_norm = None if context_dim is None else RMSNorm(context_dim, axis=-1)
@@ -140,7 +142,7 @@ class Attention(nn.Module):
         k, v = rearrange(self.to_kv(source), "b m (two h d) -> two b h m d", two=2, h=self.heads)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-        out = attend(q, k, v, bias, causal=self.causal, backend=self.backend)
+        out = attend(q, k, v, bias, causal=self.causal, backend=self.backend, prefer_fused=self.prefer_fused)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -264,10 +266,11 @@ class SpatioTemporalAttention(nn.Module):
        the previous one where time is enabled; turn it off for a block that is exactly
        frame-wise while its temporal parameters are at init.
 
-    `pos_bias`: see the module docstring. `flash=True` asks for a fused kernel: attention runs
-    with backend "auto", which picks a fused kernel that accepts the position bias where the
-    device has one (make-a-video refuses flash with a bias). `backend` names an
-    `AttentionBackend` explicitly and overrides both.
+    `pos_bias`: see the module docstring. `flash=True` asks for a fused kernel: when neither
+    `backend`, an `attention_backend()` context nor `SPACETIME_ATTN_BACKEND` chooses one,
+    `auto` tries the fused kernels first and picks one that accepts the position bias where
+    the device has one (make-a-video refuses flash with a bias). `backend` names an
+    `AttentionBackend` explicitly and wins over everything.
 
     Parameters: `temporal` (attention and its position bias) is temporal; `spatial`, `cross`
     and `ff` are spatial. make-a-video state-dict names map as `spatial_attn.*` ->
@@ -291,8 +294,6 @@ class SpatioTemporalAttention(nn.Module):
         ff_token_shift: bool = True,
     ):
         super().__init__()
-        if backend is None and flash:
-            backend = "auto"
         self.dim = dim
         self.context_dim = context_dim
         self.spatial = SpatialAttention(
@@ -316,6 +317,9 @@ class SpatioTemporalAttention(nn.Module):
         self.ff = (
             FeedForward(dim, ff_mult, token_shift=ff_token_shift) if add_feed_forward else None
         )
+        for attention in (self.spatial.attn, self.temporal.attn, self.cross):
+            if attention is not None:
+                attention.prefer_fused = flash
 
     def _check_context(self, b: int, context: Tensor | None, context_mask: Tensor | None) -> None:
         if context is None:

@@ -188,7 +188,11 @@ def test_flash_and_backend_arguments():
     plain = randomize(build(6, 2, 4, True))
     flash = build(6, 2, 4, True, flash=True)
     flash.load_state_dict(plain.state_dict())
-    assert flash.spatial.attn.backend == "auto" and plain.spatial.attn.backend is None
+    # flash=True is a preference for auto, not an explicit backend that would override a
+    # context or SPACETIME_ATTN_BACKEND
+    assert flash.spatial.attn.backend is None and plain.spatial.attn.backend is None
+    assert flash.spatial.attn.prefer_fused and flash.temporal.attn.prefer_fused
+    assert not plain.spatial.attn.prefer_fused
     video = torch.randn(2, 6, 3, 4, 4)
     torch.testing.assert_close(flash(video), plain(video), **TOL)
     math = build(6, 2, 4, True, flash=True, backend="math")
@@ -282,3 +286,28 @@ def test_flash_with_position_bias_runs_on_a_fused_kernel(monkeypatch):
     assert chosen and "math" not in chosen, chosen
     reference = attn.float()(video)
     torch.testing.assert_close(out.float(), reference, atol=5e-2, rtol=5e-2)
+
+
+def test_flash_layers_follow_the_context_and_the_environment(monkeypatch):
+    from spacetime import attention_backend
+
+    flash = build(6, 2, 4, True, flash=True)
+    video = torch.randn(1, 6, 2, 4, 4)
+    # "flash" cannot run fp32 on CPU: the refusal proves the context / variable was used
+    with attention_backend("flash"), pytest.raises(ValueError, match="backend 'flash' cannot run"):
+        flash(video)
+    monkeypatch.setenv("SPACETIME_ATTN_BACKEND", "flash")
+    with pytest.raises(ValueError, match="backend 'flash' cannot run"):
+        flash(video)
+    with attention_backend("math"):  # the innermost choice wins over the variable
+        flash(video)
+
+
+def test_prefer_fused_tries_fused_kernels_first_off_cuda():
+    from spacetime.attend import AttentionBackend, _choose, _describe, attend
+
+    q = torch.randn(4, 2, 8, 16)  # 8 keys: auto alone runs math first on CPU
+    inputs = _describe(q, q, q, None, False)
+    assert _choose(AttentionBackend.AUTO, inputs) is AttentionBackend.MATH
+    assert _choose(AttentionBackend.AUTO, inputs, prefer_fused=True) is AttentionBackend.SDPA
+    torch.testing.assert_close(attend(q, q, q, prefer_fused=True), attend(q, q, q, backend="math"), **TOL)

@@ -53,6 +53,20 @@ class UnetMixin:
             )
         return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
 
+    # --- conditioning -------------------------------------------------------------------
+
+    @property
+    def cond_format(self) -> str | None:
+        """What the U-Net takes as `cond`: None (nothing), "pooled" (a `(B, cond_dim)`
+        vector) or "tokens" (`(B, L, cond_dim)` embeddings with `cond_mask`). Derived from
+        the config; the diffusion process reads it to hand text over in the right form."""
+        raise NotImplementedError(f"{type(self).__name__} must define cond_format")
+
+    @property
+    def cond_on_tokens(self) -> bool:
+        """`cond_format == "tokens"` (the name earlier versions set as an attribute)."""
+        return self.cond_format == "tokens"
+
     # --- shape limits -------------------------------------------------------------------
 
     @property

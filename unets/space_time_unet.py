@@ -31,6 +31,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
+from spacetime.attend import AttentionBackend
+from spacetime.checks import check_choice
 from spacetime.position import FramePositionEmbedding
 from unets.base import UnetMixin
 from unets.blocks import POOLINGS, TextPool, TimestepEmbedding, check_block_name, get_block
@@ -80,6 +82,9 @@ class SpaceTimeUnetConfig(UnetConfig):
     frame_pos_emb: bool = False
     cond_pool: str = "mean"
     blocks: SpaceTimeBlocks = dataclasses.field(default_factory=SpaceTimeBlocks)
+    # None: the `attention_backend()` context, SPACETIME_ATTN_BACKEND, else `auto` decide
+    # (with `flash_attn=True`, `auto` tries fused kernels first); a name pins the backend.
+    attn_backend: str | None = None
 
     def validate(self) -> None:
         for key in ("dim", "channels", "attn_dim_head", "attn_heads", "ff_mult"):
@@ -112,6 +117,8 @@ class SpaceTimeUnetConfig(UnetConfig):
             raise ValueError(f"attn_pos_bias must be a bool or one of {list(_POS_BIAS_KINDS)}, got {self.attn_pos_bias!r}")
         if self.cond_dim is not None and (isinstance(self.cond_dim, bool) or self.cond_dim < 1):
             raise ValueError(f"cond_dim must be None or a positive int, got {self.cond_dim!r}")
+        if self.attn_backend is not None:
+            check_choice("attn_backend", self.attn_backend, [b.value for b in AttentionBackend])
         if not isinstance(self.blocks, SpaceTimeBlocks):
             raise TypeError(f"blocks must be a SpaceTimeBlocks, got {type(self.blocks).__name__}")
 
@@ -186,6 +193,7 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
         frame_pos_emb: bool = False,
         cond_pool: str = "mean",
         blocks: SpaceTimeBlocks | dict[str, str] | None = None,
+        attn_backend: str | None = None,
     ):
         super().__init__()
         if isinstance(blocks, dict):
@@ -208,6 +216,7 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
             frame_pos_emb=frame_pos_emb,
             cond_pool=cond_pool,
             blocks=SpaceTimeBlocks() if blocks is None else blocks,
+            attn_backend=attn_backend,
         )
         self.config = config
         kinds = config.blocks
@@ -236,9 +245,6 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
         else:
             self.cond_embed = None
             self.null_cond = None
-        # Read by GaussianDiffusion: string conditions arrive as token embeddings + mask, which
-        # this network both pools (masked mean) and cross-attends to.
-        self.cond_on_tokens = cond_dim is not None
 
         def attn(d: int) -> nn.Module:
             return attention(
@@ -250,6 +256,7 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
                 flash=flash_attn,
                 causal_time_attn=causal_time_attn,
                 context_dim=cond_dim,
+                backend=config.attn_backend,
             )
 
         def res(d_in: int, d_out: int, with_emb: bool) -> nn.Module:
@@ -283,6 +290,12 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
         self.mid_attn = attn(mid_dim)
         self.mid_block2 = res(mid_dim, mid_dim, True)
         self.conv_out = conv(dim, channels, 3, temporal_kernel_size=3)
+
+    @property
+    def cond_format(self) -> str | None:
+        # Token embeddings + mask: the network both pools them (masked mean, or attention
+        # pooling) and cross-attends to them.
+        return "tokens" if self.config.cond_dim is not None else None
 
     @property
     def frame_multiple(self) -> int:

@@ -56,7 +56,6 @@ TEXT_ENCODER_DIM = 384
 # attention (not the block registry's "pseudo3d", make-a-video's conv + temporal conv).
 # "full3d": 3x3x3 convs (the registry's "conv3d"). Both are built by the "conv3d" block.
 CONV_TYPES = ("pseudo3d", "full3d")
-BLOCK_TYPES = ("resnet",)
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,6 +79,8 @@ class Unet3DConfig(UnetConfig):
     init_dim: int | None = None
     init_kernel_size: int = 7
     use_sparse_linear_attn: bool = True
+    # video-diffusion-pytorch takes `block_type` and never reads it (text2video-from-scratch's
+    # default.yaml sets "basic"): kept in the config for those files, with no effect.
     block_type: str = "resnet"
     resnet_groups: int = 8
     conv_type: str = "pseudo3d"
@@ -107,8 +108,8 @@ class Unet3DConfig(UnetConfig):
             raise ValueError(f"dim_mults must be a non-empty tuple of positive ints, got {self.dim_mults!r}")
         if self.init_kernel_size < 1 or self.init_kernel_size % 2 == 0:
             raise ValueError(f"init_kernel_size must be odd and positive, got {self.init_kernel_size}")
-        if self.block_type not in BLOCK_TYPES:
-            raise ValueError(f"block_type must be one of {list(BLOCK_TYPES)}, got {self.block_type!r}")
+        if not isinstance(self.block_type, str):
+            raise TypeError(f"block_type must be a string (it has no effect), got {self.block_type!r}")
         if self.conv_type not in CONV_TYPES:
             raise ValueError(f"conv_type must be one of {list(CONV_TYPES)}, got {self.conv_type!r}")
         if self.use_bert_text_cond and self.cond_dim not in (None, TEXT_ENCODER_DIM):
@@ -389,9 +390,6 @@ class Unet3D(UnetMixin, nn.Module):
         self.cond_dim = TEXT_ENCODER_DIM if use_bert_text_cond else cond_dim
         self.has_cond = self.cond_dim is not None
         self.text_cross_attn = text_cross_attn
-        # Read by GaussianDiffusion: string conditions arrive as token embeddings + mask when
-        # the network cross-attends to them, else as the pooled vector.
-        self.cond_on_tokens = text_cross_attn
         init_dim = dim if init_dim is None else init_dim
 
         # Time: one T5 bias table and one rotary embedding shared by every temporal attention
@@ -443,6 +441,14 @@ class Unet3D(UnetMixin, nn.Module):
         self.final_conv = nn.Conv3d(init_dim, self.out_dim, 1)
 
     # --- shape limits -------------------------------------------------------------------------
+
+    @property
+    def cond_format(self) -> str | None:
+        # Tokens when the stages cross-attend to them; otherwise the pooled vector that joins
+        # the timestep embedding (token embeddings given anyway are pooled by masked mean).
+        if self.text_cross_attn:
+            return "tokens"
+        return "pooled" if self.has_cond else None
 
     @property
     def frame_multiple(self) -> int:
