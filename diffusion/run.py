@@ -51,35 +51,12 @@ def read_run_config(path: str | os.PathLike) -> RunConfig:
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The run's newest complete checkpoint folder, or None (the Trainer's rule: the folder
-    `latest` names, else the newest `checkpoint-*` holding `state.pt`)."""
-    run_dir = Path(run_dir)
-    try:
-        from diffusion.checkpoint import CheckpointManager  # the Trainer's own reader, where present
-    except ImportError:
-        return _latest_complete(run_dir)
-    return CheckpointManager(run_dir).latest()
+    """The run's newest complete checkpoint folder, or None: the Trainer's own rule
+    (`CheckpointManager.latest`: the folder `latest` names inside the run, else the newest
+    complete `checkpoint-*`)."""
+    from diffusion.checkpoint import CheckpointManager
 
-
-def _complete(folder: Path) -> bool:
-    return folder.is_dir() and all((folder / name).is_file() for name in ("state.pt", "model.safetensors"))
-
-
-def _latest_complete(run_dir: Path) -> Path | None:
-    pointer = run_dir / LATEST
-    if pointer.exists() or pointer.is_symlink():
-        try:
-            name = guards.read_text(pointer, what="checkpoint pointer", max_bytes=4096).strip()
-        except (guards.BadFileError, OSError) as err:
-            logger.warning("ignoring %s: %s", pointer, err)
-            name = ""
-        # `latest` names a folder of this run: a path elsewhere is not followed.
-        if name.startswith(CHECKPOINT_PREFIX) and "/" not in name and "\\" not in name and _complete(run_dir / name):
-            return run_dir / name
-        if name:
-            logger.warning("%s names %r, not a complete checkpoint of this run; using the newest one", pointer, name)
-    complete = [p for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*") if not p.is_symlink() and _complete(p)]
-    return max(complete, key=lambda p: (p / "state.pt").stat().st_mtime_ns) if complete else None
+    return CheckpointManager(Path(run_dir)).latest()
 
 
 def run_traces(run_dir: Path) -> list[str]:
@@ -136,7 +113,9 @@ def find_checkpoint(path: str | os.PathLike) -> tuple[Path, Path]:
     if not path.exists():
         raise FileNotFoundError(f"run folder {str(path)!r} does not exist")
     if (path.parent / CONFIG_NAME).is_file() and path.name.startswith(CHECKPOINT_PREFIX):
-        if not _complete(path):
+        from diffusion.checkpoint import CheckpointManager
+
+        if not CheckpointManager(path.parent).is_complete(path):
             raise ConfigError(f"{path} is not a complete checkpoint (state.pt and model.safetensors)")
         return path.parent, path
     if (path / CONFIG_NAME).exists():
