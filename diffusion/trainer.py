@@ -49,8 +49,7 @@ from diffusion.samples import SampleGrid, conditions_on_captions, sampling_model
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = ckpt.CHECKPOINT_PREFIX
-LATEST = ckpt.LATEST
+CHECKPOINT_PREFIX, LATEST = ckpt.CHECKPOINT_PREFIX, ckpt.LATEST
 
 Number = float | int
 
@@ -333,8 +332,9 @@ class Trainer:
 
     def _non_finite(self, what: str, step: int, where: str = "") -> NonFiniteLossError:
         self.opt.zero_grad(set_to_none=True)
+        last = self.latest_checkpoint()
         return NonFiniteLossError(f"{what} at step {step}{where}: training stopped without saving this state; "
-                                  f"the last good checkpoint is {self.latest_checkpoint()}")
+                                  + (f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"))
 
     def _train_step(self, batches: Iterator[dict[str, Any]], train_kwargs: Mapping[str, Any]) -> dict[str, Any]:
         step, accumulate = self.step, self.config.gradient_accumulate_every
