@@ -384,6 +384,11 @@ class _MathAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         q, k, v, bias = ctx.saved_tensors
+        with torch.autocast(q.device.type, enabled=False):
+            return _MathAttention._backward(ctx, grad_out, q, k, v, bias)
+
+    @staticmethod
+    def _backward(ctx, grad_out, q, k, v, bias):  # type: ignore[no-untyped-def]
         probs = _math_probs(q, k, bias, ctx.causal)
         compute = probs.dtype
         grad_out = grad_out.to(compute)
@@ -403,6 +408,13 @@ class _MathAttention(torch.autograd.Function):
 
 
 def _run_math(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal: bool) -> Tensor:
+    # The math backend sets its own precision (fp32 logits and softmax for half inputs);
+    # autocast would cast its fp32 products back to bf16/fp16 and overflow the masking value.
+    with torch.autocast(q.device.type, enabled=False):
+        return _run_math_exact(q, k, v, bias, causal)
+
+
+def _run_math_exact(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal: bool) -> Tensor:
     nq, nk, dim = q.shape[2], k.shape[2], q.shape[3]
     # Recompute only where the weights outweigh the q, k, v that backward keeps anyway (spatial
     # attention); for short sequences (temporal, small latents) keeping them is cheaper.

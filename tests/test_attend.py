@@ -600,3 +600,23 @@ def test_flex_inside_an_outer_compiled_region(no_runtime_type_checks):
         out = compiled(q, k, v, bias)
         ref = attend(q, k, v, bias, causal=True, backend="math")
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_math_under_bf16_autocast_matches_its_exact_result(causal):
+    # autocast must not recast the math backend's fp32 logits (the fp32 masking value would
+    # overflow bf16) nor mix dtypes in its recomputing backward
+    torch.manual_seed(0)
+    q = torch.randn(2, 2, 64, 16, dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(1, 2, 64, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend(q, q, q, bias, causal=causal, backend="math")
+    out.float().square().sum().backward()
+    grads = q.grad.clone(), bias.grad.clone()
+    q.grad = bias.grad = None
+    exact = attend(q, q, q, bias, causal=causal, backend="math")
+    exact.float().square().sum().backward()
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, exact)
+    torch.testing.assert_close(grads[0], q.grad)
+    torch.testing.assert_close(grads[1], bias.grad)
