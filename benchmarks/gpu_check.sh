@@ -126,7 +126,8 @@ run_step unet-eager "$T_UNET" "$PY" benchmarks/unet.py "${UNET_ARGS[@]}" --out "
 run_step unet-compile "$T_COMPILE" "$PY" benchmarks/unet.py "${UNET_ARGS[@]}" "${COMPILE_ARGS[@]}" --out "$WORK/unet_compile"
 
 run_step train "$T_TRAIN" "$PY" -m diffusion train --preset moving-digits --out "$WORK/train" --device "$DEVICE" \
-    --set trainer.amp=true --set trainer.train_num_steps="$TRAIN_STEPS" --set trainer.max_seconds=0
+    --set trainer.amp=true --set trainer.train_num_steps="$TRAIN_STEPS" --set trainer.max_seconds=0 \
+    --set trainer.log_every=1  # every step logged, so the loss check sees the last one
 
 # The other issues' benchmarks, when they exist: the scripts' common flags.
 for extra in inflate diffusers; do

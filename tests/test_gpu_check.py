@@ -187,3 +187,19 @@ def test_summary_without_any_results(tmp_path):
     assert all(t["result"] in ("FAIL", "N/A") for t in summary["targets"])
     text = (tmp_path / "out" / "summary.md").read_text()
     assert "steps failed or timed out: attention" in text
+
+
+def test_gpu_attention_grid_covers_the_issue():
+    from benchmarks import attention
+
+    cases = attention._grid("gpu", ["bf16"])
+    temporal = [c for c in cases if c.kind == "temporal"]
+    spatial = [c for c in cases if c.kind == "spatial"]
+    assert temporal and spatial and all(c.dtype == "bf16" for c in cases)
+    assert any(c.batch > 65_535 for c in temporal)
+    assert {c.bias for c in temporal} == {c.bias for c in spatial} == set(attention.BIASES)
+    assert {c.causal for c in temporal} == {False, True}
+    assert {c.pass_ for c in cases} == set(attention.PASSES)
+    assert len(cases) <= 30  # the reduced grid: minutes, not the full grid's hour
+    with pytest.raises(ValueError, match="quick, cpu, gpu, full"):
+        attention._grid("huge", ["bf16"])
