@@ -87,7 +87,9 @@ class Case:
 
 def _grid(name: str, dtypes: Sequence[str]) -> list[Case]:
     """The case list of a named grid. `full`: the issue's grid, for GPUs. `cpu`: the same
-    classes at sizes one CPU core finishes in minutes. `quick`: a smoke subset."""
+    classes at sizes one CPU core finishes in minutes. `quick`: a smoke subset.
+    `gpu`: every bias and causal mode on one spatial and one over-the-grid-limit temporal class
+    (what `benchmarks/gpu_check.sh` runs)."""
     if name == "quick":
         spatial = [(256, 4)]
         temporal = [(8, 256)]
@@ -98,6 +100,13 @@ def _grid(name: str, dtypes: Sequence[str]) -> list[Case]:
         temporal = [(8, 2048), (16, 2048), (32, 1024)]
         head_dims, heads, biases = (32, 64), 4, BIASES
         temporal_biases = BIASES
+    elif name == "gpu":
+        # The reduced GPU check (a few minutes on one GPU): one spatial class, one temporal
+        # class whose batch B*H*W = 131072 is twice the CUDA grid limit, one head dim.
+        spatial = [(1024, 64)]
+        temporal = [(16, 131072)]
+        head_dims, heads, biases = (64,), 8, BIASES
+        temporal_biases = BIASES
     elif name == "full":
         # Spatial batch B*F keeps 64k tokens per call; temporal batches B*H*W of 16k and 131k
         # (a 64x64 latent, B=32: twice the CUDA grid limit, so attend chunks it).
@@ -106,7 +115,7 @@ def _grid(name: str, dtypes: Sequence[str]) -> list[Case]:
         head_dims, heads, biases = (32, 64, 128), 8, BIASES
         temporal_biases = BIASES
     else:
-        raise ValueError(f"grid must be one of quick, cpu, full, got {name!r}")
+        raise ValueError(f"grid must be one of quick, cpu, gpu, full, got {name!r}")
     cases = []
     for dtype in dtypes:
         for pass_ in PASSES:
@@ -440,7 +449,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="benchmarks/attention.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="smoke subset (CPU, < 1 minute)")
-    parser.add_argument("--grid", choices=("quick", "cpu", "full"), default=None,
+    parser.add_argument("--grid", choices=("quick", "cpu", "gpu", "full"), default=None,
                         help="default: full on CUDA, cpu on CPU (quick with --quick)")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None,
                         help="default: bf16 fp16 on CUDA, fp32 on CPU")

@@ -105,7 +105,7 @@ class Subject:
                 raise ValueError(f"{name} has no enable_gradient_checkpointing(); drop --checkpointing")
             model.enable_gradient_checkpointing()
         self.model = model
-        self.forward = torch.compile(model) if args.compile else model
+        self.forward = torch.compile(model, backend=args.compile_backend) if args.compile else model
         self.optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         self.bf16 = args.bf16
         self.backend = args.backend
@@ -352,6 +352,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--backend", default=None, help="attention backend for our U-Nets")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend (default inductor; 'eager' traces without code "
+                             "generation, for a fast CPU dry run of the compiled path)")
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--bf16", action="store_true")
