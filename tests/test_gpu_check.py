@@ -73,9 +73,9 @@ def test_dry_run_writes_summary_and_files(tmp_path):
     # Every step ran to its end inside its limit (none timed out), and the steps whose code has
     # no known CPU-only failure succeeded.
     assert all(s["status"] != "TIMEOUT" for s in steps.values()), steps
-    for name in ("environment", "pytest", "attention", "attention-flex", "unet-eager"):
+    for name in ("environment", "pytest", "attention", "attention-flex", "unet-eager", "train"):
         assert steps[name]["status"] == "ok", steps[name]
-    assert steps["wheels"]["status"] == "SKIP"
+    assert steps["wheels"]["status"] == "SKIP" and steps["unet-compile"]["status"] == "SKIP"
     targets = {t["target"]: t for t in summary["targets"]}
     assert all(t["result"] in ("PASS", "FAIL", "N/A") for t in targets.values())
     measured = [t for t in targets.values() if t["value"] is not None]
