@@ -264,10 +264,12 @@ class SpatioTemporalAttention(nn.Module):
        the previous one where time is enabled; turn it off for a block that is exactly
        frame-wise while its temporal parameters are at init.
 
-    `pos_bias`: see the module docstring. `flash=True` asks for a fused kernel: attention runs
-    with backend "auto", which picks a fused kernel that accepts the position bias where the
-    device has one (make-a-video refuses flash with a bias). `backend` names an
-    `AttentionBackend` explicitly and overrides both.
+    `pos_bias`: see the module docstring. `backend` names an `AttentionBackend` and pins every
+    attention here to it; None (the default) leaves the choice to the `attention_backend()`
+    context, then SPACETIME_ATTN_BACKEND, then auto, which prefers a fused kernel that accepts
+    the position bias. `flash=True` (make-a-video's name) asks for a fused kernel: that is what
+    auto picks, so it changes nothing the context or environment variable decide (make-a-video
+    refuses flash with a bias; here auto finds a fused kernel that takes one).
 
     Parameters: `temporal` (attention and its position bias) is temporal; `spatial`, `cross`
     and `ff` are spatial. make-a-video state-dict names map as `spatial_attn.*` ->
@@ -291,8 +293,11 @@ class SpatioTemporalAttention(nn.Module):
         ff_token_shift: bool = True,
     ):
         super().__init__()
-        if backend is None and flash:
-            backend = "auto"
+        # `flash` (make-a-video-pytorch's name) asks for a fused kernel, which is what the
+        # default resolution (argument, then `attention_backend()` context, then
+        # SPACETIME_ATTN_BACKEND, then auto: fused first) already gives; pinning "auto" here
+        # would override the user's context and environment variable.
+        self.flash = flash
         self.dim = dim
         self.context_dim = context_dim
         self.spatial = SpatialAttention(

@@ -53,6 +53,33 @@ class UnetMixin:
             )
         return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
 
+    # --- conditioning -------------------------------------------------------------------
+
+    # What `cond` the forward takes, derived from the config: None (unconditional), "pooled"
+    # (a `(B, D)` vector) or "tokens" (`(B, L, D)` token embeddings plus a `(B, L)` mask).
+    COND_FORMATS: ClassVar[tuple[str | None, ...]] = (None, "pooled", "tokens")
+
+    @property
+    def cond_format(self) -> str | None:
+        """None, "pooled" or "tokens": the condition this network takes (read-only)."""
+        raise NotImplementedError(f"{type(self).__name__} does not declare its cond_format")
+
+    @property
+    def cond_on_tokens(self) -> bool:
+        """Read-only alias of `cond_format == "tokens"` (kept for callers of the old attribute)."""
+        return self.cond_format == "tokens"
+
+    @cond_on_tokens.setter
+    def cond_on_tokens(self, value: bool) -> None:
+        # Older callers set the attribute after building; the format now follows the config,
+        # so only a value that agrees with it is accepted (and changes nothing).
+        if bool(value) != self.cond_on_tokens:
+            raise AttributeError(
+                f"cond_on_tokens is derived from the config (cond_format={self.cond_format!r}); "
+                f"got cond_on_tokens={value!r}: rebuild {type(self).__name__} with the conditioning "
+                "options instead"
+            )
+
     # --- shape limits -------------------------------------------------------------------
 
     @property

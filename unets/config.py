@@ -20,14 +20,15 @@ naming the valid keys and suggesting the closest one.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import types
 import typing
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, TypeVar
 
-__all__ = ["ConfigPart", "UnetConfig", "check_keys", "closest_hint"]
+from spacetime.checks import check_choice, did_you_mean
+
+__all__ = ["ConfigPart", "UnetConfig", "check_attn_backend", "check_keys", "closest_hint"]
 
 _C = TypeVar("_C", bound="ConfigPart")
 
@@ -35,10 +36,23 @@ _C = TypeVar("_C", bound="ConfigPart")
 NAME_KEY = "name"
 
 
-def closest_hint(key: str, valid: Iterable[str]) -> str:
-    """`" (did you mean 'x'?)"` for the valid key closest to `key`, or `""` if none is close."""
-    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
-    return f" (did you mean {match[0]!r}?)" if match else ""
+# Kept for importers of the old name; the wording lives in spacetime.checks.
+closest_hint = did_you_mean
+
+
+def check_attn_backend(value: Any) -> str | None:
+    """The `attn_backend` option of every U-Net: None (the `attention_backend()` context, then
+    the SPACETIME_ATTN_BACKEND variable, then auto decide at call time) or a backend name,
+    which pins every attention layer of the network to it."""
+    from spacetime.attend import AttentionBackend
+
+    if value is None:
+        return None
+    if isinstance(value, AttentionBackend):
+        return value.value
+    if not isinstance(value, str):
+        raise TypeError(f"attn_backend must be None or a backend name (str), got {type(value).__name__}")
+    return check_choice("attn_backend", value.strip().lower(), [b.value for b in AttentionBackend])
 
 
 def check_keys(given: Iterable[str], valid: Iterable[str], what: str) -> None:
@@ -49,7 +63,7 @@ def check_keys(given: Iterable[str], valid: Iterable[str], what: str) -> None:
         first = unknown[0]
         raise ValueError(
             f"unknown {what} key{'s' if len(unknown) > 1 else ''} {unknown}"
-            f"{closest_hint(first, valid)}; valid keys are {valid}"
+            f"{did_you_mean(first, valid)}; valid keys are {valid}"
         )
 
 

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from spacetime.position import FramePositionEmbedding
 from unets.base import UnetMixin
 from unets.blocks import POOLINGS, TextPool, TimestepEmbedding, check_block_name, get_block
-from unets.config import ConfigPart, UnetConfig
+from unets.config import ConfigPart, UnetConfig, check_attn_backend
 
 __all__ = ["PRESETS", "SpaceTimeBlocks", "SpaceTimeUnet", "SpaceTimeUnetConfig"]
 
@@ -74,6 +74,7 @@ class SpaceTimeUnetConfig(UnetConfig):
     condition_on_timestep: bool = True
     attn_pos_bias: bool | str = True
     flash_attn: bool = False
+    attn_backend: str | None = None
     causal_time_attn: bool = False
     cond_dim: int | None = None
     ff_mult: int = 4
@@ -112,6 +113,8 @@ class SpaceTimeUnetConfig(UnetConfig):
             raise ValueError(f"attn_pos_bias must be a bool or one of {list(_POS_BIAS_KINDS)}, got {self.attn_pos_bias!r}")
         if self.cond_dim is not None and (isinstance(self.cond_dim, bool) or self.cond_dim < 1):
             raise ValueError(f"cond_dim must be None or a positive int, got {self.cond_dim!r}")
+        if self.attn_backend is not None:
+            check_attn_backend(self.attn_backend)
         if not isinstance(self.blocks, SpaceTimeBlocks):
             raise TypeError(f"blocks must be a SpaceTimeBlocks, got {type(self.blocks).__name__}")
 
@@ -180,6 +183,7 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
         condition_on_timestep: bool = True,
         attn_pos_bias: bool | str = True,
         flash_attn: bool = False,
+        attn_backend: str | None = None,
         causal_time_attn: bool = False,
         cond_dim: int | None = None,
         ff_mult: int = 4,
@@ -202,6 +206,7 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
             condition_on_timestep=condition_on_timestep,
             attn_pos_bias=attn_pos_bias,
             flash_attn=flash_attn,
+            attn_backend=attn_backend,
             causal_time_attn=causal_time_attn,
             cond_dim=cond_dim,
             ff_mult=ff_mult,
@@ -236,9 +241,9 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
         else:
             self.cond_embed = None
             self.null_cond = None
-        # Read by GaussianDiffusion: string conditions arrive as token embeddings + mask, which
-        # this network both pools (masked mean) and cross-attends to.
-        self.cond_on_tokens = cond_dim is not None
+
+        # A custom attention factory need not know `backend`: it is only passed when pinned.
+        pinned = {} if attn_backend is None else {"backend": attn_backend}
 
         def attn(d: int) -> nn.Module:
             return attention(
@@ -250,6 +255,7 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
                 flash=flash_attn,
                 causal_time_attn=causal_time_attn,
                 context_dim=cond_dim,
+                **pinned,
             )
 
         def res(d_in: int, d_out: int, with_emb: bool) -> nn.Module:
@@ -369,6 +375,11 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
             if level.attn is not None:
                 x = ck(level.attn, x, enable_time, **attn_kw)
         return self.conv_out(x, enable_time=enable_time)
+
+    @property
+    def cond_format(self) -> str | None:
+        """"tokens" with `cond_dim` (pooled by `cond_pool` and cross-attended), else None."""
+        return None if self.config.cond_dim is None else "tokens"
 
     def forward(
         self,

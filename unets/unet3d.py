@@ -44,7 +44,7 @@ from spacetime.position import RelativePositionBias, RotaryEmbedding, apply_rota
 from spacetime.time import EnableTime, select_time, time_enabled
 from unets.base import UnetMixin
 from unets.blocks import TimestepEmbedding, get_block, masked_mean
-from unets.config import UnetConfig
+from unets.config import UnetConfig, check_attn_backend
 
 __all__ = ["PRESETS", "TEXT_ENCODER_DIM", "Unet3D", "Unet3DConfig"]
 
@@ -118,6 +118,7 @@ class Unet3DConfig(UnetConfig):
             )
         if self.text_cross_attn and self.cond_dim is None and not self.use_bert_text_cond:
             raise ValueError("text_cross_attn=True needs a condition: set cond_dim or use_bert_text_cond=True")
+        check_attn_backend(self.attn_backend)
         if self.max_time_distance < 9:
             raise ValueError(f"max_time_distance must be >= 9 (T5 buckets), got {self.max_time_distance}")
         init_dim = self.dim if self.init_dim is None else self.init_dim
@@ -389,9 +390,6 @@ class Unet3D(UnetMixin, nn.Module):
         self.cond_dim = TEXT_ENCODER_DIM if use_bert_text_cond else cond_dim
         self.has_cond = self.cond_dim is not None
         self.text_cross_attn = text_cross_attn
-        # Read by GaussianDiffusion: string conditions arrive as token embeddings + mask when
-        # the network cross-attends to them, else as the pooled vector.
-        self.cond_on_tokens = text_cross_attn
         init_dim = dim if init_dim is None else init_dim
 
         # Time: one T5 bias table and one rotary embedding shared by every temporal attention
@@ -454,6 +452,14 @@ class Unet3D(UnetMixin, nn.Module):
         return 2 ** (len(self.config.dim_mults) - 1)
 
     # --- forward ------------------------------------------------------------------------------
+
+    @property
+    def cond_format(self) -> str | None:
+        """None without a condition, "tokens" with `text_cross_attn` (the tokens are attended
+        to as well as pooled), else "pooled"."""
+        if not self.has_cond:
+            return None
+        return "tokens" if self.text_cross_attn else "pooled"
 
     def forward(
         self,
