@@ -48,3 +48,21 @@ def test_load_weights_of_the_saved_state_dict(case):
 def test_cond_format_of_the_saved_configs(case):
     expected = {"plain": None, "pooled-full3d": "pooled", "tokens-cross": "tokens"}[case]
     assert unets.load(FIXTURES / case).cond_format == expected
+
+
+def test_text2video_from_scratch_config():
+    """text2video-from-scratch's U-Net options (video-diffusion-pytorch names): `block_type` is
+    ignored whatever its value, `init_dim: null` means dim, bert conditioning fixes cond_dim."""
+    options = {"dim": 8, "dim_mults": [1, 2], "attn_heads": 2, "attn_dim_head": 4, "resnet_groups": 4,
+               "block_type": "basic", "use_sparse_linear_attn": True, "init_kernel_size": 7,
+               "init_dim": None, "use_bert_text_cond": True}
+    net = unets.build("unet3d", **options)
+    reference = unets.build("unet3d", **(options | {"block_type": "resnet"}))
+    assert net.config.block_type == "basic" and net.cond_format == "pooled" and net.cond_dim == 384
+    assert [k for k, _ in net.named_parameters()] == [k for k, _ in reference.named_parameters()]
+    reference.load_state_dict(net.state_dict())
+    x, t, cond = torch.randn(1, 3, 2, 8, 8), torch.tensor([5]), torch.randn(1, 384)
+    torch.testing.assert_close(_run(net, {"x": x, "time": t, "cond": cond}),
+                               _run(reference, {"x": x, "time": t, "cond": cond}))
+    with pytest.raises(TypeError, match="block_type"):
+        unets.build("unet3d", **(options | {"block_type": 3}))

@@ -56,7 +56,9 @@ TEXT_ENCODER_DIM = 384
 # attention (not the block registry's "pseudo3d", make-a-video's conv + temporal conv).
 # "full3d": 3x3x3 convs (the registry's "conv3d"). Both are built by the "conv3d" block.
 CONV_TYPES = ("pseudo3d", "full3d")
-BLOCK_TYPES = ("resnet",)
+# video-diffusion-pytorch takes `block_type` and ignores it (its blocks are always resnets);
+# configs written for it (text2video-from-scratch: "basic") must keep loading, so any string
+# is accepted and stored, and the blocks are resnets whatever it says.
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,8 +109,8 @@ class Unet3DConfig(UnetConfig):
             raise ValueError(f"dim_mults must be a non-empty tuple of positive ints, got {self.dim_mults!r}")
         if self.init_kernel_size < 1 or self.init_kernel_size % 2 == 0:
             raise ValueError(f"init_kernel_size must be odd and positive, got {self.init_kernel_size}")
-        if self.block_type not in BLOCK_TYPES:
-            raise ValueError(f"block_type must be one of {list(BLOCK_TYPES)}, got {self.block_type!r}")
+        if not isinstance(self.block_type, str):
+            raise TypeError(f"block_type must be a str (it is ignored), got {type(self.block_type).__name__}")
         if self.conv_type not in CONV_TYPES:
             raise ValueError(f"conv_type must be one of {list(CONV_TYPES)}, got {self.conv_type!r}")
         if self.use_bert_text_cond and self.cond_dim not in (None, TEXT_ENCODER_DIM):
