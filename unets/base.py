@@ -38,6 +38,13 @@ class UnetMixin:
     config: UnetConfig
     gradient_checkpointing: bool = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # The config dataclass is the one declaration of the options: the constructor takes
+        # `*args, **options` and this makes `inspect.signature(cls)` list them.
+        if "config_class" in cls.__dict__:
+            cls.__signature__ = cls.config_class.signature()  # type: ignore[attr-defined]
+
     # --- construction -------------------------------------------------------------------
 
     @classmethod

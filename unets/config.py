@@ -20,6 +20,7 @@ naming the valid keys and suggesting the closest one.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import types
 import typing
@@ -183,6 +184,58 @@ class UnetConfig(ConfigPart):
         if name is not None and cls.unet_name and name != cls.unet_name:
             raise ValueError(f"config is for U-Net {name!r}, not {cls.unet_name!r} ({cls.__name__})")
         return super().from_dict.__func__(cls, data)  # type: ignore[attr-defined]
+
+    # Options the constructor also takes by position, in field order (the seed library's
+    # positional parameters); every other option is keyword-only.
+    POSITIONAL: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def signature(cls) -> inspect.Signature:
+        """The U-Net constructor's signature, derived from the fields: same names, order,
+        defaults and annotations. A part built by a default factory shows `None` (= default)."""
+        hints = cls._hints()
+        params = []
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = None
+            else:
+                default = inspect.Parameter.empty
+            kind = (inspect.Parameter.POSITIONAL_OR_KEYWORD if f.name in cls.POSITIONAL
+                    else inspect.Parameter.KEYWORD_ONLY)
+            params.append(inspect.Parameter(f.name, kind, default=default, annotation=hints[f.name]))
+        return inspect.Signature(params)
+
+    @classmethod
+    def from_options(cls: type[_C], *args: Any, **options: Any) -> _C:
+        """The config of a constructor call `Model(*args, **options)`: bound against
+        `signature()` (so the same TypeErrors as a hand-written signature), sequences turned
+        into tuples, dicts into nested parts, and `None` for a part meaning its default."""
+        signature = cls.signature()  # type: ignore[attr-defined]
+        unknown = [k for k in options if k not in signature.parameters]
+        if unknown:
+            raise TypeError(
+                f"{cls.__name__.removesuffix('Config')}() got an unexpected keyword argument "
+                f"{unknown[0]!r}{did_you_mean(unknown[0], signature.parameters)}"
+            )
+        try:
+            bound = signature.bind(*args, **options)
+        except TypeError as err:
+            raise TypeError(f"{cls.__name__.removesuffix('Config')}(): {err}") from None
+        hints = cls._hints()
+        values: dict[str, Any] = {}
+        for key, value in bound.arguments.items():
+            tp = hints[key]
+            if value is None and _is_part(tp):
+                continue
+            if typing.get_origin(tp) is tuple and not isinstance(value, (str, bytes, Mapping, tuple, list)):
+                try:
+                    value = tuple(value)
+                except TypeError:
+                    pass  # left for validate() to reject with a precise message
+            values[key] = _from_json(tp, value, f"{cls.__name__}.{key}")
+        return cls(**values)
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **{"indent": 2, "sort_keys": True, **kwargs})

@@ -169,52 +169,15 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
 
     config_class = SpaceTimeUnetConfig
 
-    def __init__(
-        self,
-        *,
-        dim: int,
-        channels: int = 3,
-        dim_mult: tuple[int, ...] = (1, 2, 4, 8),
-        self_attns: tuple[bool, ...] = (False, False, False, True),
-        temporal_compression: tuple[bool, ...] = (False, True, True, True),
-        resnet_block_depths: tuple[int, ...] = (2, 2, 2, 2),
-        attn_dim_head: int = 64,
-        attn_heads: int = 8,
-        condition_on_timestep: bool = True,
-        attn_pos_bias: bool | str = True,
-        flash_attn: bool = False,
-        attn_backend: str | None = None,
-        causal_time_attn: bool = False,
-        cond_dim: int | None = None,
-        ff_mult: int = 4,
-        frame_pos_emb: bool = False,
-        cond_pool: str = "mean",
-        blocks: SpaceTimeBlocks | dict[str, str] | None = None,
-    ):
+    def __init__(self, *args: Any, **options: Any):
+        """Options: the fields of `SpaceTimeUnetConfig` (see `inspect.signature(SpaceTimeUnet)`)."""
         super().__init__()
-        if isinstance(blocks, dict):
-            blocks = SpaceTimeBlocks.from_dict(blocks)
-        config = SpaceTimeUnetConfig(
-            dim=dim,
-            channels=channels,
-            dim_mult=tuple(dim_mult),
-            self_attns=tuple(self_attns),
-            temporal_compression=tuple(temporal_compression),
-            resnet_block_depths=tuple(resnet_block_depths),
-            attn_dim_head=attn_dim_head,
-            attn_heads=attn_heads,
-            condition_on_timestep=condition_on_timestep,
-            attn_pos_bias=attn_pos_bias,
-            flash_attn=flash_attn,
-            attn_backend=attn_backend,
-            causal_time_attn=causal_time_attn,
-            cond_dim=cond_dim,
-            ff_mult=ff_mult,
-            frame_pos_emb=frame_pos_emb,
-            cond_pool=cond_pool,
-            blocks=SpaceTimeBlocks() if blocks is None else blocks,
-        )
+        config = SpaceTimeUnetConfig.from_options(*args, **options)
         self.config = config
+        dim, channels, cond_dim = config.dim, config.channels, config.cond_dim
+        attn_dim_head, attn_heads, ff_mult = config.attn_dim_head, config.attn_heads, config.ff_mult
+        attn_pos_bias, flash_attn, attn_backend = config.attn_pos_bias, config.flash_attn, config.attn_backend
+        condition_on_timestep, causal_time_attn = config.condition_on_timestep, config.causal_time_attn
         kinds = config.blocks
         resnet = get_block("resnet", kinds.resnet)
         conv = get_block("conv", kinds.conv)

@@ -30,7 +30,7 @@ What differs from video-diffusion-pytorch 0.7:
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +70,12 @@ class Unet3DConfig(UnetConfig):
     """Constructor arguments of `Unet3D` (video-diffusion-pytorch's, then this library's)."""
 
     unet_name: ClassVar[str] = "unet3d"
+    # video-diffusion-pytorch's positional parameters, in its order.
+    POSITIONAL: ClassVar[tuple[str, ...]] = (
+        "dim", "cond_dim", "out_dim", "dim_mults", "channels", "attn_heads", "attn_dim_head",
+        "use_bert_text_cond", "init_dim", "init_kernel_size", "use_sparse_linear_attn", "block_type",
+        "resnet_groups",
+    )
 
     dim: int
     cond_dim: int | None = None
@@ -357,36 +363,16 @@ class Unet3D(UnetMixin, nn.Module):
 
     config_class = Unet3DConfig
 
-    def __init__(
-        self,
-        dim: int,
-        cond_dim: int | None = None,
-        out_dim: int | None = None,
-        dim_mults: tuple[int, ...] | list[int] = (1, 2, 4, 8),
-        channels: int = 3,
-        attn_heads: int = 8,
-        attn_dim_head: int = 32,
-        use_bert_text_cond: bool = False,
-        init_dim: int | None = None,
-        init_kernel_size: int = 7,
-        use_sparse_linear_attn: bool = True,
-        block_type: str = "resnet",
-        resnet_groups: int = 8,
-        *,
-        conv_type: str = "pseudo3d",
-        text_cross_attn: bool = False,
-        attn_backend: str | None = None,
-        max_time_distance: int = 32,
-    ):
+    def __init__(self, *args: Any, **options: Any):
+        """Options: the fields of `Unet3DConfig` (see `inspect.signature(Unet3D)`); the first
+        thirteen may be passed by position, as in video-diffusion-pytorch."""
         super().__init__()
-        cfg = Unet3DConfig(
-            dim=dim, cond_dim=cond_dim, out_dim=out_dim, dim_mults=tuple(dim_mults), channels=channels,
-            attn_heads=attn_heads, attn_dim_head=attn_dim_head, use_bert_text_cond=use_bert_text_cond,
-            init_dim=init_dim, init_kernel_size=init_kernel_size, use_sparse_linear_attn=use_sparse_linear_attn,
-            block_type=block_type, resnet_groups=resnet_groups, conv_type=conv_type,
-            text_cross_attn=text_cross_attn, attn_backend=attn_backend, max_time_distance=max_time_distance,
-        )
+        cfg = Unet3DConfig.from_options(*args, **options)
         self.config = cfg
+        dim, channels, out_dim, cond_dim = cfg.dim, cfg.channels, cfg.out_dim, cfg.cond_dim
+        attn_heads, attn_dim_head, attn_backend = cfg.attn_heads, cfg.attn_dim_head, cfg.attn_backend
+        use_bert_text_cond, text_cross_attn = cfg.use_bert_text_cond, cfg.text_cross_attn
+        init_dim, init_kernel_size, max_time_distance = cfg.init_dim, cfg.init_kernel_size, cfg.max_time_distance
         self.channels = channels
         self.out_dim = channels if out_dim is None else out_dim
         self.cond_dim = TEXT_ENCODER_DIM if use_bert_text_cond else cond_dim
@@ -423,8 +409,8 @@ class Unet3D(UnetMixin, nn.Module):
             for i, (d_in, d_out) in enumerate(in_out)
         )
 
-        mid, kt = dims[-1], 3 if conv_type == "full3d" else 1
-        resnet = dict(emb_dim=emb_dim, groups=resnet_groups, temporal_kernel_size=kt)
+        mid, kt = dims[-1], 3 if cfg.conv_type == "full3d" else 1
+        resnet = dict(emb_dim=emb_dim, groups=cfg.resnet_groups, temporal_kernel_size=kt)
         self.mid_block1 = ResnetBlock(mid, mid, **resnet)
         self.mid_spatial_attn = SpatialAttention(mid, heads=attn_heads, dim_head=attn_dim_head, backend=attn_backend)
         self.mid_cross_attn = (
@@ -439,7 +425,7 @@ class Unet3D(UnetMixin, nn.Module):
             Stage(d_out * 2, d_in, resample=_space_upsample(d_in) if i < last else nn.Identity(), **stage)
             for i, (d_in, d_out) in enumerate(reversed(in_out))
         )
-        self.final_block = ResnetBlock(init_dim * 2, init_dim, emb_dim=None, groups=resnet_groups, temporal_kernel_size=kt)
+        self.final_block = ResnetBlock(init_dim * 2, init_dim, emb_dim=None, groups=cfg.resnet_groups, temporal_kernel_size=kt)
         self.final_conv = nn.Conv3d(init_dim, self.out_dim, 1)
 
     # --- shape limits -------------------------------------------------------------------------
