@@ -31,6 +31,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
+from spacetime.checks import is_int
 from spacetime.position import FramePositionEmbedding
 from unets.base import UnetMixin
 from unets.blocks import POOLINGS, TextPool, TimestepEmbedding, check_block_name, get_block
@@ -85,7 +86,7 @@ class SpaceTimeUnetConfig(UnetConfig):
     def validate(self) -> None:
         for key in ("dim", "channels", "attn_dim_head", "attn_heads", "ff_mult"):
             value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{key} must be a positive int, got {value!r}")
         if self.dim % 2:
             raise ValueError(f"dim must be even (sinusoidal timestep embedding), got {self.dim}")
@@ -96,9 +97,9 @@ class SpaceTimeUnetConfig(UnetConfig):
             raise ValueError(f"{bad} must be tuples (one entry per level), got {[getattr(self, k) for k in bad]}")
         if len(set(lengths.values())) != 1 or lengths["dim_mult"] == 0:
             raise ValueError(f"{list(per_level)} must all have one entry per level (>= 1 level), got lengths {lengths}")
-        if any(not isinstance(m, int) or isinstance(m, bool) or m < 1 for m in self.dim_mult):
+        if any(not is_int(m) or m < 1 for m in self.dim_mult):
             raise ValueError(f"dim_mult entries must be positive ints, got {self.dim_mult}")
-        if any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in self.resnet_block_depths):
+        if any(not is_int(d) or d < 1 for d in self.resnet_block_depths):
             raise ValueError(f"resnet_block_depths entries must be ints >= 1, got {self.resnet_block_depths}")
         for key in ("self_attns", "temporal_compression"):
             if any(not isinstance(v, bool) for v in getattr(self, key)):
@@ -111,7 +112,7 @@ class SpaceTimeUnetConfig(UnetConfig):
             raise TypeError(f"frame_pos_emb must be a bool, got {self.frame_pos_emb!r}")
         if not isinstance(self.attn_pos_bias, bool) and self.attn_pos_bias not in _POS_BIAS_KINDS:
             raise ValueError(f"attn_pos_bias must be a bool or one of {list(_POS_BIAS_KINDS)}, got {self.attn_pos_bias!r}")
-        if self.cond_dim is not None and (isinstance(self.cond_dim, bool) or self.cond_dim < 1):
+        if self.cond_dim is not None and (not is_int(self.cond_dim) or self.cond_dim < 1):
             raise ValueError(f"cond_dim must be None or a positive int, got {self.cond_dim!r}")
         if self.attn_backend is not None:
             check_attn_backend(self.attn_backend)

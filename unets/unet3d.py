@@ -39,6 +39,7 @@ from jaxtyping import Bool, Float, Real
 from torch import Tensor, nn
 
 from spacetime.attend import attend
+from spacetime.checks import is_int
 from spacetime.params import mark_temporal
 from spacetime.position import RelativePositionBias, RotaryEmbedding, apply_rotary
 from spacetime.time import EnableTime, select_time, time_enabled
@@ -103,14 +104,14 @@ class Unet3DConfig(UnetConfig):
             "cond_dim": self.cond_dim, "out_dim": self.out_dim, "init_dim": self.init_dim,
         }
         for name, value in positive.items():
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            if value is not None and (not is_int(value) or value < 1):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.dim < 4 or self.dim % 2:
             raise ValueError(f"dim must be even and >= 4 (it sizes the timestep embedding), got {self.dim}")
         if (
             not isinstance(self.dim_mults, tuple)
             or not self.dim_mults
-            or any(not isinstance(m, int) or isinstance(m, bool) or m < 1 for m in self.dim_mults)
+            or any(not is_int(m) or m < 1 for m in self.dim_mults)
         ):
             raise ValueError(f"dim_mults must be a non-empty tuple of positive ints, got {self.dim_mults!r}")
         if self.init_kernel_size < 1 or self.init_kernel_size % 2 == 0:
