@@ -38,10 +38,10 @@ from einops import rearrange, repeat
 from jaxtyping import Bool, Float, Real
 from torch import Tensor, nn
 
-from spacetime.attend import attend
+from spacetime.attention import Attention
 from spacetime.checks import is_int
 from spacetime.params import mark_temporal
-from spacetime.position import RelativePositionBias, RotaryEmbedding, apply_rotary
+from spacetime.position import RelativePositionBias, RotaryEmbedding
 from spacetime.time import EnableTime, select_time, time_enabled
 from unets.base import UnetMixin
 from unets.blocks import TimestepEmbedding, get_block, masked_mean
@@ -223,49 +223,43 @@ class SpatialLinearAttention(nn.Module):
         return x + out
 
 
-class SpatialAttention(nn.Module):
+# The three full attentions below are the shared `spacetime.attention.Attention` with
+# video-diffusion-pytorch's math (LayerNorm pre-norm, a fused `to_qkv` for self-attention, the
+# context used as given, default-initialised outputs except over time); each only folds the
+# video into tokens and adds the residual. Parameter names are those of Unet3D v1.
+
+
+class PixelAttention(Attention):
     """Pre-norm residual full attention over the pixels of each frame (the middle block)."""
 
     def __init__(self, dim: int, *, heads: int, dim_head: int, backend: str | None):
-        super().__init__()
-        self.heads, self.backend = heads, backend
-        self.norm = nn.LayerNorm(dim)
-        self.to_qkv = nn.Linear(dim, heads * dim_head * 3, bias=False)
-        self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
+        super().__init__(dim, heads=heads, dim_head=dim_head, backend=backend, norm="layer", fused_qkv=True,
+                         zero_out=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         b, _, _, h, w = x.shape
-        tokens = self.norm(rearrange(x, "b c f h w -> (b f) (h w) c"))
-        q, k, v = rearrange(self.to_qkv(tokens), "n l (qkv h d) -> qkv n h l d", qkv=3, h=self.heads)
-        out = rearrange(attend(q, k, v, backend=self.backend), "n h l d -> n l (h d)")
-        out = rearrange(self.to_out(out), "(b f) (h w) c -> b c f h w", b=b, h=h, w=w)
-        return x + out
+        out = super().forward(rearrange(x, "b c f h w -> (b f) (h w) c"))
+        return x + rearrange(out, "(b f) (h w) c -> b c f h w", b=b, h=h, w=w)
 
 
-class CrossAttention(nn.Module):
+class TextAttention(Attention):
     """Pre-norm residual attention from every pixel of every frame to the text tokens. Each
     query sees only the tokens, so frames stay independent (a spatial block). Position 0 of
     the context is the learned null token, always visible, so a sample whose tokens are all
     dropped (classifier-free guidance) or masked still has something to attend to."""
 
     def __init__(self, dim: int, context_dim: int, *, heads: int, dim_head: int, backend: str | None):
-        super().__init__()
-        self.heads, self.backend = heads, backend
-        self.norm = nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
-        self.to_kv = nn.Linear(context_dim, heads * dim_head * 2, bias=False)
-        self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
+        super().__init__(dim, context_dim=context_dim, heads=heads, dim_head=dim_head, backend=backend,
+                         norm="layer", context_norm=False, zero_out=False)
 
-    def forward(self, x: Tensor, context: Tensor, context_mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, context_mask: Tensor) -> Tensor:  # type: ignore[override]
         _, _, f, h, w = x.shape
-        q = rearrange(self.to_q(self.norm(rearrange(x, "b c f h w -> b (f h w) c"))), "b n (h d) -> b h n d", h=self.heads)
-        k, v = rearrange(self.to_kv(context), "b l (kv h d) -> kv b h l d", kv=2, h=self.heads)
         keep = rearrange(context_mask, "b l -> b 1 1 l")
-        out = rearrange(attend(q, k, v, keep, backend=self.backend), "b h n d -> b n (h d)")
-        return x + rearrange(self.to_out(out), "b (f h w) c -> b c f h w", f=f, h=h, w=w)
+        out = super().forward(rearrange(x, "b c f h w -> b (f h w) c"), context=context, bias=keep)
+        return x + rearrange(out, "b (f h w) c -> b c f h w", f=f, h=h, w=w)
 
 
-class TemporalAttention(nn.Module):
+class FrameAttention(Attention):
     """Pre-norm residual attention over the frames at each pixel (Sec. 3: "attention over
     time"), with rotary embeddings on q and k plus the U-Net's shared T5 bias.
 
@@ -274,34 +268,25 @@ class TemporalAttention(nn.Module):
     for the whole batch and chosen per sample, so focusing is exactly frame-by-frame."""
 
     def __init__(self, dim: int, *, heads: int, dim_head: int, rotary: RotaryEmbedding, backend: str | None):
-        super().__init__()
-        self.heads, self.backend = heads, backend
-        self.rotary = rotary  # shared, parameter-free
-        self.norm = nn.LayerNorm(dim)
-        self.to_qkv = nn.Linear(dim, heads * dim_head * 3, bias=False)
-        self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
         # Zero output (STYLE 12): at initialisation every frame is processed on its own, so
         # weights of an image-pretrained Unet3D are unchanged when first run on video.
-        nn.init.zeros_(self.to_out.weight)
+        super().__init__(dim, heads=heads, dim_head=dim_head, backend=backend, norm="layer", fused_qkv=True)
+        self.rotary = rotary  # shared, parameter-free
         mark_temporal(self)
 
-    def forward(self, x: Tensor, pos_bias: Tensor, enabled: EnableTime) -> Tensor:
+    def forward(self, x: Tensor, pos_bias: Tensor, enabled: EnableTime) -> Tensor:  # type: ignore[override]
         b, _, f, h, w = x.shape
-        tokens = self.norm(rearrange(x, "b c f h w -> (b h w) f c"))
-        q, k, v = rearrange(self.to_qkv(tokens), "n f (qkv h d) -> qkv n h f d", qkv=3, h=self.heads)
+        tokens = rearrange(x, "b c f h w -> (b h w) f c")
 
-        def project(heads_out: Tensor) -> Tensor:
-            out = self.to_out(rearrange(heads_out, "n h f d -> n f (h d)"))
+        def video(out: Tensor) -> Tensor:
             return rearrange(out, "(b h w) f c -> b c f h w", b=b, h=h, w=w)
 
         if enabled is False:
-            return x + project(v)
-        cos, sin = self.rotary(f)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        mixed = project(attend(q, k, v, pos_bias, backend=self.backend))
+            return x + video(self.values(tokens))
+        mixed = video(super().forward(tokens, bias=pos_bias, rotary=self.rotary(f)))
         if enabled is True:
             return x + mixed
-        return x + select_time(enabled, mixed, project(v))
+        return x + select_time(enabled, mixed, video(self.values(tokens)))
 
 
 class Stage(nn.Module):
@@ -320,10 +305,10 @@ class Stage(nn.Module):
             SpatialLinearAttention(dim_out, heads=heads, dim_head=dim_head) if cfg.use_sparse_linear_attn else None
         )
         self.cross_attn = (
-            CrossAttention(dim_out, context_dim, heads=heads, dim_head=dim_head, backend=backend)
+            TextAttention(dim_out, context_dim, heads=heads, dim_head=dim_head, backend=backend)
             if context_dim is not None else None
         )
-        self.temporal_attn = TemporalAttention(dim_out, heads=heads, dim_head=dim_head, rotary=rotary, backend=backend)
+        self.temporal_attn = FrameAttention(dim_out, heads=heads, dim_head=dim_head, rotary=rotary, backend=backend)
         self.resample = resample
 
     def blocks(self, x: Tensor, emb: Tensor, ctx: tuple[Tensor, Tensor] | None, pos_bias: Tensor,
@@ -386,8 +371,8 @@ class Unet3D(UnetMixin, nn.Module):
         self.rotary = RotaryEmbedding(max(2, min(32, attn_dim_head) // 2 * 2))
         self.time_rel_pos_bias = mark_temporal(RelativePositionBias(heads=attn_heads, max_distance=max_time_distance))
 
-        def temporal_attn(width: int) -> TemporalAttention:
-            return TemporalAttention(width, heads=attn_heads, dim_head=attn_dim_head, rotary=self.rotary,
+        def temporal_attn(width: int) -> FrameAttention:
+            return FrameAttention(width, heads=attn_heads, dim_head=attn_dim_head, rotary=self.rotary,
                                      backend=attn_backend)
 
         pad = init_kernel_size // 2
@@ -413,9 +398,9 @@ class Unet3D(UnetMixin, nn.Module):
         mid, kt = dims[-1], 3 if cfg.conv_type == "full3d" else 1
         resnet = dict(emb_dim=emb_dim, groups=cfg.resnet_groups, temporal_kernel_size=kt)
         self.mid_block1 = ResnetBlock(mid, mid, **resnet)
-        self.mid_spatial_attn = SpatialAttention(mid, heads=attn_heads, dim_head=attn_dim_head, backend=attn_backend)
+        self.mid_spatial_attn = PixelAttention(mid, heads=attn_heads, dim_head=attn_dim_head, backend=attn_backend)
         self.mid_cross_attn = (
-            CrossAttention(mid, context_dim, heads=attn_heads, dim_head=attn_dim_head, backend=attn_backend)
+            TextAttention(mid, context_dim, heads=attn_heads, dim_head=attn_dim_head, backend=attn_backend)
             if context_dim is not None else None
         )
         self.mid_temporal_attn = temporal_attn(mid)
