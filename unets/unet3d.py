@@ -161,7 +161,7 @@ def _video(x: Tensor, batch: int) -> Tensor:
     return rearrange(x, "(b f) c h w -> b c f h w", b=batch)
 
 
-class ConvNormAct(nn.Module):
+class GroupNormConv(nn.Module):
     """conv -> group norm of each frame -> FiLM (scale, shift) -> SiLU: half a resnet block."""
 
     def __init__(self, dim_in: int, dim_out: int, *, groups: int, temporal_kernel_size: int):
@@ -178,15 +178,16 @@ class ConvNormAct(nn.Module):
         return F.silu(x)
 
 
-class ResnetBlock(nn.Module):
-    """Two ConvNormAct with the time (and pooled condition) embedding applied as scale and shift
+class GroupNormResnetBlock(nn.Module):
+    """video-diffusion-pytorch's resnet block (group norm; `unets.blocks.ResnetBlock` is
+    make-a-video's, with RMS norm): two GroupNormConv with the time (and pooled condition) embedding applied as scale and shift
     after the first norm (the DDPM++/Imagen resnet block the paper's U-Net inherits)."""
 
     def __init__(self, dim_in: int, dim_out: int, *, emb_dim: int | None, groups: int, temporal_kernel_size: int):
         super().__init__()
         self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, dim_out * 2)) if emb_dim is not None else None
-        self.block1 = ConvNormAct(dim_in, dim_out, groups=groups, temporal_kernel_size=temporal_kernel_size)
-        self.block2 = ConvNormAct(dim_out, dim_out, groups=groups, temporal_kernel_size=temporal_kernel_size)
+        self.block1 = GroupNormConv(dim_in, dim_out, groups=groups, temporal_kernel_size=temporal_kernel_size)
+        self.block2 = GroupNormConv(dim_out, dim_out, groups=groups, temporal_kernel_size=temporal_kernel_size)
         self.res_conv = nn.Conv3d(dim_in, dim_out, 1) if dim_in != dim_out else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor | None, enabled: EnableTime) -> Tensor:
@@ -299,8 +300,8 @@ class Stage(nn.Module):
         super().__init__()
         kt = 3 if cfg.conv_type == "full3d" else 1
         heads, dim_head, backend = cfg.attn_heads, cfg.attn_dim_head, cfg.attn_backend
-        self.block1 = ResnetBlock(dim_in, dim_out, emb_dim=emb_dim, groups=cfg.resnet_groups, temporal_kernel_size=kt)
-        self.block2 = ResnetBlock(dim_out, dim_out, emb_dim=emb_dim, groups=cfg.resnet_groups, temporal_kernel_size=kt)
+        self.block1 = GroupNormResnetBlock(dim_in, dim_out, emb_dim=emb_dim, groups=cfg.resnet_groups, temporal_kernel_size=kt)
+        self.block2 = GroupNormResnetBlock(dim_out, dim_out, emb_dim=emb_dim, groups=cfg.resnet_groups, temporal_kernel_size=kt)
         self.spatial_attn = (
             SpatialLinearAttention(dim_out, heads=heads, dim_head=dim_head) if cfg.use_sparse_linear_attn else None
         )
@@ -397,21 +398,21 @@ class Unet3D(UnetMixin, nn.Module):
 
         mid, kt = dims[-1], 3 if cfg.conv_type == "full3d" else 1
         resnet = dict(emb_dim=emb_dim, groups=cfg.resnet_groups, temporal_kernel_size=kt)
-        self.mid_block1 = ResnetBlock(mid, mid, **resnet)
+        self.mid_block1 = GroupNormResnetBlock(mid, mid, **resnet)
         self.mid_spatial_attn = PixelAttention(mid, heads=attn_heads, dim_head=attn_dim_head, backend=attn_backend)
         self.mid_cross_attn = (
             TextAttention(mid, context_dim, heads=attn_heads, dim_head=attn_dim_head, backend=attn_backend)
             if context_dim is not None else None
         )
         self.mid_temporal_attn = temporal_attn(mid)
-        self.mid_block2 = ResnetBlock(mid, mid, **resnet)
+        self.mid_block2 = GroupNormResnetBlock(mid, mid, **resnet)
 
         # Decoder stages take their input concatenated with the encoder's skip of equal size.
         self.ups = nn.ModuleList(
             Stage(d_out * 2, d_in, resample=_space_upsample(d_in) if i < last else nn.Identity(), **stage)
             for i, (d_in, d_out) in enumerate(reversed(in_out))
         )
-        self.final_block = ResnetBlock(init_dim * 2, init_dim, emb_dim=None, groups=cfg.resnet_groups, temporal_kernel_size=kt)
+        self.final_block = GroupNormResnetBlock(init_dim * 2, init_dim, emb_dim=None, groups=cfg.resnet_groups, temporal_kernel_size=kt)
         self.final_conv = nn.Conv3d(init_dim, self.out_dim, 1)
 
     # --- shape limits -------------------------------------------------------------------------
