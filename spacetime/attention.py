@@ -34,6 +34,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
 from spacetime.attend import attend
+from spacetime.checks import check_choice
 from spacetime.layers import FeedForward, RMSNorm, check_input, from_tokens, to_tokens
 from spacetime.params import mark_temporal
 from spacetime.position import (
@@ -81,6 +82,10 @@ def _rotary_dim(dim_head: int, num_dims: int) -> int:
     return rot_dim
 
 
+# Pre-norms `Attention` can use, by name; each takes the width.
+_NORMS = {"rms": lambda dim: RMSNorm(dim, axis=-1), "layer": nn.LayerNorm}
+
+
 class Attention(nn.Module):
     """Multi-head attention on tokens `(B, N, dim)`: RMSNorm pre-norm, bias-free `to_q` and
     `to_kv` (one projection to keys and values), `attend`, zero-initialised `to_out`.
@@ -88,7 +93,12 @@ class Attention(nn.Module):
     `context` `(B, M, context_dim)` (RMS-normed) instead: cross-attention.
 
     make-a-video's `Attention` has the same parameter names and shapes (`norm.gamma`,
-    `to_q.weight`, `to_kv.weight`, `to_out.weight`)."""
+    `to_q.weight`, `to_kv.weight`, `to_out.weight`).
+
+    Options for other U-Nets' math (video-diffusion-pytorch's attention): `norm="layer"`
+    (LayerNorm instead of RMSNorm), `context_norm=False` (the context is used as given),
+    `fused_qkv=True` (one `to_qkv` projection, self-attention only) and `zero_out=False` (keep
+    the default init of `to_out`)."""
 
     def __init__(
         self,
@@ -100,6 +110,10 @@ class Attention(nn.Module):
         causal: bool = False,
         backend: str | None = None,
         prefer_fused: bool = False,
+        norm: str = "rms",
+        context_norm: bool = True,
+        fused_qkv: bool = False,
+        zero_out: bool = True,
     ):
         super().__init__()
         if dim < 1 or dim_head < 1 or heads < 1:
@@ -107,18 +121,39 @@ class Attention(nn.Module):
                 f"Attention needs dim, dim_head and heads >= 1, got dim={dim}, "
                 f"dim_head={dim_head}, heads={heads}"
             )
+        check_choice("norm", norm, _NORMS)
+        if fused_qkv and context_dim is not None:
+            raise ValueError(f"fused_qkv=True projects q, k and v from x: it takes no context_dim, got {context_dim}")
         inner = dim_head * heads
         self.heads = heads
         self.causal = causal
         self.backend = backend
         self.prefer_fused = prefer_fused
         self.context_dim = context_dim
-        self.norm = RMSNorm(dim, axis=-1)
-        self.context_norm = None if context_dim is None else RMSNorm(context_dim, axis=-1)
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_kv = nn.Linear(dim if context_dim is None else context_dim, inner * 2, bias=False)
+        self.norm = _NORMS[norm](dim)
+        if context_dim is None:
+            self.context_norm = None
+        else:
+            self.context_norm = _NORMS[norm](context_dim) if context_norm else nn.Identity()
+        if fused_qkv:
+            self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
+        else:
+            self.to_q = nn.Linear(dim, inner, bias=False)
+            self.to_kv = nn.Linear(dim if context_dim is None else context_dim, inner * 2, bias=False)
+        self.fused_qkv = fused_qkv
         self.to_out = nn.Linear(inner, dim, bias=False)
-        nn.init.zeros_(self.to_out.weight)
+        if zero_out:
+            nn.init.zeros_(self.to_out.weight)
+
+    def values(self, x: Float[Tensor, "b n d"]) -> Float[Tensor, "b n d"]:
+        """What attention to a single key gives (softmax over one key is 1): each token's own
+        projected value. Self-attention only."""
+        if self.context_norm is not None:
+            raise ValueError("values() is self-attention's single-key output; this Attention has a context")
+        x = self.norm(x)
+        inner = self.to_out.in_features
+        v = self.to_qkv(x)[..., 2 * inner:] if self.fused_qkv else self.to_kv(x)[..., inner:]
+        return self.to_out(v)
 
     def forward(
         self,
@@ -138,8 +173,11 @@ class Attention(nn.Module):
             )
         x = self.norm(x)
         source = x if self.context_norm is None else self.context_norm(context)
-        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
-        k, v = rearrange(self.to_kv(source), "b m (two h d) -> two b h m d", two=2, h=self.heads)
+        if self.fused_qkv:
+            q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        else:
+            q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
+            k, v = rearrange(self.to_kv(source), "b m (two h d) -> two b h m d", two=2, h=self.heads)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         out = attend(q, k, v, bias, causal=self.causal, backend=self.backend, prefer_fused=self.prefer_fused)
@@ -266,11 +304,13 @@ class SpatioTemporalAttention(nn.Module):
        the previous one where time is enabled; turn it off for a block that is exactly
        frame-wise while its temporal parameters are at init.
 
-    `pos_bias`: see the module docstring. `flash=True` asks for a fused kernel: when neither
-    `backend`, an `attention_backend()` context nor `SPACETIME_ATTN_BACKEND` chooses one,
-    `auto` tries the fused kernels first and picks one that accepts the position bias where
-    the device has one (make-a-video refuses flash with a bias). `backend` names an
-    `AttentionBackend` explicitly and wins over everything.
+    `pos_bias`: see the module docstring. `backend` names an `AttentionBackend` and pins every
+    attention here to it; None (the default) leaves the choice to the `attention_backend()`
+    context, then SPACETIME_ATTN_BACKEND, then `auto`. `flash=True` (make-a-video's name) asks
+    for a fused kernel: it only changes what `auto` tries first (fused kernels before math on
+    every device; on CUDA they come first anyway), never what a context or the environment
+    variable decide. make-a-video refuses flash with a bias; here auto finds a fused kernel
+    that takes one where the device has it.
 
     Parameters: `temporal` (attention and its position bias) is temporal; `spatial`, `cross`
     and `ff` are spatial. make-a-video state-dict names map as `spatial_attn.*` ->
@@ -294,6 +334,7 @@ class SpatioTemporalAttention(nn.Module):
         ff_token_shift: bool = True,
     ):
         super().__init__()
+        self.flash = flash
         self.dim = dim
         self.context_dim = context_dim
         self.spatial = SpatialAttention(

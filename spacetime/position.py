@@ -23,6 +23,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from spacetime.checks import is_int
 from spacetime.params import mark_temporal
 from spacetime.time import EnableTime, select_time, time_enabled
 
@@ -252,9 +253,9 @@ class FramePositionEmbedding(nn.Module):
 
     def __init__(self, dim: int, *, freq_dim: int = 16, max_period: float = 10000.0):
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        if not is_int(dim) or dim < 1:
             raise ValueError(f"FramePositionEmbedding dim must be a positive int, got {dim!r}")
-        if isinstance(freq_dim, bool) or not isinstance(freq_dim, int) or freq_dim < 2 or freq_dim % 2:
+        if not is_int(freq_dim) or freq_dim < 2 or freq_dim % 2:
             raise ValueError(f"freq_dim must be an even int >= 2, got {freq_dim!r}")
         if not max_period > 1:
             raise ValueError(f"max_period must be > 1, got {max_period!r}")
@@ -268,7 +269,7 @@ class FramePositionEmbedding(nn.Module):
 
     def embedding(self, num_frames: int) -> Float[Tensor, "f dim"]:
         """The `(num_frames, dim)` embeddings of frames `0 .. num_frames - 1`."""
-        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        if not is_int(num_frames) or num_frames < 1:
             raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
         frames = torch.arange(num_frames, device=self.freqs.device)
         return self.proj(sinusoidal_features(frames, self.freqs))

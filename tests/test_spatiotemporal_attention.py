@@ -190,7 +190,7 @@ def test_flash_and_backend_arguments():
     flash.load_state_dict(plain.state_dict())
     # flash=True is a preference for auto, not an explicit backend that would override a
     # context or SPACETIME_ATTN_BACKEND
-    assert flash.spatial.attn.backend is None and plain.spatial.attn.backend is None
+    assert flash.flash and flash.spatial.attn.backend is None and plain.spatial.attn.backend is None
     assert flash.spatial.attn.prefer_fused and flash.temporal.attn.prefer_fused
     assert not plain.spatial.attn.prefer_fused
     video = torch.randn(2, 6, 3, 4, 4)
@@ -199,6 +199,23 @@ def test_flash_and_backend_arguments():
     assert {m.backend for m in (math.spatial.attn, math.temporal.attn)} == {"math"}
     math.load_state_dict(plain.state_dict())
     torch.testing.assert_close(math(video), plain(video), **TOL)
+
+
+def test_flash_does_not_override_context_or_environment(monkeypatch):
+    """An explicit backend choice in the context or SPACETIME_ATTN_BACKEND reaches a block built
+    with flash=True: a backend that cannot run on CPU (xformers) makes the call fail."""
+    from spacetime.attend import ENV_VAR, attention_backend
+
+    flash = build(6, 2, 4, True, flash=True)
+    video = torch.randn(1, 6, 2, 4, 4)
+    flash(video)
+    with attention_backend("xformers"), pytest.raises((ValueError, RuntimeError)):
+        flash(video)
+    monkeypatch.setenv(ENV_VAR, "xformers")
+    with pytest.raises((ValueError, RuntimeError)):
+        flash(video)
+    with attention_backend("math"):
+        flash(video)  # the context beats the environment variable
 
 
 def from_make_a_video(state):

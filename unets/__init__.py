@@ -7,6 +7,18 @@
     same = unets.build(model.config.to_dict())      # same architecture
     model.save_pretrained("ckpt"); again = unets.load("ckpt")
 
+Every registered U-Net:
+- takes its options as declared by its config dataclass (`SpaceTimeUnetConfig`,
+  `Unet3DConfig`): same names and defaults as the seed libraries, `inspect.signature(cls)`
+  lists them, and `cls.config_class.from_options(...)` is what the constructor runs;
+- says what condition it takes: `model.cond_format` is None (unconditional), "pooled" (a
+  `(B, D)` vector) or "tokens" (`(B, L, D)` token embeddings plus a `(B, L)` mask), derived
+  from its config; `cond_on_tokens` is a read-only alias of `cond_format == "tokens"`;
+- has `attn_backend`: None (default) lets `spacetime.attention_backend()`, then the
+  SPACETIME_ATTN_BACKEND variable, then `auto` choose at call time; a name pins every
+  attention layer. make-a-video's `flash_attn=True` is accepted and asks for a fused kernel,
+  which is what that default resolution prefers; it overrides neither context nor variable.
+
 The U-Net classes are imported on first use (module `__getattr__`), so importing `unets`
 does not import every U-Net, and nothing registers itself as an import side effect: the
 registry table lives in `unets/registry.py`.

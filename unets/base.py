@@ -38,6 +38,13 @@ class UnetMixin:
     config: UnetConfig
     gradient_checkpointing: bool = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # The config dataclass is the one declaration of the options: the constructor takes
+        # `*args, **options` and this makes `inspect.signature(cls)` list them.
+        if "config_class" in cls.__dict__:
+            cls.__signature__ = cls.config_class.signature()  # type: ignore[attr-defined]
+
     # --- construction -------------------------------------------------------------------
 
     @classmethod
@@ -55,17 +62,30 @@ class UnetMixin:
 
     # --- conditioning -------------------------------------------------------------------
 
+    # What `cond` the forward takes, derived from the config: None (unconditional), "pooled"
+    # (a `(B, D)` vector) or "tokens" (`(B, L, D)` token embeddings plus a `(B, L)` mask).
+    COND_FORMATS: ClassVar[tuple[str | None, ...]] = (None, "pooled", "tokens")
+
     @property
     def cond_format(self) -> str | None:
-        """What the U-Net takes as `cond`: None (nothing), "pooled" (a `(B, cond_dim)`
-        vector) or "tokens" (`(B, L, cond_dim)` embeddings with `cond_mask`). Derived from
-        the config; the diffusion process reads it to hand text over in the right form."""
-        raise NotImplementedError(f"{type(self).__name__} must define cond_format")
+        """None, "pooled" or "tokens": the condition this network takes (read-only)."""
+        raise NotImplementedError(f"{type(self).__name__} does not declare its cond_format")
 
     @property
     def cond_on_tokens(self) -> bool:
-        """`cond_format == "tokens"` (the name earlier versions set as an attribute)."""
+        """Read-only alias of `cond_format == "tokens"` (kept for callers of the old attribute)."""
         return self.cond_format == "tokens"
+
+    @cond_on_tokens.setter
+    def cond_on_tokens(self, value: bool) -> None:
+        # Older callers set the attribute after building; the format now follows the config,
+        # so only a value that agrees with it is accepted (and changes nothing).
+        if bool(value) != self.cond_on_tokens:
+            raise AttributeError(
+                f"cond_on_tokens is derived from the config (cond_format={self.cond_format!r}); "
+                f"got cond_on_tokens={value!r}: rebuild {type(self).__name__} with the conditioning "
+                "options instead"
+            )
 
     # --- shape limits -------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ from spacetime.layers import RMSNorm
 from spacetime.params import mark_temporal
 from spacetime.position import sinusoidal_features
 from spacetime.time import EnableTime, select_time, time_enabled
-from unets.config import closest_hint
+from spacetime.checks import did_you_mean
 
 __all__ = [
     "BLOCK_KINDS",
@@ -65,7 +65,7 @@ def register_block(
     """Add block `name` of `kind` (one of `BLOCK_KINDS`); `factory` follows that kind's
     signature (module docstring) or is a lazy `"module:Attr"` reference. Returns `factory`."""
     if kind not in _BLOCKS:
-        raise ValueError(f"unknown block kind {kind!r}{closest_hint(kind, BLOCK_KINDS)}; kinds are {list(BLOCK_KINDS)}")
+        raise ValueError(f"unknown block kind {kind!r}{did_you_mean(kind, BLOCK_KINDS)}; kinds are {list(BLOCK_KINDS)}")
     if not isinstance(name, str) or not name:
         raise ValueError(f"block name must be a non-empty string, got {name!r}")
     if not (callable(factory) or isinstance(factory, str)):
@@ -79,10 +79,10 @@ def register_block(
 def get_block(kind: str, name: str) -> Callable[..., nn.Module]:
     """The factory registered as `name` under `kind`; unknown names raise `ValueError`."""
     if kind not in _BLOCKS:
-        raise ValueError(f"unknown block kind {kind!r}{closest_hint(kind, BLOCK_KINDS)}; kinds are {list(BLOCK_KINDS)}")
+        raise ValueError(f"unknown block kind {kind!r}{did_you_mean(kind, BLOCK_KINDS)}; kinds are {list(BLOCK_KINDS)}")
     table = _BLOCKS[kind]
     if name not in table:
-        raise ValueError(f"unknown {kind} block {name!r}{closest_hint(name, table)}; available: {sorted(table)}")
+        raise ValueError(f"unknown {kind} block {name!r}{did_you_mean(name, table)}; available: {sorted(table)}")
     factory = table[name]
     if isinstance(factory, str):
         module_name, _, attr = factory.partition(":")
@@ -96,7 +96,7 @@ def available_blocks(kind: str | None = None) -> dict[str, list[str]] | list[str
     if kind is None:
         return {k: sorted(v) for k, v in _BLOCKS.items()}
     if kind not in _BLOCKS:
-        raise ValueError(f"unknown block kind {kind!r}{closest_hint(kind, BLOCK_KINDS)}; kinds are {list(BLOCK_KINDS)}")
+        raise ValueError(f"unknown block kind {kind!r}{did_you_mean(kind, BLOCK_KINDS)}; kinds are {list(BLOCK_KINDS)}")
     return sorted(_BLOCKS[kind])
 
 
@@ -104,7 +104,7 @@ def check_block_name(kind: str, name: str) -> None:
     """Raise `ValueError` unless `name` is registered under `kind` (for config validation)."""
     if kind in _BLOCKS and name not in _BLOCKS[kind]:
         raise ValueError(
-            f"unknown {kind} block {name!r}{closest_hint(name, _BLOCKS[kind])}; available: {sorted(_BLOCKS[kind])}"
+            f"unknown {kind} block {name!r}{did_you_mean(name, _BLOCKS[kind])}; available: {sorted(_BLOCKS[kind])}"
         )
 
 

@@ -20,14 +20,16 @@ naming the valid keys and suggesting the closest one.
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import inspect
 import json
 import types
 import typing
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, TypeVar
 
-__all__ = ["ConfigPart", "UnetConfig", "check_keys", "closest_hint"]
+from spacetime.checks import check_choice, did_you_mean
+
+__all__ = ["ConfigPart", "UnetConfig", "check_attn_backend", "check_keys", "closest_hint"]
 
 _C = TypeVar("_C", bound="ConfigPart")
 
@@ -35,10 +37,23 @@ _C = TypeVar("_C", bound="ConfigPart")
 NAME_KEY = "name"
 
 
-def closest_hint(key: str, valid: Iterable[str]) -> str:
-    """`" (did you mean 'x'?)"` for the valid key closest to `key`, or `""` if none is close."""
-    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
-    return f" (did you mean {match[0]!r}?)" if match else ""
+# Kept for importers of the old name; the wording lives in spacetime.checks.
+closest_hint = did_you_mean
+
+
+def check_attn_backend(value: Any) -> str | None:
+    """The `attn_backend` option of every U-Net: None (the `attention_backend()` context, then
+    the SPACETIME_ATTN_BACKEND variable, then auto decide at call time) or a backend name,
+    which pins every attention layer of the network to it."""
+    from spacetime.attend import AttentionBackend
+
+    if value is None:
+        return None
+    if isinstance(value, AttentionBackend):
+        return value.value
+    if not isinstance(value, str):
+        raise TypeError(f"attn_backend must be None or a backend name (str), got {type(value).__name__}")
+    return check_choice("attn_backend", value.strip().lower(), [b.value for b in AttentionBackend])
 
 
 def check_keys(given: Iterable[str], valid: Iterable[str], what: str) -> None:
@@ -49,7 +64,7 @@ def check_keys(given: Iterable[str], valid: Iterable[str], what: str) -> None:
         first = unknown[0]
         raise ValueError(
             f"unknown {what} key{'s' if len(unknown) > 1 else ''} {unknown}"
-            f"{closest_hint(first, valid)}; valid keys are {valid}"
+            f"{did_you_mean(first, valid)}; valid keys are {valid}"
         )
 
 
@@ -169,6 +184,58 @@ class UnetConfig(ConfigPart):
         if name is not None and cls.unet_name and name != cls.unet_name:
             raise ValueError(f"config is for U-Net {name!r}, not {cls.unet_name!r} ({cls.__name__})")
         return super().from_dict.__func__(cls, data)  # type: ignore[attr-defined]
+
+    # Options the constructor also takes by position, in field order (the seed library's
+    # positional parameters); every other option is keyword-only.
+    POSITIONAL: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def signature(cls) -> inspect.Signature:
+        """The U-Net constructor's signature, derived from the fields: same names, order,
+        defaults and annotations. A part built by a default factory shows `None` (= default)."""
+        hints = cls._hints()
+        params = []
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = None
+            else:
+                default = inspect.Parameter.empty
+            kind = (inspect.Parameter.POSITIONAL_OR_KEYWORD if f.name in cls.POSITIONAL
+                    else inspect.Parameter.KEYWORD_ONLY)
+            params.append(inspect.Parameter(f.name, kind, default=default, annotation=hints[f.name]))
+        return inspect.Signature(params)
+
+    @classmethod
+    def from_options(cls: type[_C], *args: Any, **options: Any) -> _C:
+        """The config of a constructor call `Model(*args, **options)`: bound against
+        `signature()` (so the same TypeErrors as a hand-written signature), sequences turned
+        into tuples, dicts into nested parts, and `None` for a part meaning its default."""
+        signature = cls.signature()  # type: ignore[attr-defined]
+        unknown = [k for k in options if k not in signature.parameters]
+        if unknown:
+            raise TypeError(
+                f"{cls.__name__.removesuffix('Config')}() got an unexpected keyword argument "
+                f"{unknown[0]!r}{did_you_mean(unknown[0], signature.parameters)}"
+            )
+        try:
+            bound = signature.bind(*args, **options)
+        except TypeError as err:
+            raise TypeError(f"{cls.__name__.removesuffix('Config')}(): {err}") from None
+        hints = cls._hints()
+        values: dict[str, Any] = {}
+        for key, value in bound.arguments.items():
+            tp = hints[key]
+            if value is None and _is_part(tp):
+                continue
+            if typing.get_origin(tp) is tuple and not isinstance(value, (str, bytes, Mapping, tuple, list)):
+                try:
+                    value = tuple(value)
+                except TypeError:
+                    pass  # left for validate() to reject with a precise message
+            values[key] = _from_json(tp, value, f"{cls.__name__}.{key}")
+        return cls(**values)
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **{"indent": 2, "sort_keys": True, **kwargs})

@@ -23,7 +23,8 @@ from typing import Any
 
 from torch import nn
 
-from unets.config import NAME_KEY, UnetConfig, check_keys, closest_hint
+from spacetime.checks import did_you_mean
+from unets.config import NAME_KEY, UnetConfig, check_keys
 
 __all__ = ["UnetEntry", "available", "build", "build_config", "get", "presets", "register"]
 
@@ -147,7 +148,7 @@ def get(name: str) -> UnetEntry:
         raise TypeError(f"U-Net name must be a string, got {type(name).__name__}")
     if name not in _REGISTRY:
         raise ValueError(
-            f"unknown U-Net {name!r}{closest_hint(name, _REGISTRY)}; available: {available()}"
+            f"unknown U-Net {name!r}{did_you_mean(name, _REGISTRY)}; available: {available()}"
         )
     return _REGISTRY[name].resolve()
 
@@ -187,7 +188,7 @@ def build_config(
         table = entry.preset_table
         if preset not in table:
             raise ValueError(
-                f"unknown preset {preset!r} for U-Net {entry.name!r}{closest_hint(preset, table)}; "
+                f"unknown preset {preset!r} for U-Net {entry.name!r}{did_you_mean(preset, table)}; "
                 f"available: {sorted(table)}"
             )
         base = table[preset]

@@ -31,12 +31,11 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
-from spacetime.attend import AttentionBackend
-from spacetime.checks import check_choice
+from spacetime.checks import is_int
 from spacetime.position import FramePositionEmbedding
 from unets.base import UnetMixin
 from unets.blocks import POOLINGS, TextPool, TimestepEmbedding, check_block_name, get_block
-from unets.config import ConfigPart, UnetConfig
+from unets.config import ConfigPart, UnetConfig, check_attn_backend
 
 __all__ = ["PRESETS", "SpaceTimeBlocks", "SpaceTimeUnet", "SpaceTimeUnetConfig"]
 
@@ -76,20 +75,18 @@ class SpaceTimeUnetConfig(UnetConfig):
     condition_on_timestep: bool = True
     attn_pos_bias: bool | str = True
     flash_attn: bool = False
+    attn_backend: str | None = None
     causal_time_attn: bool = False
     cond_dim: int | None = None
     ff_mult: int = 4
     frame_pos_emb: bool = False
     cond_pool: str = "mean"
     blocks: SpaceTimeBlocks = dataclasses.field(default_factory=SpaceTimeBlocks)
-    # None: the `attention_backend()` context, SPACETIME_ATTN_BACKEND, else `auto` decide
-    # (with `flash_attn=True`, `auto` tries fused kernels first); a name pins the backend.
-    attn_backend: str | None = None
 
     def validate(self) -> None:
         for key in ("dim", "channels", "attn_dim_head", "attn_heads", "ff_mult"):
             value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{key} must be a positive int, got {value!r}")
         if self.dim % 2:
             raise ValueError(f"dim must be even (sinusoidal timestep embedding), got {self.dim}")
@@ -100,9 +97,9 @@ class SpaceTimeUnetConfig(UnetConfig):
             raise ValueError(f"{bad} must be tuples (one entry per level), got {[getattr(self, k) for k in bad]}")
         if len(set(lengths.values())) != 1 or lengths["dim_mult"] == 0:
             raise ValueError(f"{list(per_level)} must all have one entry per level (>= 1 level), got lengths {lengths}")
-        if any(not isinstance(m, int) or isinstance(m, bool) or m < 1 for m in self.dim_mult):
+        if any(not is_int(m) or m < 1 for m in self.dim_mult):
             raise ValueError(f"dim_mult entries must be positive ints, got {self.dim_mult}")
-        if any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in self.resnet_block_depths):
+        if any(not is_int(d) or d < 1 for d in self.resnet_block_depths):
             raise ValueError(f"resnet_block_depths entries must be ints >= 1, got {self.resnet_block_depths}")
         for key in ("self_attns", "temporal_compression"):
             if any(not isinstance(v, bool) for v in getattr(self, key)):
@@ -115,10 +112,10 @@ class SpaceTimeUnetConfig(UnetConfig):
             raise TypeError(f"frame_pos_emb must be a bool, got {self.frame_pos_emb!r}")
         if not isinstance(self.attn_pos_bias, bool) and self.attn_pos_bias not in _POS_BIAS_KINDS:
             raise ValueError(f"attn_pos_bias must be a bool or one of {list(_POS_BIAS_KINDS)}, got {self.attn_pos_bias!r}")
-        if self.cond_dim is not None and (isinstance(self.cond_dim, bool) or self.cond_dim < 1):
+        if self.cond_dim is not None and (not is_int(self.cond_dim) or self.cond_dim < 1):
             raise ValueError(f"cond_dim must be None or a positive int, got {self.cond_dim!r}")
         if self.attn_backend is not None:
-            check_choice("attn_backend", self.attn_backend, [b.value for b in AttentionBackend])
+            check_attn_backend(self.attn_backend)
         if not isinstance(self.blocks, SpaceTimeBlocks):
             raise TypeError(f"blocks must be a SpaceTimeBlocks, got {type(self.blocks).__name__}")
 
@@ -173,52 +170,15 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
 
     config_class = SpaceTimeUnetConfig
 
-    def __init__(
-        self,
-        *,
-        dim: int,
-        channels: int = 3,
-        dim_mult: tuple[int, ...] = (1, 2, 4, 8),
-        self_attns: tuple[bool, ...] = (False, False, False, True),
-        temporal_compression: tuple[bool, ...] = (False, True, True, True),
-        resnet_block_depths: tuple[int, ...] = (2, 2, 2, 2),
-        attn_dim_head: int = 64,
-        attn_heads: int = 8,
-        condition_on_timestep: bool = True,
-        attn_pos_bias: bool | str = True,
-        flash_attn: bool = False,
-        causal_time_attn: bool = False,
-        cond_dim: int | None = None,
-        ff_mult: int = 4,
-        frame_pos_emb: bool = False,
-        cond_pool: str = "mean",
-        blocks: SpaceTimeBlocks | dict[str, str] | None = None,
-        attn_backend: str | None = None,
-    ):
+    def __init__(self, *args: Any, **options: Any):
+        """Options: the fields of `SpaceTimeUnetConfig` (see `inspect.signature(SpaceTimeUnet)`)."""
         super().__init__()
-        if isinstance(blocks, dict):
-            blocks = SpaceTimeBlocks.from_dict(blocks)
-        config = SpaceTimeUnetConfig(
-            dim=dim,
-            channels=channels,
-            dim_mult=tuple(dim_mult),
-            self_attns=tuple(self_attns),
-            temporal_compression=tuple(temporal_compression),
-            resnet_block_depths=tuple(resnet_block_depths),
-            attn_dim_head=attn_dim_head,
-            attn_heads=attn_heads,
-            condition_on_timestep=condition_on_timestep,
-            attn_pos_bias=attn_pos_bias,
-            flash_attn=flash_attn,
-            causal_time_attn=causal_time_attn,
-            cond_dim=cond_dim,
-            ff_mult=ff_mult,
-            frame_pos_emb=frame_pos_emb,
-            cond_pool=cond_pool,
-            blocks=SpaceTimeBlocks() if blocks is None else blocks,
-            attn_backend=attn_backend,
-        )
+        config = SpaceTimeUnetConfig.from_options(*args, **options)
         self.config = config
+        dim, channels, cond_dim = config.dim, config.channels, config.cond_dim
+        attn_dim_head, attn_heads, ff_mult = config.attn_dim_head, config.attn_heads, config.ff_mult
+        attn_pos_bias, flash_attn, attn_backend = config.attn_pos_bias, config.flash_attn, config.attn_backend
+        condition_on_timestep, causal_time_attn = config.condition_on_timestep, config.causal_time_attn
         kinds = config.blocks
         resnet = get_block("resnet", kinds.resnet)
         conv = get_block("conv", kinds.conv)
@@ -246,6 +206,9 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
             self.cond_embed = None
             self.null_cond = None
 
+        # A custom attention factory need not know `backend`: it is only passed when pinned.
+        pinned = {} if attn_backend is None else {"backend": attn_backend}
+
         def attn(d: int) -> nn.Module:
             return attention(
                 d,
@@ -256,7 +219,7 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
                 flash=flash_attn,
                 causal_time_attn=causal_time_attn,
                 context_dim=cond_dim,
-                backend=config.attn_backend,
+                **pinned,
             )
 
         def res(d_in: int, d_out: int, with_emb: bool) -> nn.Module:
@@ -290,12 +253,6 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
         self.mid_attn = attn(mid_dim)
         self.mid_block2 = res(mid_dim, mid_dim, True)
         self.conv_out = conv(dim, channels, 3, temporal_kernel_size=3)
-
-    @property
-    def cond_format(self) -> str | None:
-        # Token embeddings + mask: the network both pools them (masked mean, or attention
-        # pooling) and cross-attends to them.
-        return "tokens" if self.config.cond_dim is not None else None
 
     @property
     def frame_multiple(self) -> int:
@@ -382,6 +339,11 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
             if level.attn is not None:
                 x = ck(level.attn, x, enable_time, **attn_kw)
         return self.conv_out(x, enable_time=enable_time)
+
+    @property
+    def cond_format(self) -> str | None:
+        """"tokens" with `cond_dim` (pooled by `cond_pool` and cross-attended), else None."""
+        return None if self.config.cond_dim is None else "tokens"
 
     def forward(
         self,

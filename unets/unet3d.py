@@ -30,7 +30,7 @@ What differs from video-diffusion-pytorch 0.7:
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -38,13 +38,14 @@ from einops import rearrange, repeat
 from jaxtyping import Bool, Float, Real
 from torch import Tensor, nn
 
-from spacetime.attend import attend
+from spacetime.attention import Attention
+from spacetime.checks import is_int
 from spacetime.params import mark_temporal
-from spacetime.position import RelativePositionBias, RotaryEmbedding, apply_rotary
+from spacetime.position import RelativePositionBias, RotaryEmbedding
 from spacetime.time import EnableTime, select_time, time_enabled
 from unets.base import UnetMixin
 from unets.blocks import TimestepEmbedding, get_block, masked_mean
-from unets.config import UnetConfig
+from unets.config import UnetConfig, check_attn_backend
 
 __all__ = ["PRESETS", "TEXT_ENCODER_DIM", "Unet3D", "Unet3DConfig"]
 
@@ -56,6 +57,9 @@ TEXT_ENCODER_DIM = 384
 # attention (not the block registry's "pseudo3d", make-a-video's conv + temporal conv).
 # "full3d": 3x3x3 convs (the registry's "conv3d"). Both are built by the "conv3d" block.
 CONV_TYPES = ("pseudo3d", "full3d")
+# video-diffusion-pytorch takes `block_type` and ignores it (its blocks are always resnets);
+# configs written for it (text2video-from-scratch: "basic") must keep loading, so any string
+# is accepted and stored, and the blocks are resnets whatever it says.
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,6 +71,12 @@ class Unet3DConfig(UnetConfig):
     """Constructor arguments of `Unet3D` (video-diffusion-pytorch's, then this library's)."""
 
     unet_name: ClassVar[str] = "unet3d"
+    # video-diffusion-pytorch's positional parameters, in its order.
+    POSITIONAL: ClassVar[tuple[str, ...]] = (
+        "dim", "cond_dim", "out_dim", "dim_mults", "channels", "attn_heads", "attn_dim_head",
+        "use_bert_text_cond", "init_dim", "init_kernel_size", "use_sparse_linear_attn", "block_type",
+        "resnet_groups",
+    )
 
     dim: int
     cond_dim: int | None = None
@@ -79,8 +89,6 @@ class Unet3DConfig(UnetConfig):
     init_dim: int | None = None
     init_kernel_size: int = 7
     use_sparse_linear_attn: bool = True
-    # video-diffusion-pytorch takes `block_type` and never reads it (text2video-from-scratch's
-    # default.yaml sets "basic"): kept in the config for those files, with no effect.
     block_type: str = "resnet"
     resnet_groups: int = 8
     conv_type: str = "pseudo3d"
@@ -96,20 +104,20 @@ class Unet3DConfig(UnetConfig):
             "cond_dim": self.cond_dim, "out_dim": self.out_dim, "init_dim": self.init_dim,
         }
         for name, value in positive.items():
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            if value is not None and (not is_int(value) or value < 1):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.dim < 4 or self.dim % 2:
             raise ValueError(f"dim must be even and >= 4 (it sizes the timestep embedding), got {self.dim}")
         if (
             not isinstance(self.dim_mults, tuple)
             or not self.dim_mults
-            or any(not isinstance(m, int) or isinstance(m, bool) or m < 1 for m in self.dim_mults)
+            or any(not is_int(m) or m < 1 for m in self.dim_mults)
         ):
             raise ValueError(f"dim_mults must be a non-empty tuple of positive ints, got {self.dim_mults!r}")
         if self.init_kernel_size < 1 or self.init_kernel_size % 2 == 0:
             raise ValueError(f"init_kernel_size must be odd and positive, got {self.init_kernel_size}")
         if not isinstance(self.block_type, str):
-            raise TypeError(f"block_type must be a string (it has no effect), got {self.block_type!r}")
+            raise TypeError(f"block_type must be a str (it is ignored), got {type(self.block_type).__name__}")
         if self.conv_type not in CONV_TYPES:
             raise ValueError(f"conv_type must be one of {list(CONV_TYPES)}, got {self.conv_type!r}")
         if self.use_bert_text_cond and self.cond_dim not in (None, TEXT_ENCODER_DIM):
@@ -119,6 +127,7 @@ class Unet3DConfig(UnetConfig):
             )
         if self.text_cross_attn and self.cond_dim is None and not self.use_bert_text_cond:
             raise ValueError("text_cross_attn=True needs a condition: set cond_dim or use_bert_text_cond=True")
+        check_attn_backend(self.attn_backend)
         if self.max_time_distance < 9:
             raise ValueError(f"max_time_distance must be >= 9 (T5 buckets), got {self.max_time_distance}")
         init_dim = self.dim if self.init_dim is None else self.init_dim
@@ -152,7 +161,7 @@ def _video(x: Tensor, batch: int) -> Tensor:
     return rearrange(x, "(b f) c h w -> b c f h w", b=batch)
 
 
-class ConvNormAct(nn.Module):
+class GroupNormConv(nn.Module):
     """conv -> group norm of each frame -> FiLM (scale, shift) -> SiLU: half a resnet block."""
 
     def __init__(self, dim_in: int, dim_out: int, *, groups: int, temporal_kernel_size: int):
@@ -169,15 +178,16 @@ class ConvNormAct(nn.Module):
         return F.silu(x)
 
 
-class ResnetBlock(nn.Module):
-    """Two ConvNormAct with the time (and pooled condition) embedding applied as scale and shift
+class GroupNormResnetBlock(nn.Module):
+    """video-diffusion-pytorch's resnet block (group norm; `unets.blocks.ResnetBlock` is
+    make-a-video's, with RMS norm): two GroupNormConv with the time (and pooled condition) embedding applied as scale and shift
     after the first norm (the DDPM++/Imagen resnet block the paper's U-Net inherits)."""
 
     def __init__(self, dim_in: int, dim_out: int, *, emb_dim: int | None, groups: int, temporal_kernel_size: int):
         super().__init__()
         self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, dim_out * 2)) if emb_dim is not None else None
-        self.block1 = ConvNormAct(dim_in, dim_out, groups=groups, temporal_kernel_size=temporal_kernel_size)
-        self.block2 = ConvNormAct(dim_out, dim_out, groups=groups, temporal_kernel_size=temporal_kernel_size)
+        self.block1 = GroupNormConv(dim_in, dim_out, groups=groups, temporal_kernel_size=temporal_kernel_size)
+        self.block2 = GroupNormConv(dim_out, dim_out, groups=groups, temporal_kernel_size=temporal_kernel_size)
         self.res_conv = nn.Conv3d(dim_in, dim_out, 1) if dim_in != dim_out else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor | None, enabled: EnableTime) -> Tensor:
@@ -214,49 +224,43 @@ class SpatialLinearAttention(nn.Module):
         return x + out
 
 
-class SpatialAttention(nn.Module):
+# The three full attentions below are the shared `spacetime.attention.Attention` with
+# video-diffusion-pytorch's math (LayerNorm pre-norm, a fused `to_qkv` for self-attention, the
+# context used as given, default-initialised outputs except over time); each only folds the
+# video into tokens and adds the residual. Parameter names are those of Unet3D v1.
+
+
+class PixelAttention(Attention):
     """Pre-norm residual full attention over the pixels of each frame (the middle block)."""
 
     def __init__(self, dim: int, *, heads: int, dim_head: int, backend: str | None):
-        super().__init__()
-        self.heads, self.backend = heads, backend
-        self.norm = nn.LayerNorm(dim)
-        self.to_qkv = nn.Linear(dim, heads * dim_head * 3, bias=False)
-        self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
+        super().__init__(dim, heads=heads, dim_head=dim_head, backend=backend, norm="layer", fused_qkv=True,
+                         zero_out=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         b, _, _, h, w = x.shape
-        tokens = self.norm(rearrange(x, "b c f h w -> (b f) (h w) c"))
-        q, k, v = rearrange(self.to_qkv(tokens), "n l (qkv h d) -> qkv n h l d", qkv=3, h=self.heads)
-        out = rearrange(attend(q, k, v, backend=self.backend), "n h l d -> n l (h d)")
-        out = rearrange(self.to_out(out), "(b f) (h w) c -> b c f h w", b=b, h=h, w=w)
-        return x + out
+        out = super().forward(rearrange(x, "b c f h w -> (b f) (h w) c"))
+        return x + rearrange(out, "(b f) (h w) c -> b c f h w", b=b, h=h, w=w)
 
 
-class CrossAttention(nn.Module):
+class TextAttention(Attention):
     """Pre-norm residual attention from every pixel of every frame to the text tokens. Each
     query sees only the tokens, so frames stay independent (a spatial block). Position 0 of
     the context is the learned null token, always visible, so a sample whose tokens are all
     dropped (classifier-free guidance) or masked still has something to attend to."""
 
     def __init__(self, dim: int, context_dim: int, *, heads: int, dim_head: int, backend: str | None):
-        super().__init__()
-        self.heads, self.backend = heads, backend
-        self.norm = nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
-        self.to_kv = nn.Linear(context_dim, heads * dim_head * 2, bias=False)
-        self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
+        super().__init__(dim, context_dim=context_dim, heads=heads, dim_head=dim_head, backend=backend,
+                         norm="layer", context_norm=False, zero_out=False)
 
-    def forward(self, x: Tensor, context: Tensor, context_mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, context_mask: Tensor) -> Tensor:  # type: ignore[override]
         _, _, f, h, w = x.shape
-        q = rearrange(self.to_q(self.norm(rearrange(x, "b c f h w -> b (f h w) c"))), "b n (h d) -> b h n d", h=self.heads)
-        k, v = rearrange(self.to_kv(context), "b l (kv h d) -> kv b h l d", kv=2, h=self.heads)
         keep = rearrange(context_mask, "b l -> b 1 1 l")
-        out = rearrange(attend(q, k, v, keep, backend=self.backend), "b h n d -> b n (h d)")
-        return x + rearrange(self.to_out(out), "b (f h w) c -> b c f h w", f=f, h=h, w=w)
+        out = super().forward(rearrange(x, "b c f h w -> b (f h w) c"), context=context, bias=keep)
+        return x + rearrange(out, "b (f h w) c -> b c f h w", f=f, h=h, w=w)
 
 
-class TemporalAttention(nn.Module):
+class FrameAttention(Attention):
     """Pre-norm residual attention over the frames at each pixel (Sec. 3: "attention over
     time"), with rotary embeddings on q and k plus the U-Net's shared T5 bias.
 
@@ -265,34 +269,25 @@ class TemporalAttention(nn.Module):
     for the whole batch and chosen per sample, so focusing is exactly frame-by-frame."""
 
     def __init__(self, dim: int, *, heads: int, dim_head: int, rotary: RotaryEmbedding, backend: str | None):
-        super().__init__()
-        self.heads, self.backend = heads, backend
-        self.rotary = rotary  # shared, parameter-free
-        self.norm = nn.LayerNorm(dim)
-        self.to_qkv = nn.Linear(dim, heads * dim_head * 3, bias=False)
-        self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
         # Zero output (STYLE 12): at initialisation every frame is processed on its own, so
         # weights of an image-pretrained Unet3D are unchanged when first run on video.
-        nn.init.zeros_(self.to_out.weight)
+        super().__init__(dim, heads=heads, dim_head=dim_head, backend=backend, norm="layer", fused_qkv=True)
+        self.rotary = rotary  # shared, parameter-free
         mark_temporal(self)
 
-    def forward(self, x: Tensor, pos_bias: Tensor, enabled: EnableTime) -> Tensor:
+    def forward(self, x: Tensor, pos_bias: Tensor, enabled: EnableTime) -> Tensor:  # type: ignore[override]
         b, _, f, h, w = x.shape
-        tokens = self.norm(rearrange(x, "b c f h w -> (b h w) f c"))
-        q, k, v = rearrange(self.to_qkv(tokens), "n f (qkv h d) -> qkv n h f d", qkv=3, h=self.heads)
+        tokens = rearrange(x, "b c f h w -> (b h w) f c")
 
-        def project(heads_out: Tensor) -> Tensor:
-            out = self.to_out(rearrange(heads_out, "n h f d -> n f (h d)"))
+        def video(out: Tensor) -> Tensor:
             return rearrange(out, "(b h w) f c -> b c f h w", b=b, h=h, w=w)
 
         if enabled is False:
-            return x + project(v)
-        cos, sin = self.rotary(f)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        mixed = project(attend(q, k, v, pos_bias, backend=self.backend))
+            return x + video(self.values(tokens))
+        mixed = video(super().forward(tokens, bias=pos_bias, rotary=self.rotary(f)))
         if enabled is True:
             return x + mixed
-        return x + select_time(enabled, mixed, project(v))
+        return x + select_time(enabled, mixed, video(self.values(tokens)))
 
 
 class Stage(nn.Module):
@@ -305,16 +300,16 @@ class Stage(nn.Module):
         super().__init__()
         kt = 3 if cfg.conv_type == "full3d" else 1
         heads, dim_head, backend = cfg.attn_heads, cfg.attn_dim_head, cfg.attn_backend
-        self.block1 = ResnetBlock(dim_in, dim_out, emb_dim=emb_dim, groups=cfg.resnet_groups, temporal_kernel_size=kt)
-        self.block2 = ResnetBlock(dim_out, dim_out, emb_dim=emb_dim, groups=cfg.resnet_groups, temporal_kernel_size=kt)
+        self.block1 = GroupNormResnetBlock(dim_in, dim_out, emb_dim=emb_dim, groups=cfg.resnet_groups, temporal_kernel_size=kt)
+        self.block2 = GroupNormResnetBlock(dim_out, dim_out, emb_dim=emb_dim, groups=cfg.resnet_groups, temporal_kernel_size=kt)
         self.spatial_attn = (
             SpatialLinearAttention(dim_out, heads=heads, dim_head=dim_head) if cfg.use_sparse_linear_attn else None
         )
         self.cross_attn = (
-            CrossAttention(dim_out, context_dim, heads=heads, dim_head=dim_head, backend=backend)
+            TextAttention(dim_out, context_dim, heads=heads, dim_head=dim_head, backend=backend)
             if context_dim is not None else None
         )
-        self.temporal_attn = TemporalAttention(dim_out, heads=heads, dim_head=dim_head, rotary=rotary, backend=backend)
+        self.temporal_attn = FrameAttention(dim_out, heads=heads, dim_head=dim_head, rotary=rotary, backend=backend)
         self.resample = resample
 
     def blocks(self, x: Tensor, emb: Tensor, ctx: tuple[Tensor, Tensor] | None, pos_bias: Tensor,
@@ -355,36 +350,16 @@ class Unet3D(UnetMixin, nn.Module):
 
     config_class = Unet3DConfig
 
-    def __init__(
-        self,
-        dim: int,
-        cond_dim: int | None = None,
-        out_dim: int | None = None,
-        dim_mults: tuple[int, ...] | list[int] = (1, 2, 4, 8),
-        channels: int = 3,
-        attn_heads: int = 8,
-        attn_dim_head: int = 32,
-        use_bert_text_cond: bool = False,
-        init_dim: int | None = None,
-        init_kernel_size: int = 7,
-        use_sparse_linear_attn: bool = True,
-        block_type: str = "resnet",
-        resnet_groups: int = 8,
-        *,
-        conv_type: str = "pseudo3d",
-        text_cross_attn: bool = False,
-        attn_backend: str | None = None,
-        max_time_distance: int = 32,
-    ):
+    def __init__(self, *args: Any, **options: Any):
+        """Options: the fields of `Unet3DConfig` (see `inspect.signature(Unet3D)`); the first
+        thirteen may be passed by position, as in video-diffusion-pytorch."""
         super().__init__()
-        cfg = Unet3DConfig(
-            dim=dim, cond_dim=cond_dim, out_dim=out_dim, dim_mults=tuple(dim_mults), channels=channels,
-            attn_heads=attn_heads, attn_dim_head=attn_dim_head, use_bert_text_cond=use_bert_text_cond,
-            init_dim=init_dim, init_kernel_size=init_kernel_size, use_sparse_linear_attn=use_sparse_linear_attn,
-            block_type=block_type, resnet_groups=resnet_groups, conv_type=conv_type,
-            text_cross_attn=text_cross_attn, attn_backend=attn_backend, max_time_distance=max_time_distance,
-        )
+        cfg = Unet3DConfig.from_options(*args, **options)
         self.config = cfg
+        dim, channels, out_dim, cond_dim = cfg.dim, cfg.channels, cfg.out_dim, cfg.cond_dim
+        attn_heads, attn_dim_head, attn_backend = cfg.attn_heads, cfg.attn_dim_head, cfg.attn_backend
+        use_bert_text_cond, text_cross_attn = cfg.use_bert_text_cond, cfg.text_cross_attn
+        init_dim, init_kernel_size, max_time_distance = cfg.init_dim, cfg.init_kernel_size, cfg.max_time_distance
         self.channels = channels
         self.out_dim = channels if out_dim is None else out_dim
         self.cond_dim = TEXT_ENCODER_DIM if use_bert_text_cond else cond_dim
@@ -397,8 +372,8 @@ class Unet3D(UnetMixin, nn.Module):
         self.rotary = RotaryEmbedding(max(2, min(32, attn_dim_head) // 2 * 2))
         self.time_rel_pos_bias = mark_temporal(RelativePositionBias(heads=attn_heads, max_distance=max_time_distance))
 
-        def temporal_attn(width: int) -> TemporalAttention:
-            return TemporalAttention(width, heads=attn_heads, dim_head=attn_dim_head, rotary=self.rotary,
+        def temporal_attn(width: int) -> FrameAttention:
+            return FrameAttention(width, heads=attn_heads, dim_head=attn_dim_head, rotary=self.rotary,
                                      backend=attn_backend)
 
         pad = init_kernel_size // 2
@@ -421,34 +396,26 @@ class Unet3D(UnetMixin, nn.Module):
             for i, (d_in, d_out) in enumerate(in_out)
         )
 
-        mid, kt = dims[-1], 3 if conv_type == "full3d" else 1
-        resnet = dict(emb_dim=emb_dim, groups=resnet_groups, temporal_kernel_size=kt)
-        self.mid_block1 = ResnetBlock(mid, mid, **resnet)
-        self.mid_spatial_attn = SpatialAttention(mid, heads=attn_heads, dim_head=attn_dim_head, backend=attn_backend)
+        mid, kt = dims[-1], 3 if cfg.conv_type == "full3d" else 1
+        resnet = dict(emb_dim=emb_dim, groups=cfg.resnet_groups, temporal_kernel_size=kt)
+        self.mid_block1 = GroupNormResnetBlock(mid, mid, **resnet)
+        self.mid_spatial_attn = PixelAttention(mid, heads=attn_heads, dim_head=attn_dim_head, backend=attn_backend)
         self.mid_cross_attn = (
-            CrossAttention(mid, context_dim, heads=attn_heads, dim_head=attn_dim_head, backend=attn_backend)
+            TextAttention(mid, context_dim, heads=attn_heads, dim_head=attn_dim_head, backend=attn_backend)
             if context_dim is not None else None
         )
         self.mid_temporal_attn = temporal_attn(mid)
-        self.mid_block2 = ResnetBlock(mid, mid, **resnet)
+        self.mid_block2 = GroupNormResnetBlock(mid, mid, **resnet)
 
         # Decoder stages take their input concatenated with the encoder's skip of equal size.
         self.ups = nn.ModuleList(
             Stage(d_out * 2, d_in, resample=_space_upsample(d_in) if i < last else nn.Identity(), **stage)
             for i, (d_in, d_out) in enumerate(reversed(in_out))
         )
-        self.final_block = ResnetBlock(init_dim * 2, init_dim, emb_dim=None, groups=resnet_groups, temporal_kernel_size=kt)
+        self.final_block = GroupNormResnetBlock(init_dim * 2, init_dim, emb_dim=None, groups=cfg.resnet_groups, temporal_kernel_size=kt)
         self.final_conv = nn.Conv3d(init_dim, self.out_dim, 1)
 
     # --- shape limits -------------------------------------------------------------------------
-
-    @property
-    def cond_format(self) -> str | None:
-        # Tokens when the stages cross-attend to them; otherwise the pooled vector that joins
-        # the timestep embedding (token embeddings given anyway are pooled by masked mean).
-        if self.text_cross_attn:
-            return "tokens"
-        return "pooled" if self.has_cond else None
 
     @property
     def frame_multiple(self) -> int:
@@ -460,6 +427,14 @@ class Unet3D(UnetMixin, nn.Module):
         return 2 ** (len(self.config.dim_mults) - 1)
 
     # --- forward ------------------------------------------------------------------------------
+
+    @property
+    def cond_format(self) -> str | None:
+        """None without a condition, "tokens" with `text_cross_attn` (the tokens are attended
+        to as well as pooled), else "pooled"."""
+        if not self.has_cond:
+            return None
+        return "tokens" if self.text_cross_attn else "pooled"
 
     def forward(
         self,
