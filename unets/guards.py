@@ -81,9 +81,12 @@ def read_bytes(path: str | os.PathLike, *, what: str = "file", max_bytes: int = 
     except OSError as err:
         raise BadFileError(f"{what} {str(path)!r} cannot be read: {err.strerror or err}") from None
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
             raise BadFileError(f"{what} {str(path)!r} is not a regular file")
-        data = f.read(max_bytes + 1)
+        # Sized to the file (one byte more shows growth past the limit), not to the limit: a
+        # large limit must not reserve that much memory for a small file.
+        data = f.read(min(info.st_size, max_bytes) + 1)
     if len(data) > max_bytes:
         raise BadFileError(f"{what} {str(path)!r} is larger than the {max_bytes:,} bytes allowed")
     return data
