@@ -29,13 +29,11 @@ What `auto` tries, in order, taking the first backend that accepts the inputs:
         and is the fastest for long sequences. But with a bias that needs a gradient (learned
         position biases) SDPA's CPU backward runs its own unfused math path, slower than ours,
         which also recomputes large attention weights in backward instead of keeping them
-        (`_MathAttention`); and on short sequences (temporal attention over 8-16 frames) the fused kernel's per-row
-        overhead dominates: measured on one EPYC core, fp32, 2048 x 4 heads x 32 dims, math was
-        1.04-2.1x faster at 8 and 16 keys in 23 of 24 cases (benchmarks/results/
-        cpu-amd-epyc-2026-11-21-attention.md). For spatial attention (256-1024 keys) with a
-        bias gradient, sdpa alone measured 1.3-1.5x faster, but in the U-Net train step of
-        benchmarks/unet.py it was no faster (0.74x make-a-video's time either way) and took 15%
-        more memory (0.77x instead of 0.67x make-a-video's), so math stays first there.
+        (`_MathAttention`); and on short sequences (temporal attention over 8-16 frames) the
+        fused kernel's per-row overhead dominates, so math is faster there. For spatial
+        attention with a bias gradient sdpa alone is faster, but not in the U-Net train step,
+        where it takes more memory; so math stays first there. The measurements behind this
+        order: benchmarks/results/cpu-amd-epyc-2026-11-21.md (attention and U-Net sections).
 flex and xformers are never picked by `auto`: flex compiles a kernel per shape (tens of seconds
 on first use), and xformers' CUTLASS kernel is the one `efficient` already reaches through
 PyTorch, so making results depend on whether a package is installed buys nothing.

@@ -62,7 +62,8 @@ class TemporalConv(nn.Module):
         """The convolution over frames of a video `(B, C, F, H, W)`, for every sample."""
         # A (k, 1) 2D convolution over (B, C, F, H*W): same result as the (k, 1, 1) 3D one, but
         # CPU PyTorch has no oneDNN path for 3D kernels (it falls back to slow_conv3d), and the
-        # 2D kernel is ~3x faster forward + backward there; on CUDA both reach cuDNN.
+        # 2D kernel is several times faster forward + backward there (benchmarks/unet.py); on
+        # CUDA both reach cuDNN.
         b, c, f, h, w = x.shape
         weight = self.weight[..., None]
         tokens = x.reshape(b, c, f, h * w)
