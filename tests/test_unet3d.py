@@ -59,7 +59,7 @@ def close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-5) -> bool:
     groups=st.sampled_from([1, 2, 4]),
     width=st.integers(1, 3),
     mults=st.lists(st.integers(1, 3), min_size=1, max_size=3),
-    conv_type=st.sampled_from(["pseudo3d", "full3d"]),
+    conv_type=st.sampled_from(["spatial", "full3d"]),
     cond=st.sampled_from(["none", "pooled", "tokens", "cross"]),
     sparse=st.booleans(),
     out_dim=st.sampled_from([None, 2]),
@@ -117,7 +117,7 @@ def test_scalar_and_float_timesteps():
         {"conv_type": "full3d"},
         {"conv_type": "full3d", "cond_dim": 6, "text_cross_attn": True, "use_sparse_linear_attn": False},
     ],
-    ids=["pseudo3d", "full3d", "full3d-cross"],
+    ids=["spatial", "full3d", "full3d-cross"],
 )
 def test_focus_present_is_frames_one_by_one(options):
     model = tiny(**options)
@@ -166,7 +166,7 @@ def test_prob_focus_present_is_per_sample():
 
 def test_new_temporal_layers_start_as_identity():
     """At initialisation (zero temporal outputs and taps) a video is its frames one by one, and
-    full3d equals pseudo3d with the same spatial weights."""
+    full3d equals spatial with the same spatial weights."""
     x = torch.randn(1, 3, 3, 8, 8)
     t = torch.tensor([5])
     pseudo = tiny(seed=3, randomise=False)
@@ -254,7 +254,7 @@ def test_gradient_checkpointing_same_gradients():
 # --- parameters, config, registry, checkpoints -----------------------------------------------
 
 
-@pytest.mark.parametrize("conv_type", ["pseudo3d", "full3d"])
+@pytest.mark.parametrize("conv_type", ["spatial", "full3d"])
 def test_temporal_and_spatial_parameters_partition(conv_type):
     model = tiny(randomise=False, conv_type=conv_type)
     temporal = {id(p) for p in model.temporal_parameters()}
@@ -389,3 +389,12 @@ def _run_compile(backend: str, overrides: dict, tmp_path: Path) -> None:
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200,
     )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-4000:]
+
+
+def test_old_conv_type_name_is_read_as_spatial():
+    # "pseudo3d" was Unet3D's name for space-only convs, while the block registry's "pseudo3d" is
+    # make-a-video's conv + temporal conv; saved configs with the old name still load.
+    with pytest.warns(FutureWarning, match="now called 'spatial'"):
+        model = Unet3D(dim=8, dim_mults=(1, 2), conv_type="pseudo3d")
+    assert model.config.conv_type == "spatial"
+    assert unets.build(model.config.to_dict()).config.conv_type == "spatial"

@@ -30,6 +30,7 @@ What differs from video-diffusion-pytorch 0.7:
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -53,10 +54,12 @@ __all__ = ["PRESETS", "TEXT_ENCODER_DIM", "Unet3D", "Unet3DConfig"]
 # constant so the U-Net needs no text libraries; diffusion.text checks it against the encoder.
 TEXT_ENCODER_DIM = 384
 
-# "pseudo3d" is the paper's factorisation: space-only 1x3x3 convs, frames mixed only by
-# attention (not the block registry's "pseudo3d", make-a-video's conv + temporal conv).
-# "full3d": 3x3x3 convs (the registry's "conv3d"). Both are built by the "conv3d" block.
-CONV_TYPES = ("pseudo3d", "full3d")
+# "spatial" is the paper's factorisation: space-only 1x3x3 convs, frames mixed only by
+# attention. "full3d": 3x3x3 convs (the registry's "conv3d"). Both are built by the "conv3d"
+# block. Configs saved before this name say "pseudo3d", which in the block registry means
+# make-a-video's conv + temporal conv: read as "spatial" with a warning.
+CONV_TYPES = ("spatial", "full3d")
+_OLD_CONV_TYPES = {"pseudo3d": "spatial"}
 # video-diffusion-pytorch takes `block_type` and ignores it (its blocks are always resnets);
 # configs written for it (text2video-from-scratch: "basic") must keep loading, so any string
 # is accepted and stored, and the blocks are resnets whatever it says.
@@ -91,7 +94,7 @@ class Unet3DConfig(UnetConfig):
     use_sparse_linear_attn: bool = True
     block_type: str = "resnet"
     resnet_groups: int = 8
-    conv_type: str = "pseudo3d"
+    conv_type: str = "spatial"
     text_cross_attn: bool = False
     attn_backend: str | None = None
     max_time_distance: int = 32
@@ -118,6 +121,10 @@ class Unet3DConfig(UnetConfig):
             raise ValueError(f"init_kernel_size must be odd and positive, got {self.init_kernel_size}")
         if not isinstance(self.block_type, str):
             raise TypeError(f"block_type must be a str (it is ignored), got {type(self.block_type).__name__}")
+        if self.conv_type in _OLD_CONV_TYPES:
+            new = _OLD_CONV_TYPES[self.conv_type]
+            warnings.warn(f"Unet3D conv_type={self.conv_type!r} is now called {new!r}", FutureWarning, stacklevel=4)
+            self.conv_type = new
         if self.conv_type not in CONV_TYPES:
             raise ValueError(f"conv_type must be one of {list(CONV_TYPES)}, got {self.conv_type!r}")
         if self.use_bert_text_cond and self.cond_dim not in (None, TEXT_ENCODER_DIM):
