@@ -7,8 +7,9 @@ or a cosine / linear decay to `min_lr_ratio` * lr at the schedule's horizon.
 The horizon is `train_num_steps`, unless a wall-clock budget (`max_seconds`) ends the run
 sooner. A decay planned for more steps than the budget allows would stop while the rate is
 still high, which leaves noisy weights; so, with a decaying schedule, the number of steps
-the budget allows is estimated ONCE, from the step rate measured over the first
-`ESTIMATE_AFTER` steps of the session, and becomes the horizon (never more than
+the budget allows is estimated ONCE, at step `ESTIMATE_AFTER` of the session, from the step
+rate measured after the first `WARMUP_STEPS` (which pay for allocation, caches and
+compilation, and would make the estimate too low), and becomes the horizon (never more than
 `train_num_steps`). The horizon is stored in the checkpoint, so a resumed run follows the
 same curve whatever its own timing; nothing rewrites the run's options mid-run. The run
 stops at the horizon or when the budget is used up, whichever comes first.
@@ -23,9 +24,11 @@ import time
 logger = logging.getLogger(__name__)
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
-# Enough steps for the first (slow: allocation, caches, compilation) ones to weigh little,
-# few enough that the decay has hardly begun when the horizon is fixed.
-ESTIMATE_AFTER = 10
+# The first steps are slow (allocation, caches, compilation): left out of the rate. The rate
+# is then measured over enough steps to be steady, and few enough that the decay has hardly
+# begun when the horizon is fixed.
+WARMUP_STEPS = 10
+ESTIMATE_AFTER = 50
 
 
 def lr_factor(step: int, *, warmup_steps: int, schedule: str, horizon: int, min_lr_ratio: float) -> float:
@@ -58,6 +61,7 @@ class TimeBudget:
         self.clock = clock
         self.start_time = clock()
         self.start_step = 0
+        self.warm_time: float | None = None
         self.stopped_early = False
 
     @property
@@ -67,6 +71,7 @@ class TimeBudget:
     def start(self, step: int) -> None:
         self.start_time = self.clock()
         self.start_step = step
+        self.warm_time = None
         self.stopped_early = False
 
     def elapsed(self) -> float:
@@ -77,9 +82,13 @@ class TimeBudget:
         if not self.active or not self.decaying or self.horizon is not None:
             return
         done = step - self.start_step
-        if done < ESTIMATE_AFTER:
+        if done == WARMUP_STEPS:
+            self.warm_time = self.elapsed()
+        if done < ESTIMATE_AFTER or self.warm_time is None:
             return
-        projected = self.start_step + int(done / max(self.elapsed(), 1e-9) * self.max_seconds)
+        elapsed = self.elapsed()
+        rate = (done - WARMUP_STEPS) / max(elapsed - self.warm_time, 1e-9)
+        projected = step + int(rate * max(self.max_seconds - elapsed, 0.0))
         self.horizon = max(step + 1, min(self.max_steps, projected))
         logger.info("time budget of %.0f s: the learning-rate schedule ends at step %d", self.max_seconds, self.horizon)
 
@@ -90,6 +99,10 @@ class TimeBudget:
         if self.elapsed() >= self.max_seconds or (self.horizon is not None and step >= self.horizon):
             if step < self.max_steps and not self.stopped_early:
                 self.stopped_early = True
-                logger.info("time budget of %.0f s used up at step %d", self.max_seconds, step)
+                if self.horizon is not None and step >= self.horizon:
+                    logger.info("the learning-rate schedule ends at step %d, after %.0f s of the %.0f s budget",
+                                step, self.elapsed(), self.max_seconds)
+                else:
+                    logger.info("time budget of %.0f s used up at step %d", self.max_seconds, step)
             return True
         return False

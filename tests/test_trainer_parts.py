@@ -22,7 +22,7 @@ from test_trainer import Videos, make_diffusion, make_trainer, run  # noqa: E402
 
 from diffusion import checkpoint as ckpt  # noqa: E402
 from diffusion.batches import StepBatches, collate, conditioning  # noqa: E402
-from diffusion.budget import ESTIMATE_AFTER, TimeBudget, lr_factor  # noqa: E402
+from diffusion.budget import ESTIMATE_AFTER, WARMUP_STEPS, TimeBudget, lr_factor  # noqa: E402
 from diffusion.metrics import MetricsLog  # noqa: E402
 from diffusion.samples import SampleGrid, conditions_on_captions  # noqa: E402
 
@@ -76,7 +76,7 @@ def test_lr_factor_stays_within_its_bounds(warmup, horizon, schedule, ratio, ste
 
 def test_budget_fixes_the_horizon_once_from_the_measured_rate():
     clock = FakeClock(0.5)  # 2 steps per second
-    budget = TimeBudget(20.0, decaying=True, max_steps=1000, clock=clock)
+    budget = TimeBudget(60.0, decaying=True, max_steps=1000, clock=clock)
     budget.start(0)
     step = 0
     while not budget.should_stop(step):
@@ -84,19 +84,32 @@ def test_budget_fixes_the_horizon_once_from_the_measured_rate():
         step += 1
         budget.after_step(step)
         if step == ESTIMATE_AFTER:
-            assert budget.horizon == 40  # 20 s at 2 steps/s
+            assert budget.horizon == 120  # 60 s at 2 steps/s
             clock.step_seconds = 0.25  # the machine gets faster: the horizon stays
-    assert budget.horizon == 40 and step == 40 and budget.stopped_early
+    assert budget.horizon == 120 and step == 120 and budget.stopped_early
 
 
-def test_budget_never_extends_past_train_num_steps_and_constant_lr_has_no_horizon():
-    clock = FakeClock(0.001)
-    budget = TimeBudget(100.0, decaying=True, max_steps=30, clock=clock)
+def test_budget_leaves_the_slow_first_steps_out_of_the_rate():
+    clock = FakeClock(2.0)  # warm-up: 2 s a step, then 0.2 s
+    budget = TimeBudget(100.0, decaying=True, max_steps=10_000, clock=clock)
     budget.start(0)
     for step in range(1, ESTIMATE_AFTER + 1):
         clock.tick()
         budget.after_step(step)
-    assert budget.horizon == 30
+        if step == WARMUP_STEPS:
+            clock.step_seconds = 0.2
+    # 28 s spent; 5 steps/s measured after the warm-up -> 72 s more at 5 steps/s
+    assert budget.horizon == ESTIMATE_AFTER + 360
+
+
+def test_budget_never_extends_past_train_num_steps_and_constant_lr_has_no_horizon():
+    clock = FakeClock(0.001)
+    budget = TimeBudget(100.0, decaying=True, max_steps=60, clock=clock)
+    budget.start(0)
+    for step in range(1, ESTIMATE_AFTER + 1):
+        clock.tick()
+        budget.after_step(step)
+    assert budget.horizon == 60
     constant = TimeBudget(1.0, decaying=False, max_steps=30, clock=clock)
     constant.start(0)
     constant.after_step(ESTIMATE_AFTER)
@@ -124,6 +137,9 @@ def test_max_seconds_stops_the_loop_and_the_horizon_is_stored_for_an_exact_resum
         return made
 
     monkeypatch.setattr("diffusion.trainer.TimeBudget", ticking_budget)
+    # a short run: the rate is measured over steps 2-10 (1 step/s), the horizon fixed at step 10
+    monkeypatch.setattr(budget_module, "WARMUP_STEPS", 2)
+    monkeypatch.setattr(budget_module, "ESTIMATE_AFTER", 10)
     options = dict(train_num_steps=100, save_and_sample_every=1000, lr_schedule="cosine", warmup_steps=2,
                    max_seconds=13.0, image_phase_steps=0)
     trainer = make_trainer(tmp_path / "a", **options)
