@@ -415,7 +415,7 @@ class Trainer:
             budget.horizon = int(horizon) or None
             self.train_num_steps = int(steps)
         self.lr_horizon = budget.horizon
-        self.stopped_by_budget = stop
+        self.stopped_by_budget = stop and self.step < self.train_num_steps
         return stop or self.step >= self.train_num_steps
 
     def _interrupt_save(self) -> None:
