@@ -201,48 +201,63 @@ class _FramesInBackward(torch.autograd.Function):
         return grad, None, None, None
 
 
-def _map_tensors(value: Any, function: Callable[[Tensor], Any]) -> Any:
-    """`function` applied to every tensor inside `value`: dataclass fields (diffusers'
-    outputs), mappings, tuples and lists (named tuples kept); anything else as it is."""
+def _frames_in_backward(value: Any, context: FrameContext, frames: int, enabled: EnableTime) -> Any:
     if isinstance(value, Tensor):
-        return function(value)
+        if value.requires_grad:
+            return _FramesInBackward.apply(value, context, frames, enabled)
+        return value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        changes = {f.name: _map_tensors(getattr(value, f.name), function) for f in dataclasses.fields(value) if f.init}
+        changes = {
+            f.name: _frames_in_backward(getattr(value, f.name), context, frames, enabled)
+            for f in dataclasses.fields(value)
+            if f.init
+        }
         return dataclasses.replace(value, **changes)
     if isinstance(value, Mapping):
-        return {k: _map_tensors(v, function) for k, v in value.items()}
+        return {k: _frames_in_backward(v, context, frames, enabled) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
-        items = [_map_tensors(v, function) for v in value]
+        items = [_frames_in_backward(v, context, frames, enabled) for v in value]
         return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
     return value
-
-
-def _frames_in_backward(value: Any, context: FrameContext, frames: int, enabled: EnableTime) -> Any:
-    return _map_tensors(
-        value, lambda t: _FramesInBackward.apply(t, context, frames, enabled) if t.requires_grad else t
-    )
 
 
 def _repeat_per_frame(value: Any, batch: int, frames: int) -> Any:
     """Per-video conditioning -> per frame: every tensor whose first dim is the batch is
     repeated for each frame, in the `(b f)` order the frames are folded in."""
-    return _map_tensors(
-        value, lambda t: t.repeat_interleave(frames, dim=0) if t.ndim > 0 and t.shape[0] == batch else t
-    )
+    if isinstance(value, Tensor):
+        if value.ndim > 0 and value.shape[0] == batch:
+            return value.repeat_interleave(frames, dim=0)
+        return value
+    if isinstance(value, Mapping):
+        return {k: _repeat_per_frame(v, batch, frames) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        items = [_repeat_per_frame(v, batch, frames) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    return value
 
 
 def _unfold_output(value: Any, batch: int, frames: int) -> Any:
     """The 2D model's per-frame output -> per video: `(B*F, C, H, W)` -> `(B, C, F, H, W)`,
     other `(B*F, ...)` tensors -> `(B, F, ...)`; containers keep their type."""
-
-    def unfold(t: Tensor) -> Tensor:
-        if t.ndim == 0 or t.shape[0] != batch * frames:
-            return t
-        if t.ndim == 4:
-            return rearrange(t, "(b f) c h w -> b c f h w", b=batch)
-        return rearrange(t, "(b f) ... -> b f ...", b=batch)
-
-    return _map_tensors(value, unfold)
+    if isinstance(value, Tensor):
+        if value.ndim == 0 or value.shape[0] != batch * frames:
+            return value
+        if value.ndim == 4:
+            return rearrange(value, "(b f) c h w -> b c f h w", b=batch)
+        return rearrange(value, "(b f) ... -> b f ...", b=batch)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {
+            f.name: _unfold_output(getattr(value, f.name), batch, frames)
+            for f in dataclasses.fields(value)
+            if f.init
+        }
+        return dataclasses.replace(value, **changes)
+    if isinstance(value, Mapping):
+        return {k: _unfold_output(v, batch, frames) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        items = [_unfold_output(v, batch, frames) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    return value
 
 
 class InflatedModel(nn.Module):
