@@ -382,10 +382,8 @@ class _MathAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         q, k, v, bias = ctx.saved_tensors
-        if torch.is_autocast_enabled(q.device.type):
-            with torch.autocast(q.device.type, enabled=False):
-                return _MathAttention._backward(ctx, grad_out, q, k, v, bias)
-        return _MathAttention._backward(ctx, grad_out, q, k, v, bias)
+        with torch.autocast(q.device.type, enabled=False):
+            return _MathAttention._backward(ctx, grad_out, q, k, v, bias)
 
     @staticmethod
     def _backward(ctx, grad_out, q, k, v, bias):  # type: ignore[no-untyped-def]
@@ -410,11 +408,8 @@ class _MathAttention(torch.autograd.Function):
 def _run_math(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal: bool) -> Tensor:
     # The math backend sets its own precision (fp32 logits and softmax for half inputs);
     # autocast would cast its fp32 products back to bf16/fp16 and overflow the masking value.
-    # Only entered under autocast: the plain fp32 path stays as it was, without a context switch.
-    if torch.is_autocast_enabled(q.device.type):
-        with torch.autocast(q.device.type, enabled=False):
-            return _run_math_exact(q, k, v, bias, causal)
-    return _run_math_exact(q, k, v, bias, causal)
+    with torch.autocast(q.device.type, enabled=False):
+        return _run_math_exact(q, k, v, bias, causal)
 
 
 def _run_math_exact(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal: bool) -> Tensor:
