@@ -106,6 +106,12 @@ _BUILTIN: dict[str, UnetEntry] = {
         "unets.unet3d:Unet3DConfig",
         "unets.unet3d:PRESETS",
     ),
+    "modelscope": UnetEntry(
+        "modelscope",
+        "unets.modelscope:ModelScopeUnet",
+        "unets.modelscope:ModelScopeUnetConfig",
+        "unets.modelscope:PRESETS",
+    ),
 }
 
 _REGISTRY: dict[str, UnetEntry] = dict(_BUILTIN)

@@ -1,0 +1,309 @@
+"""Layers of the diffusers video U-Nets (ModelScope's `UNet3DConditionModel`, AnimateDiff's
+`UNetMotionModel`), written for this library.
+
+Module and parameter names are those of the diffusers classes, so a diffusers state dict is
+this library's state dict key for key: the foreign format meets the library in
+`unets/convert.py` and nowhere else. What differs is inside the layers:
+
+- every attention goes through `spacetime.attend`, so the backend choice (context manager,
+  `SPACETIME_ATTN_BACKEND`, a pinned `attn_backend`) and the batch chunking below CUDA's
+  65,535 grid limit apply. Temporal attention folds `B*H*W` into the batch, which is what
+  crashes diffusers' xformers path on large latents (xformers#845);
+- temporal layers are marked (`spacetime.mark_temporal`) so `temporal_parameters()` is the
+  part AnimateDiff / ModelScope fine-tuning trains;
+- `enable_time` (bool or per-sample mask) switches the temporal layers off: a sample with
+  time off is processed frame by frame, as an image U-Net would.
+
+Activations run in diffusers' layout, frames folded into the batch: `(B*F, C, H, W)`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from spacetime.attend import attend
+from spacetime.params import mark_temporal
+from spacetime.time import EnableTime
+
+__all__ = [
+    "CrossAttnTransformer",
+    "Downsample2D",
+    "FrameTransformer",
+    "ResnetBlock2D",
+    "TemporalConvStack",
+    "TimestepEmbedding",
+    "Upsample2D",
+    "frame_mask",
+    "keep_time",
+    "timestep_features",
+]
+
+
+def timestep_features(t: Tensor, dim: int, *, flip_sin_to_cos: bool = True, shift: float = 0.0,
+                      max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal features of the diffusion timestep (DDPM, Ho et al. 2020, after Vaswani et
+    al. 2017), in the order and frequency spacing of the pretrained ModelScope / SD U-Nets:
+    `[cos | sin]` with frequencies `max_period ** (-i / (half - shift))`."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - shift)
+    args = t.float()[:, None] * exponent.exp()[None]
+    sin, cos = args.sin(), args.cos()
+    emb = torch.cat((cos, sin) if flip_sin_to_cos else (sin, cos), dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """Linear -> SiLU -> Linear on the timestep features (names as diffusers')."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(dim_in, dim_out)
+        self.linear_2 = nn.Linear(dim_out, dim_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+def frame_mask(enabled: Tensor, frames: int) -> Tensor:
+    """A per-sample time mask `(B,)` repeated for the frames folded into the batch `(B*F,)`."""
+    return enabled.repeat_interleave(frames)
+
+
+def keep_time(enabled: EnableTime, frames: int, with_time: Tensor, without_time: Tensor) -> Tensor:
+    """`with_time` where time is on, `without_time` where off, for `(B*F, ...)` activations."""
+    if isinstance(enabled, bool):
+        return with_time if enabled else without_time
+    mask = frame_mask(enabled, frames).view(-1, *([1] * (with_time.ndim - 1)))
+    return torch.where(mask, with_time, without_time)
+
+
+class ResnetBlock2D(nn.Module):
+    """The SD / LDM resnet block: GroupNorm, SiLU, 3x3 conv, plus the projected time
+    embedding added per channel, then GroupNorm, SiLU, dropout, 3x3 conv, and a 1x1 shortcut
+    when the width changes; `(x + h) / output_scale_factor`. Spatial (frames independent)."""
+
+    def __init__(self, dim_in: int, dim_out: int, *, emb_dim: int, groups: int, eps: float,
+                 output_scale_factor: float | int = 1.0, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, dim_in, eps=eps)
+        self.conv1 = nn.Conv2d(dim_in, dim_out, 3, padding=1)
+        self.time_emb_proj = nn.Linear(emb_dim, dim_out)
+        self.norm2 = nn.GroupNorm(groups, dim_out, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(dim_out, dim_out, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(dim_in, dim_out, 1) if dim_in != dim_out else None
+        self.output_scale_factor = float(output_scale_factor)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_emb_proj(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        out = shortcut + h
+        return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
+
+
+class Downsample2D(nn.Module):
+    """3x3 conv with stride 2 (`padding` as the checkpoint's `downsample_padding`)."""
+
+    def __init__(self, dim: int, *, padding: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, 3, stride=2, padding=padding)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour x2 (or to the skip's size), then a 3x3 conv."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, 3, padding=1)
+
+    def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x)
+
+
+class TemporalConvStack(nn.Module):
+    """ModelScope's temporal conv layer: four (GroupNorm, SiLU, [dropout], 3x1x1 conv over
+    frames) in a row, added to the input. The last conv starts at zero, so the stack starts
+    as the identity (STYLE 12). Sequential indices match the checkpoints' keys."""
+
+    def __init__(self, dim: int, *, groups: int, dropout: float = 0.1):
+        super().__init__()
+
+        def conv() -> nn.Conv3d:
+            return nn.Conv3d(dim, dim, (3, 1, 1), padding=(1, 0, 0))
+
+        self.conv1 = nn.Sequential(nn.GroupNorm(groups, dim), nn.SiLU(), conv())
+        self.conv2 = nn.Sequential(nn.GroupNorm(groups, dim), nn.SiLU(), nn.Dropout(dropout), conv())
+        self.conv3 = nn.Sequential(nn.GroupNorm(groups, dim), nn.SiLU(), nn.Dropout(dropout), conv())
+        self.conv4 = nn.Sequential(nn.GroupNorm(groups, dim), nn.SiLU(), nn.Dropout(dropout), conv())
+        nn.init.zeros_(self.conv4[-1].weight)
+        nn.init.zeros_(self.conv4[-1].bias)
+        mark_temporal(self)
+
+    def forward(self, x: Tensor, frames: int, enabled: EnableTime) -> Tensor:
+        if enabled is False:
+            return x
+        video = rearrange(x, "(b f) c h w -> b c f h w", f=frames)
+        h = self.conv4(self.conv3(self.conv2(self.conv1(video))))
+        out = rearrange(video + h, "b c f h w -> (b f) c h w")
+        return keep_time(enabled, frames, out, x)
+
+
+class AttentionLayer(nn.Module):
+    """q/k/v projections (no bias), `spacetime.attend`, output projection (`to_out.0`),
+    scaled by `dim_head ** -0.5`. `context_dim` None makes it self-attention."""
+
+    def __init__(self, dim: int, *, heads: int, dim_head: int, context_dim: int | None = None,
+                 backend: str | None = None):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.backend = backend
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or dim, inner, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
+
+    def forward(self, x: Tensor, context: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
+        context = x if context is None else context
+        q, k, v = (rearrange(t, "n l (h d) -> n h l d", h=self.heads)
+                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        out = attend(q, k, v, keep, backend=self.backend)
+        return self.to_out[0](rearrange(out, "n h l d -> n l (h d)"))
+
+
+class GEGLUFeedForward(nn.Module):
+    """Shazeer 2020's GEGLU feed-forward, width `mult * dim` (keys `net.0.proj`, `net.2`)."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        inner = dim * mult
+        self.net = nn.ModuleList([_GEGLU(dim, inner), nn.Dropout(0.0), nn.Linear(inner, dim)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net[2](self.net[0](x))
+
+
+class _GEGLU(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden, gate = self.proj(x).chunk(2, dim=-1)
+        return hidden * F.gelu(gate)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: attention, second attention (cross-attention to the text tokens
+    when `context_dim` is set, else a second self-attention), GEGLU feed-forward."""
+
+    def __init__(self, dim: int, *, heads: int, dim_head: int, context_dim: int | None,
+                 backend: str | None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = AttentionLayer(dim, heads=heads, dim_head=dim_head, backend=backend)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = AttentionLayer(dim, heads=heads, dim_head=dim_head, context_dim=context_dim, backend=backend)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = GEGLUFeedForward(dim)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, keep: Tensor | None = None,
+                pos: Tensor | None = None) -> Tensor:
+        h = self.norm1(x)
+        x = x + self.attn1(h if pos is None else h + pos)
+        h = self.norm2(x)
+        if context is None:
+            x = x + self.attn2(h if pos is None else h + pos)
+        else:
+            x = x + self.attn2(h, context, keep)
+        return x + self.ff(self.norm3(x))
+
+
+class CrossAttnTransformer(nn.Module):
+    """SD's spatial transformer (diffusers' `Transformer2DModel`, linear projections): each
+    frame's pixels attend to each other and to the text tokens. Spatial."""
+
+    def __init__(self, dim: int, *, heads: int, dim_head: int, context_dim: int, groups: int,
+                 backend: str | None = None):
+        super().__init__()
+        inner = heads * dim_head
+        self.norm = nn.GroupNorm(groups, dim, eps=1e-6)
+        self.proj_in = nn.Linear(dim, inner)
+        self.transformer_blocks = nn.ModuleList(
+            [TransformerBlock(inner, heads=heads, dim_head=dim_head, context_dim=context_dim, backend=backend)]
+        )
+        self.proj_out = nn.Linear(inner, dim)
+
+    def forward(self, x: Tensor, context: Tensor, keep: Tensor | None) -> Tensor:
+        _, _, height, width = x.shape
+        h = self.proj_in(rearrange(self.norm(x), "n c h w -> n (h w) c"))
+        for block in self.transformer_blocks:
+            h = block(h, context, keep)
+        h = rearrange(self.proj_out(h), "n (h w) c -> n c h w", h=height, w=width)
+        return x + h
+
+
+class FrameTransformer(nn.Module):
+    """Attention over the frames at each pixel (diffusers' `TransformerTemporalModel`, and
+    AnimateDiff's motion module when `max_frames` adds sinusoidal frame positions). Two
+    self-attentions and a feed-forward per block; `(B*H*W)` sequences of `F` frames go to
+    `spacetime.attend`, which splits that batch below the kernels' grid limit."""
+
+    def __init__(self, dim: int, *, heads: int, dim_head: int, groups: int, layers: int = 1,
+                 norm_eps: float = 1e-6, max_frames: int | None = None, backend: str | None = None):
+        super().__init__()
+        inner = heads * dim_head
+        self.norm = nn.GroupNorm(groups, dim, eps=norm_eps)
+        self.proj_in = nn.Linear(dim, inner)
+        self.transformer_blocks = nn.ModuleList(
+            [TransformerBlock(inner, heads=heads, dim_head=dim_head, context_dim=None, backend=backend)
+             for _ in range(layers)]
+        )
+        self.proj_out = nn.Linear(inner, dim)
+        self.max_frames = max_frames
+        if max_frames is not None:
+            # AnimateDiff's positions: fixed sinusoids (Vaswani et al. 2017, Sec. 3.5), added
+            # to the normed input of each attention. Not saved: they are not learned.
+            position = torch.arange(max_frames, dtype=torch.float32)[:, None]
+            div = torch.exp(torch.arange(0, inner, 2, dtype=torch.float32) * (-math.log(10000.0) / inner))
+            pe = torch.zeros(max_frames, inner)
+            pe[:, 0::2] = torch.sin(position * div)
+            pe[:, 1::2] = torch.cos(position * div)
+            self.register_buffer("frame_pos", pe, persistent=False)
+        mark_temporal(self)
+
+    def forward(self, x: Tensor, frames: int, enabled: EnableTime) -> Tensor:
+        if enabled is False:
+            return x
+        n, _, height, width = x.shape
+        video = rearrange(x, "(b f) c h w -> b c f h w", f=frames)
+        h = rearrange(self.norm(video), "b c f h w -> (b h w) f c")
+        h = self.proj_in(h)
+        pos = None
+        if self.max_frames is not None:
+            if frames > self.max_frames:
+                raise ValueError(
+                    f"this motion module has frame positions for at most {self.max_frames} frames, got {frames}"
+                )
+            pos = self.frame_pos[:frames].to(h.dtype)
+        for block in self.transformer_blocks:
+            h = block(h, pos=pos)
+        h = self.proj_out(h)
+        out = x + rearrange(h, "(b h w) f c -> (b f) c h w", h=height, w=width)
+        return keep_time(enabled, frames, out, x)
