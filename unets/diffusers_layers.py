@@ -29,15 +29,18 @@ from torch import Tensor, nn
 from spacetime.attend import attend
 from spacetime.params import mark_temporal
 from spacetime.time import EnableTime
+from unets.base import UnetMixin
 
 __all__ = [
     "CrossAttnTransformer",
     "Downsample2D",
+    "FramePositions",
     "FrameTransformer",
     "ResnetBlock2D",
     "TemporalConvStack",
     "TimestepEmbedding",
     "Upsample2D",
+    "context_tokens",
     "frame_mask",
     "keep_time",
     "timestep_features",
@@ -214,8 +217,9 @@ class TransformerBlock(nn.Module):
     when `context_dim` is set, else a second self-attention), GEGLU feed-forward."""
 
     def __init__(self, dim: int, *, heads: int, dim_head: int, context_dim: int | None,
-                 backend: str | None):
+                 backend: str | None, max_frames: int | None = None):
         super().__init__()
+        self.pos_embed = FramePositions(dim, max_frames) if max_frames is not None else None
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = AttentionLayer(dim, heads=heads, dim_head=dim_head, backend=backend)
         self.norm2 = nn.LayerNorm(dim)
@@ -223,16 +227,38 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = GEGLUFeedForward(dim)
 
-    def forward(self, x: Tensor, context: Tensor | None = None, keep: Tensor | None = None,
-                pos: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
         h = self.norm1(x)
-        x = x + self.attn1(h if pos is None else h + pos)
+        x = x + self.attn1(h if self.pos_embed is None else self.pos_embed(h))
         h = self.norm2(x)
         if context is None:
-            x = x + self.attn2(h if pos is None else h + pos)
+            x = x + self.attn2(h if self.pos_embed is None else self.pos_embed(h))
         else:
             x = x + self.attn2(h, context, keep)
         return x + self.ff(self.norm3(x))
+
+
+class FramePositions(nn.Module):
+    """AnimateDiff's frame positions: fixed sinusoids (Vaswani et al. 2017, Sec. 3.5) added to
+    the normed input of each attention. Kept as a saved buffer (`pe`, shape `(1, max_frames,
+    dim)`) because the motion-module checkpoints carry it."""
+
+    def __init__(self, dim: int, max_frames: int):
+        super().__init__()
+        position = torch.arange(max_frames, dtype=torch.float32)[:, None]
+        div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+        pe = torch.zeros(1, max_frames, dim)
+        pe[0, :, 0::2] = torch.sin(position * div)
+        pe[0, :, 1::2] = torch.cos(position * div)
+        self.register_buffer("pe", pe)
+
+    def forward(self, h: Tensor) -> Tensor:
+        frames = h.shape[1]
+        if frames > self.pe.shape[1]:
+            raise ValueError(
+                f"this motion module has frame positions for at most {self.pe.shape[1]} frames, got {frames}"
+            )
+        return h + self.pe[:, :frames].to(h.dtype)
 
 
 class CrossAttnTransformer(nn.Module):
@@ -240,22 +266,32 @@ class CrossAttnTransformer(nn.Module):
     frame's pixels attend to each other and to the text tokens. Spatial."""
 
     def __init__(self, dim: int, *, heads: int, dim_head: int, context_dim: int, groups: int,
-                 backend: str | None = None):
+                 backend: str | None = None, linear_projection: bool = True):
         super().__init__()
         inner = heads * dim_head
+        self.linear_projection = linear_projection
         self.norm = nn.GroupNorm(groups, dim, eps=1e-6)
-        self.proj_in = nn.Linear(dim, inner)
+        # SD 1.x checkpoints project with 1x1 convs, SD 2.x and ModelScope with linears: the
+        # same map, stored under the same names with different shapes.
+        self.proj_in = nn.Linear(dim, inner) if linear_projection else nn.Conv2d(dim, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             [TransformerBlock(inner, heads=heads, dim_head=dim_head, context_dim=context_dim, backend=backend)]
         )
-        self.proj_out = nn.Linear(inner, dim)
+        self.proj_out = nn.Linear(inner, dim) if linear_projection else nn.Conv2d(inner, dim, 1)
 
     def forward(self, x: Tensor, context: Tensor, keep: Tensor | None) -> Tensor:
         _, _, height, width = x.shape
-        h = self.proj_in(rearrange(self.norm(x), "n c h w -> n (h w) c"))
+        h = self.norm(x)
+        if self.linear_projection:
+            h = self.proj_in(rearrange(h, "n c h w -> n (h w) c"))
+        else:
+            h = rearrange(self.proj_in(h), "n c h w -> n (h w) c")
         for block in self.transformer_blocks:
             h = block(h, context, keep)
-        h = rearrange(self.proj_out(h), "n (h w) c -> n c h w", h=height, w=width)
+        if self.linear_projection:
+            h = rearrange(self.proj_out(h), "n (h w) c -> n c h w", h=height, w=width)
+        else:
+            h = self.proj_out(rearrange(h, "n (h w) c -> n c h w", h=height, w=width))
         return x + h
 
 
@@ -272,20 +308,11 @@ class FrameTransformer(nn.Module):
         self.norm = nn.GroupNorm(groups, dim, eps=norm_eps)
         self.proj_in = nn.Linear(dim, inner)
         self.transformer_blocks = nn.ModuleList(
-            [TransformerBlock(inner, heads=heads, dim_head=dim_head, context_dim=None, backend=backend)
+            [TransformerBlock(inner, heads=heads, dim_head=dim_head, context_dim=None, backend=backend,
+                              max_frames=max_frames)
              for _ in range(layers)]
         )
         self.proj_out = nn.Linear(inner, dim)
-        self.max_frames = max_frames
-        if max_frames is not None:
-            # AnimateDiff's positions: fixed sinusoids (Vaswani et al. 2017, Sec. 3.5), added
-            # to the normed input of each attention. Not saved: they are not learned.
-            position = torch.arange(max_frames, dtype=torch.float32)[:, None]
-            div = torch.exp(torch.arange(0, inner, 2, dtype=torch.float32) * (-math.log(10000.0) / inner))
-            pe = torch.zeros(max_frames, inner)
-            pe[:, 0::2] = torch.sin(position * div)
-            pe[:, 1::2] = torch.cos(position * div)
-            self.register_buffer("frame_pos", pe, persistent=False)
         mark_temporal(self)
 
     def forward(self, x: Tensor, frames: int, enabled: EnableTime) -> Tensor:
@@ -295,15 +322,43 @@ class FrameTransformer(nn.Module):
         video = rearrange(x, "(b f) c h w -> b c f h w", f=frames)
         h = rearrange(self.norm(video), "b c f h w -> (b h w) f c")
         h = self.proj_in(h)
-        pos = None
-        if self.max_frames is not None:
-            if frames > self.max_frames:
-                raise ValueError(
-                    f"this motion module has frame positions for at most {self.max_frames} frames, got {frames}"
-                )
-            pos = self.frame_pos[:frames].to(h.dtype)
         for block in self.transformer_blocks:
-            h = block(h, pos=pos)
+            h = block(h)
         h = self.proj_out(h)
         out = x + rearrange(h, "(b h w) f c -> (b f) c h w", h=height, w=width)
         return keep_time(enabled, frames, out, x)
+
+
+def context_tokens(cond: Tensor | None, cond_mask: Tensor | None, null_cond_prob: float | int, x: Tensor, *,
+                   dim: int) -> tuple[Tensor, Tensor | None]:
+    """The text tokens `(B, L, dim)` for the cross-attentions and their keep mask `(B, 1, 1, L)`
+    (None = all kept). The null condition (`cond=None`, and samples dropped with probability
+    `null_cond_prob` for classifier-free guidance) is all-zero tokens: with bias-free key and
+    value projections they give every query the same output whatever the prompt and length.
+    The pretrained models guide with the empty prompt's tokens instead, passed as `cond`."""
+    batch = x.shape[0]
+    if cond is None:
+        if cond_mask is not None:
+            raise ValueError("cond_mask was given without cond")
+        return x.new_zeros(batch, 1, dim), None
+    if cond.ndim == 2:
+        cond = cond[:, None]
+    if cond.ndim != 3 or cond.shape[0] != batch or cond.shape[-1] != dim:
+        raise ValueError(f"cond must be (B={batch}, L, {dim}) tokens or a (B, {dim}) vector, "
+                         f"got shape {tuple(cond.shape)}")
+    cond = cond.to(x.dtype)
+    keep = None
+    if cond_mask is not None:
+        if cond_mask.dtype != torch.bool or cond_mask.shape != cond.shape[:2]:
+            raise ValueError(f"cond_mask must be a bool tensor of shape {tuple(cond.shape[:2])}, "
+                             f"got a {cond_mask.dtype} tensor of shape {tuple(cond_mask.shape)}")
+        # A sample with every token masked attends to all of them (zeroed below), not to none.
+        empty = ~cond_mask.any(dim=1, keepdim=True)
+        cond = cond * cond_mask[..., None].to(cond.dtype)
+        keep = (cond_mask | empty)[:, None, None, :]
+    kept = UnetMixin.cond_keep_mask(batch, float(null_cond_prob), x.device)
+    if kept is not None:
+        cond = cond * kept[:, None, None].to(cond.dtype)
+        if keep is not None:
+            keep = keep | ~kept[:, None, None, None]
+    return cond, keep

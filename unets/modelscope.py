@@ -39,6 +39,7 @@ from unets.diffusers_layers import (
     TemporalConvStack,
     TimestepEmbedding,
     Upsample2D,
+    context_tokens,
     timestep_features,
 )
 
@@ -294,7 +295,7 @@ class ModelScopeUnet(UnetMixin, nn.Module):
             time = torch.full((batch,), float(time), device=x.device)
         time = time.expand(batch) if time.ndim == 0 else time
         emb = self.time_embedding(timestep_features(time, self.config.block_out_channels[0]).to(x.dtype))
-        ctx, keep = self._tokens(cond, cond_mask, null_cond_prob, batch, x)
+        ctx, keep = context_tokens(cond, cond_mask, null_cond_prob, x, dim=self.config.cond_dim)
         emb = emb.repeat_interleave(frames, dim=0)
         ctx = ctx.repeat_interleave(frames, dim=0)
         keep = None if keep is None else keep.repeat_interleave(frames, dim=0)
@@ -319,33 +320,3 @@ class ModelScopeUnet(UnetMixin, nn.Module):
         h = self.conv_out(torch.nn.functional.silu(self.conv_norm_out(h)))
         out = rearrange(h, "(b f) c h w -> b c f h w", f=frames)
         return out if video else out[:, :, 0]
-
-    def _tokens(self, cond: Tensor | None, cond_mask: Tensor | None, null_cond_prob: float | int, batch: int,
-                x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Context tokens `(B, L, D)` and a keep mask `(B, 1, 1, L)` (None = all kept)."""
-        dim = self.config.cond_dim
-        if cond is None:
-            if cond_mask is not None:
-                raise ValueError("cond_mask was given without cond")
-            return x.new_zeros(batch, 1, dim), None
-        if cond.ndim == 2:
-            cond = cond[:, None]
-        if cond.ndim != 3 or cond.shape[0] != batch or cond.shape[-1] != dim:
-            raise ValueError(f"cond must be (B={batch}, L, {dim}) tokens or a (B, {dim}) vector, "
-                             f"got shape {tuple(cond.shape)}")
-        cond = cond.to(x.dtype)
-        keep = None
-        if cond_mask is not None:
-            if cond_mask.dtype != torch.bool or cond_mask.shape != cond.shape[:2]:
-                raise ValueError(f"cond_mask must be a bool tensor of shape {tuple(cond.shape[:2])}, "
-                                 f"got a {cond_mask.dtype} tensor of shape {tuple(cond_mask.shape)}")
-            # A sample with every token masked attends to all of them (zeroed below), not to none.
-            empty = ~cond_mask.any(dim=1, keepdim=True)
-            cond = cond * cond_mask[..., None].to(cond.dtype)
-            keep = (cond_mask | empty)[:, None, None, :]
-        kept = self.cond_keep_mask(batch, float(null_cond_prob), x.device)
-        if kept is not None:
-            cond = cond * kept[:, None, None].to(cond.dtype)
-            if keep is not None:
-                keep = keep | ~kept[:, None, None, None]
-        return cond, keep

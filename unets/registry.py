@@ -112,6 +112,12 @@ _BUILTIN: dict[str, UnetEntry] = {
         "unets.modelscope:ModelScopeUnetConfig",
         "unets.modelscope:PRESETS",
     ),
+    "animatediff": UnetEntry(
+        "animatediff",
+        "unets.animatediff:AnimateDiffUnet",
+        "unets.animatediff:AnimateDiffUnetConfig",
+        "unets.animatediff:PRESETS",
+    ),
 }
 
 _REGISTRY: dict[str, UnetEntry] = dict(_BUILTIN)
