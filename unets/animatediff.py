@@ -19,6 +19,8 @@ one set of tokens per video. The null condition is one all-zero token (see `mode
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -226,6 +228,13 @@ class AnimateDiffUnet(UnetMixin, nn.Module):
                                          resample="up" if i < levels - 1 else None))
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, widths[0], eps=c.norm_eps)
         self.conv_out = nn.Conv2d(widths[0], c.out_channels or c.channels, 3, padding=1)
+
+    def save_diffusers(self, path: str | os.PathLike, **kwargs: Any) -> Path:
+        """Write a folder diffusers' `MotionAdapter.from_pretrained` loads (see
+        `unets.convert.save_diffusers`); returns it."""
+        from unets.convert import save_diffusers
+
+        return save_diffusers(self, path, **kwargs)
 
     @property
     def cond_format(self) -> str:

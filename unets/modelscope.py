@@ -20,6 +20,8 @@ as `cond` like any other prompt.
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -253,6 +255,13 @@ class ModelScopeUnet(UnetMixin, nn.Module):
         self.conv_out = nn.Conv2d(widths[0], c.out_channels or c.channels, 3, padding=1)
 
     # --- the common surface -------------------------------------------------------------
+
+    def save_diffusers(self, path: str | os.PathLike, **kwargs: Any) -> Path:
+        """Write a folder diffusers' `UNet3DConditionModel.from_pretrained` loads (see
+        `unets.convert.save_diffusers`); returns it."""
+        from unets.convert import save_diffusers
+
+        return save_diffusers(self, path, **kwargs)
 
     @property
     def cond_format(self) -> str:
