@@ -40,7 +40,7 @@ def _unet3d():
     return _perturb(model)
 
 
-def _unet2d_and_adapter():
+def _unet2d_and_adapter(motion_heads: int = 2):
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
         block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -48,7 +48,7 @@ def _unet2d_and_adapter():
         cross_attention_dim=16, attention_head_dim=2, sample_size=8,
     )
     adapter = diffusers.MotionAdapter(block_out_channels=(8, 16), motion_layers_per_block=1,
-                                      motion_num_attention_heads=2, motion_norm_num_groups=4,
+                                      motion_num_attention_heads=motion_heads, motion_norm_num_groups=4,
                                       motion_max_seq_length=8)
     return _perturb(unet, 1), _perturb(adapter, 2)
 
@@ -241,3 +241,71 @@ def test_bin_weights_are_read_weights_only(tmp_path):
     (tmp_path / "ref" / "diffusion_pytorch_model.bin").write_bytes(b"not a pickle")
     with pytest.raises(ValueError, match="not a readable weights-only torch file"):
         read_diffusers_folder(tmp_path / "ref")
+
+
+def test_modelscope_original_layout_round_trips(tmp_path):
+    from unets.original_keys import from_modelscope_original, to_modelscope_original
+
+    ref = _unet3d()
+    model = unets.from_diffusers(ref)
+    original = to_modelscope_original(ref.state_dict(), model.config)
+    assert any(".temopral_conv." in k for k in original) and "input_blocks.0.0.weight" in original
+    assert "middle_block.1.transformer_blocks.0.attn2.to_k.weight" in original
+    assert original["input_blocks.0.1.proj_in.weight"].ndim == 3  # the original's 1-D conv
+    assert all(k.startswith(("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "out."))
+               for k in original)
+    back = from_modelscope_original({f"model.diffusion_model.{k}": v for k, v in original.items()}, model.config)
+    assert set(back) == set(ref.state_dict())
+    for key, value in ref.state_dict().items():
+        assert torch.equal(back[key], value), key
+    with pytest.raises(ValueError, match=r"unexpected keys .*input_blocks\.99\.0\.weight"):
+        from_modelscope_original({**original, "input_blocks.99.0.weight": torch.zeros(1)}, model.config)
+
+
+def test_animatediff_original_layout_round_trips(tmp_path):
+    from safetensors.torch import save_file as save
+
+    from unets.original_keys import from_animatediff_original, to_animatediff_original
+
+    unet, adapter = _unet2d_and_adapter()
+    original = to_animatediff_original(adapter.state_dict())
+    assert "down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.1.to_q.weight" \
+        in original
+    assert "mid_block.motion_modules.0.temporal_transformer.transformer_blocks.0.ff_norm.weight" in original
+    assert "up_blocks.1.motion_modules.0.temporal_transformer.transformer_blocks.0.norms.0.bias" in original
+    back, config = from_animatediff_original(original)
+    assert set(back) == set(adapter.state_dict())
+    for key, value in adapter.state_dict().items():
+        assert torch.equal(back[key], value), key
+    assert config["block_out_channels"] == [8, 16] and config["motion_layers_per_block"] == 1
+    assert config["motion_max_seq_length"] == 8 and config["use_motion_mid_block"]
+
+    # from files, as users hold them: the head count is not stored (8 in every release),
+    # the group count is the U-Net's
+    unet, adapter = _unet2d_and_adapter(motion_heads=8)
+    original = to_animatediff_original(adapter.state_dict())
+    save({k: v.contiguous() for k, v in original.items()}, str(tmp_path / "mm_tiny.safetensors"))
+    torch.save(original, tmp_path / "mm_tiny.ckpt")
+    x, t, cond = _inputs()
+    expected = _reference_motion(diffusers.UNetMotionModel.from_unet2d(unet, adapter).eval(), x, t, cond)
+    for name in ("mm_tiny.safetensors", "mm_tiny.ckpt"):
+        model = unets.from_diffusers(unet, motion_adapter=tmp_path / name)
+        torch.testing.assert_close(_ours(model, x, t, cond), expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"unexpected keys in the motion-module checkpoint.*conv_in"):
+        from_animatediff_original({**original, "conv_in.weight": torch.zeros(1)})
+
+
+def test_modelscope_original_file_loads_with_the_released_config(tmp_path):
+    """A `.pth` source is ModelScope's release file; its config is the 1.7B one (built on the
+    meta device here: only the key map and the checks run, nothing is allocated)."""
+    from unets.modelscope import ModelScopeUnetConfig
+    from unets.original_keys import to_modelscope_original
+
+    config = ModelScopeUnetConfig()
+    with torch.device("meta"):
+        full = unets.build(config)
+    names = set(to_modelscope_original(full.state_dict(), config))
+    assert len(names) == len(full.state_dict())
+    torch.save({"input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3)}, tmp_path / "text2video_pytorch_model.pth")
+    with pytest.raises(ValueError, match=r"missing weights \['conv_in.bias'"):
+        unets.from_diffusers(tmp_path / "text2video_pytorch_model.pth")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -191,7 +192,8 @@ def _animatediff_options(unet: Mapping[str, Any], adapter: Mapping[str, Any] | N
         if layers != options["layers_per_block"]:
             raise ValueError(f"{what}: the motion adapter has {layers} layers per block, the U-Net "
                              f"{options['layers_per_block']}")
-        groups = int(adapter.get("motion_norm_num_groups", 32))
+        # None: an original AnimateDiff file, which stores no group count and uses the U-Net's.
+        groups = int(adapter.get("motion_norm_num_groups") or options["norm_num_groups"])
         if groups != options["norm_num_groups"]:
             raise ValueError(f"{what}: motion_norm_num_groups={groups} differs from the U-Net's norm_num_groups="
                              f"{options['norm_num_groups']}; this library uses one group count")
@@ -250,6 +252,8 @@ def _torch_load(path: Path) -> dict[str, Tensor]:
 
 
 def _read(source: Any, what: str) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_file():
+        return _read_original(Path(source), what)
     if isinstance(source, (str, os.PathLike)):
         return read_diffusers_folder(source)
     if isinstance(source, nn.Module) and hasattr(source, "config"):
@@ -261,10 +265,27 @@ def _read(source: Any, what: str) -> tuple[str, dict[str, Any], dict[str, Tensor
                     f"got {type(source).__name__}")
 
 
+def _read_original(path: Path, what: str) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
+    """A file as the original releases ship them: AnimateDiff's motion modules (given as
+    `motion_adapter`) or ModelScope's `text2video_pytorch_model.pth` (given as `source`,
+    with the `damo-vilab/text-to-video-ms-1.7b` config, which every release shares)."""
+    from unets.modelscope import ModelScopeUnetConfig
+    from unets.original_keys import from_animatediff_original, from_modelscope_original, read_state_dict
+
+    state = read_state_dict(path)
+    if what == "motion_adapter":
+        state, config = from_animatediff_original(state)
+        return ADAPTER, config, state
+    config = ModelScopeUnetConfig()
+    return UNET3D, {"_class_name": UNET3D, **_unet3d_config(config)}, from_modelscope_original(state, config)
+
+
 def from_diffusers(source: Any, *, motion_adapter: Any = None) -> nn.Module:
     """This library's model for a diffusers video U-Net (module doc). `source`: a
     `UNet3DConditionModel` or `UNetMotionModel` (instance or folder), or a
     `UNet2DConditionModel` with `motion_adapter` a `MotionAdapter` (instance or folder).
+    The original files work too: ModelScope's `text2video_pytorch_model.pth` as `source`,
+    an AnimateDiff `mm_sd_v15*.ckpt` / `.safetensors` as `motion_adapter`.
     The result's `forward(x, t, cond=tokens)` equals the diffusers model's `.sample`."""
     from unets.animatediff import AnimateDiffUnet
     from unets.modelscope import ModelScopeUnet
@@ -298,25 +319,36 @@ def from_diffusers(source: Any, *, motion_adapter: Any = None) -> nn.Module:
         raise ValueError(f"source holds a {name}; accepted: {list(ACCEPTED)}")
     config_obj = model_cls.config_class(**options)
     check_model_size(config_obj, what=what)
+    # Keys and shapes are checked on the meta device first, so a wrong file fails before
+    # gigabytes are allocated.
+    with torch.device("meta"):
+        probe = model_cls(**options)
+    if isinstance(probe, AnimateDiffUnet):
+        state = _with_positions(probe, state)
+    with warnings.catch_warnings():  # copying into meta tensors is the intended no-op
+        warnings.simplefilter("ignore", UserWarning)
+        load_weights(probe, state)
     model = model_cls(**options)
-    if isinstance(model, AnimateDiffUnet):
-        state = _with_positions(model, state)
     load_weights(model, state)
     return model
 
 
 def _with_positions(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Motion-module checkpoints may leave out the fixed frame positions (`pos_embed.pe`,
-    not learned) or carry them for another length: use the model's own."""
+    not learned) or carry them for another length: use the model's own, after checking that
+    what a file carries is the same sinusoids."""
+    from unets.diffusers_layers import FramePositions
+
     out = dict(state)
-    for key, value in model.state_dict().items():
+    for key, value in model.state_dict().items():  # `model` may live on the meta device
         if key.endswith("pos_embed.pe"):
+            own = FramePositions(value.shape[-1], value.shape[1]).pe
             given = out.get(key)
-            if given is not None and given.shape[-1] == value.shape[-1]:
-                n = min(given.shape[1], value.shape[1])
-                if not torch.allclose(given[:, :n].float(), value[:, :n].float(), atol=1e-4):
+            if given is not None and given.ndim == 3 and given.shape[-1] == own.shape[-1]:
+                n = min(given.shape[1], own.shape[1])
+                if not torch.allclose(given[:, :n].float(), own[:, :n], atol=1e-4):
                     raise ValueError(f"{key} holds frame positions that are not the standard sinusoids")
-            out[key] = value
+            out[key] = own
     return out
 
 
