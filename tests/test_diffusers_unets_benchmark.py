@@ -34,4 +34,5 @@ def test_the_17b_config_is_the_public_one():
 
     options = _modelscope_options({"_class_name": "UNet3DConditionModel", **diffusers_unets.MS_17B}, "ms-1.7b")
     options.pop("sample_size")
+    assert options.pop("out_channels") == 4
     assert ModelScopeUnetConfig(**options) == ModelScopeUnetConfig()  # the registry's full-size defaults
