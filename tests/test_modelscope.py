@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils.data import Dataset
 
 import unets
@@ -114,3 +116,23 @@ def test_temporal_only_training_with_checkpointing_then_sampling(name, tmp_path)
     with torch.no_grad():
         videos = diffusion.sample(batch_size=1)
     assert videos.shape == (1, 4, 2, 8, 8) and torch.isfinite(videos).all()
+
+
+@settings(max_examples=15, deadline=None)
+@given(levels=st.integers(1, 3), layers=st.integers(1, 2), cross=st.lists(st.booleans(), min_size=3, max_size=3))
+def test_modelscope_original_key_map_is_a_bijection(levels, layers, cross):
+    """Over configs of 1-3 levels, 1-2 layers, any mix of attention levels: every key gets a
+    distinct original name, and mapping back gives the same names and tensors."""
+    from unets.original_keys import from_modelscope_original, to_modelscope_original
+
+    down = tuple("CrossAttnDownBlock3D" if c else "DownBlock3D" for c in cross[:levels])
+    up = tuple("CrossAttnUpBlock3D" if c else "UpBlock3D" for c in reversed(cross[:levels]))
+    config = unets.build_config("modelscope", preset="debug", block_out_channels=(8, 16, 16)[:levels],
+                                down_block_types=down, up_block_types=up, layers_per_block=layers)
+    with torch.device("meta"):
+        state = unets.build(config).state_dict()
+    original = to_modelscope_original(state, config)
+    assert len(original) == len(state)
+    back = from_modelscope_original(original, config)
+    assert set(back) == set(state)
+    assert all(back[k].shape == v.shape for k, v in state.items())
