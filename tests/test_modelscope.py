@@ -92,8 +92,9 @@ class RandomVideos(Dataset):
         return torch.rand(4, 2, 8, 8, generator=generator)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_temporal_only_training_with_checkpointing_then_sampling(name, tmp_path):
+@pytest.mark.parametrize(("name", "amp"), [("modelscope", False), ("animatediff", False), ("modelscope", True)])
+def test_temporal_only_training_with_checkpointing_then_sampling(name, amp, tmp_path):
+    """amp=True: bf16 autocast (the Trainer's choice on CPU)."""
     model = _model(name).train().enable_gradient_checkpointing()
     for p in model.spatial_parameters():
         p.requires_grad_(False)
@@ -103,7 +104,7 @@ def test_temporal_only_training_with_checkpointing_then_sampling(name, tmp_path)
     trainer = Trainer(diffusion, dataset=RandomVideos(), train_batch_size=2, gradient_accumulate_every=1,
                       train_num_steps=3, save_and_sample_every=1000, step_start_ema=1, update_ema_every=1,
                       num_sample_rows=1, results_folder=tmp_path, train_lr=1e-3, write_mp4=False, progress=False,
-                      seed=3)
+                      seed=3, amp=amp)
     losses = []
     trainer.train(log_fn=lambda record: losses.append(record["loss"]))
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
