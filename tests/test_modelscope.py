@@ -137,3 +137,16 @@ def test_modelscope_original_key_map_is_a_bijection(levels, layers, cross):
     back = from_modelscope_original(original, config)
     assert set(back) == set(state)
     assert all(back[k].shape == v.shape for k, v in state.items())
+
+
+@pytest.mark.parametrize("wanted", [(True, True, True), (True, False, False), (False, True, False)])
+def test_group_norm_silu_saves_less_and_has_the_same_gradients(wanted):
+    from unets.diffusers_layers import _GroupNormSiLU
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 3, 5, dtype=torch.float64, requires_grad=wanted[0])
+    weight = torch.randn(8, dtype=torch.float64, requires_grad=wanted[1])
+    bias = torch.randn(8, dtype=torch.float64, requires_grad=wanted[2])
+    assert torch.autograd.gradcheck(lambda a, w, b: _GroupNormSiLU.apply(a, w, b, 4, 1e-5), (x, weight, bias))
+    out = _GroupNormSiLU.apply(x, weight, bias, 4, 1e-5)
+    torch.testing.assert_close(out, torch.nn.functional.silu(torch.nn.functional.group_norm(x, 4, weight, bias)))

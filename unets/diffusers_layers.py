@@ -27,6 +27,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from spacetime.attend import attend
+from spacetime.layers import _GeluGate
 from spacetime.params import mark_temporal
 from spacetime.time import EnableTime
 from unets.base import UnetMixin
@@ -87,6 +88,36 @@ def keep_time(enabled: EnableTime, frames: int, with_time: Tensor, without_time:
     return torch.where(mask, with_time, without_time)
 
 
+class _GroupNormSiLU(torch.autograd.Function):
+    """`silu(group_norm(x))` saving only `x` for backward, which recomputes the two
+    elementwise passes: plain autograd keeps the norm's output as well, a second tensor of the
+    activation's size at every one of these (two per resnet, four per temporal conv stack)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, eps):  # type: ignore[override]
+        ctx.save_for_backward(x, weight, bias)
+        ctx.groups, ctx.eps = groups, eps
+        return F.silu(F.group_norm(x, groups, weight, bias, eps))
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, weight, bias = ctx.saved_tensors
+        wanted = ctx.needs_input_grad[:3]
+        inputs = [t.detach().requires_grad_(w) for t, w in zip((x, weight, bias), wanted)]
+        with torch.enable_grad():
+            out = F.silu(F.group_norm(inputs[0], ctx.groups, inputs[1], inputs[2], ctx.eps))
+        needed = [t for t, w in zip(inputs, wanted) if w]
+        grads = iter(torch.autograd.grad(out, needed, grad_out)) if needed else iter(())
+        return (*(next(grads) if w else None for w in wanted), None, None)
+
+
+def norm_silu(norm: nn.GroupNorm, x: Tensor) -> Tensor:
+    """`silu(norm(x))`, through `_GroupNormSiLU` when gradients are recorded."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return _GroupNormSiLU.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
+    return F.silu(norm(x))
+
+
 class ResnetBlock2D(nn.Module):
     """The SD / LDM resnet block: GroupNorm, SiLU, 3x3 conv, plus the projected time
     embedding added per channel, then GroupNorm, SiLU, dropout, 3x3 conv, and a 1x1 shortcut
@@ -105,9 +136,9 @@ class ResnetBlock2D(nn.Module):
         self.output_scale_factor = float(output_scale_factor)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(norm_silu(self.norm1, x))
         h = h + self.time_emb_proj(F.silu(emb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv2(self.dropout(norm_silu(self.norm2, h)))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         out = shortcut + h
         return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
@@ -163,8 +194,9 @@ class TemporalConvStack(nn.Module):
         # A 3x1x1 Conv3d is a 3x1 Conv2d over (frames, pixels): same weights viewed without
         # the last axis, and on CPU the 2-D kernel is the fast one (Conv3d falls back to a
         # slow reference path), so this runs the checkpoint's Conv3d as a Conv2d.
-        conv = seq[-1]
-        for layer in list(seq)[:-1]:
+        norm, conv = seq[0], seq[-1]
+        h = norm_silu(norm, h)
+        for layer in list(seq)[2:-1]:  # the dropout, where there is one
             h = layer(h)
         return F.conv2d(h, conv.weight.squeeze(-1), conv.bias, padding=(1, 0))
 
@@ -223,8 +255,9 @@ class _GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        hidden, gate = self.proj(x).chunk(2, dim=-1)
-        return hidden * F.gelu(gate)
+        # value * gelu(gate), saving only the projection for backward (spacetime's GEGLU op):
+        # plain autograd would also keep gelu(gate), the largest activation of the block.
+        return _GeluGate.apply(self.proj(x))
 
 
 class TransformerBlock(nn.Module):

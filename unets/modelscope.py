@@ -42,6 +42,7 @@ from unets.diffusers_layers import (
     TimestepEmbedding,
     Upsample2D,
     context_tokens,
+    norm_silu,
     timestep_features,
 )
 
@@ -326,6 +327,6 @@ class ModelScopeUnet(UnetMixin, nn.Module):
                 h = self.checkpointed(stage.layer, i, h, emb, ctx, keep, frames, enabled)
             if stage.upsamplers is not None:
                 h = stage.upsamplers[0](h, tuple(skips[-1].shape[-2:]))
-        h = self.conv_out(torch.nn.functional.silu(self.conv_norm_out(h)))
+        h = self.conv_out(norm_silu(self.conv_norm_out, h))
         out = rearrange(h, "(b f) c h w -> b c f h w", f=frames)
         return out if video else out[:, :, 0]
