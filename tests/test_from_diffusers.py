@@ -309,3 +309,30 @@ def test_modelscope_original_file_loads_with_the_released_config(tmp_path):
     torch.save({"input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3)}, tmp_path / "text2video_pytorch_model.pth")
     with pytest.raises(ValueError, match=r"missing weights \['conv_in.bias'"):
         unets.from_diffusers(tmp_path / "text2video_pytorch_model.pth")
+
+
+def test_deeper_configs_match_too():
+    """Three levels, two layers per level, attention not at the first level; AnimateDiff with
+    linear projections (SD 2.x style) and no mid-block motion module."""
+    torch.manual_seed(0)
+    ref = _perturb(diffusers.UNet3DConditionModel(
+        block_out_channels=(8, 16, 16), down_block_types=("DownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D"),
+        up_block_types=("CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "UpBlock3D"), layers_per_block=2,
+        norm_num_groups=4, cross_attention_dim=16, attention_head_dim=4,
+    ))
+    x, t, cond = _inputs()
+    x = torch.randn(2, 4, FRAMES, 16, 16)
+    torch.testing.assert_close(_ours(unets.from_diffusers(ref), x, t, cond), _reference_3d(ref, x, t, cond),
+                               atol=1e-4, rtol=1e-4)
+    unet = _perturb(diffusers.UNet2DConditionModel(
+        block_out_channels=(8, 16, 16), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=2,
+        norm_num_groups=4, cross_attention_dim=16, attention_head_dim=2, use_linear_projection=True,
+    ))
+    adapter = _perturb(diffusers.MotionAdapter(block_out_channels=(8, 16, 16), motion_layers_per_block=2,
+                                               motion_num_attention_heads=2, motion_norm_num_groups=4,
+                                               motion_max_seq_length=8, use_motion_mid_block=False), 2)
+    ref = diffusers.UNetMotionModel.from_unet2d(unet, adapter).eval()
+    model = unets.from_diffusers(unet, motion_adapter=adapter)
+    assert model.mid_block.motion_modules is None
+    torch.testing.assert_close(_ours(model, x, t, cond), _reference_motion(ref, x, t, cond), atol=1e-4, rtol=1e-4)
