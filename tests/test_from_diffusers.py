@@ -316,7 +316,8 @@ def test_deeper_configs_match_too():
     linear projections (SD 2.x style) and no mid-block motion module."""
     torch.manual_seed(0)
     ref = _perturb(diffusers.UNet3DConditionModel(
-        block_out_channels=(8, 16, 16), down_block_types=("DownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D"),
+        block_out_channels=(8, 16, 16),
+        down_block_types=("DownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D"),
         up_block_types=("CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "UpBlock3D"), layers_per_block=2,
         norm_num_groups=4, cross_attention_dim=16, attention_head_dim=4,
     ))
@@ -325,7 +326,8 @@ def test_deeper_configs_match_too():
     torch.testing.assert_close(_ours(unets.from_diffusers(ref), x, t, cond), _reference_3d(ref, x, t, cond),
                                atol=1e-4, rtol=1e-4)
     unet = _perturb(diffusers.UNet2DConditionModel(
-        block_out_channels=(8, 16, 16), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        block_out_channels=(8, 16, 16),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=2,
         norm_num_groups=4, cross_attention_dim=16, attention_head_dim=2, use_linear_projection=True,
     ))

@@ -229,7 +229,9 @@ def read_diffusers_folder(path: str | os.PathLike) -> tuple[str, dict[str, Any],
         try:
             state = load_file(str(weights))
         except Exception as err:  # SafetensorError, or OSError from a file cut short under mmap
-            raise BadFileError(f"diffusers weights {str(weights)!r} are not a readable safetensors file: {err}") from None
+            raise BadFileError(
+                f"diffusers weights {str(weights)!r} are not a readable safetensors file: {err}"
+            ) from None
     elif (folder / BIN_NAME).exists() or (folder / BIN_NAME).is_symlink():
         weights = regular_file(folder / BIN_NAME, what="diffusers weights", max_bytes=MAX_WEIGHTS_BYTES)
         state = _torch_load(weights)

@@ -185,7 +185,8 @@ def to_animatediff_original(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
         inner = re.match(r"^transformer_blocks\.(\d+)\.pos_embed\.pe$", rest)
         if inner is not None:
             for attn in (0, 1):  # one copy per attention, as in the original (not shared memory)
-                out[f"{prefix}.transformer_blocks.{inner.group(1)}.attention_blocks.{attn}.pos_encoder.pe"] = value.clone()
+                name = f"{prefix}.transformer_blocks.{inner.group(1)}.attention_blocks.{attn}.pos_encoder.pe"
+                out[name] = value.clone()
             continue
         for ours, theirs in _BLOCK_NAMES:
             rest = re.sub(rf"^(transformer_blocks\.\d+)\.{ours}\.", rf"\1.{theirs}.", rest)
