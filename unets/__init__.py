@@ -6,6 +6,8 @@
     model = unets.build("space_time_unet", preset="debug")
     same = unets.build(model.config.to_dict())      # same architecture
     model.save_pretrained("ckpt"); again = unets.load("ckpt")
+    model = unets.from_diffusers("zeroscope/unet")   # diffusers' video U-Nets (unets/convert.py)
+    model.save_diffusers("out")
 
 Every registered U-Net:
 - takes its options as declared by its config dataclass (`SpaceTimeUnetConfig`,
@@ -41,6 +43,12 @@ _LAZY = {
     "Unet3D": "unets.unet3d",
     "Unet3DConfig": "unets.unet3d",
     "from_make_a_video": "unets.make_a_video",
+    "from_diffusers": "unets.convert",
+    "save_diffusers": "unets.convert",
+    "ModelScopeUnet": "unets.modelscope",
+    "ModelScopeUnetConfig": "unets.modelscope",
+    "AnimateDiffUnet": "unets.animatediff",
+    "AnimateDiffUnetConfig": "unets.animatediff",
 }
 
 __all__ = [

@@ -106,6 +106,18 @@ _BUILTIN: dict[str, UnetEntry] = {
         "unets.unet3d:Unet3DConfig",
         "unets.unet3d:PRESETS",
     ),
+    "modelscope": UnetEntry(
+        "modelscope",
+        "unets.modelscope:ModelScopeUnet",
+        "unets.modelscope:ModelScopeUnetConfig",
+        "unets.modelscope:PRESETS",
+    ),
+    "animatediff": UnetEntry(
+        "animatediff",
+        "unets.animatediff:AnimateDiffUnet",
+        "unets.animatediff:AnimateDiffUnetConfig",
+        "unets.animatediff:PRESETS",
+    ),
 }
 
 _REGISTRY: dict[str, UnetEntry] = dict(_BUILTIN)

@@ -1,0 +1,412 @@
+"""Layers of the diffusers video U-Nets (ModelScope's `UNet3DConditionModel`, AnimateDiff's
+`UNetMotionModel`), written for this library.
+
+Module and parameter names are those of the diffusers classes, so a diffusers state dict is
+this library's state dict key for key: the foreign format meets the library in
+`unets/convert.py` and nowhere else. What differs is inside the layers:
+
+- every attention goes through `spacetime.attend`, so the backend choice (context manager,
+  `SPACETIME_ATTN_BACKEND`, a pinned `attn_backend`) and the batch chunking below CUDA's
+  65,535 grid limit apply. Temporal attention folds `B*H*W` into the batch, which is what
+  crashes diffusers' xformers path on large latents (xformers#845);
+- temporal layers are marked (`spacetime.mark_temporal`) so `temporal_parameters()` is the
+  part AnimateDiff / ModelScope fine-tuning trains;
+- `enable_time` (bool or per-sample mask) switches the temporal layers off: a sample with
+  time off is processed frame by frame, as an image U-Net would.
+
+Activations run in diffusers' layout, frames folded into the batch: `(B*F, C, H, W)`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from spacetime.attend import attend
+from spacetime.layers import _GeluGate
+from spacetime.params import mark_temporal
+from spacetime.time import EnableTime
+from unets.base import UnetMixin
+
+__all__ = [
+    "CrossAttnTransformer",
+    "Downsample2D",
+    "FramePositions",
+    "FrameTransformer",
+    "ResnetBlock2D",
+    "TemporalConvStack",
+    "TimestepEmbedding",
+    "Upsample2D",
+    "context_tokens",
+    "frame_mask",
+    "keep_time",
+    "timestep_features",
+]
+
+
+def timestep_features(t: Tensor, dim: int, *, flip_sin_to_cos: bool = True, shift: float = 0.0,
+                      max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal features of the diffusion timestep (DDPM, Ho et al. 2020, after Vaswani et
+    al. 2017), in the order and frequency spacing of the pretrained ModelScope / SD U-Nets:
+    `[cos | sin]` with frequencies `max_period ** (-i / (half - shift))`."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - shift)
+    args = t.float()[:, None] * exponent.exp()[None]
+    sin, cos = args.sin(), args.cos()
+    emb = torch.cat((cos, sin) if flip_sin_to_cos else (sin, cos), dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """Linear -> SiLU -> Linear on the timestep features (names as diffusers')."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(dim_in, dim_out)
+        self.linear_2 = nn.Linear(dim_out, dim_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+def frame_mask(enabled: Tensor, frames: int) -> Tensor:
+    """A per-sample time mask `(B,)` repeated for the frames folded into the batch `(B*F,)`."""
+    return enabled.repeat_interleave(frames)
+
+
+def keep_time(enabled: EnableTime, frames: int, with_time: Tensor, without_time: Tensor) -> Tensor:
+    """`with_time` where time is on, `without_time` where off, for `(B*F, ...)` activations."""
+    if isinstance(enabled, bool):
+        return with_time if enabled else without_time
+    mask = frame_mask(enabled, frames).view(-1, *([1] * (with_time.ndim - 1)))
+    return torch.where(mask, with_time, without_time)
+
+
+class _GroupNormSiLU(torch.autograd.Function):
+    """`silu(group_norm(x))` saving only `x` for backward, which recomputes the two
+    elementwise passes: plain autograd keeps the norm's output as well, a second tensor of the
+    activation's size at every one of these (two per resnet, four per temporal conv stack)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, eps):  # type: ignore[override]
+        ctx.save_for_backward(x, weight, bias)
+        ctx.groups, ctx.eps = groups, eps
+        return F.silu(F.group_norm(x, groups, weight, bias, eps))
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, weight, bias = ctx.saved_tensors
+        wanted = ctx.needs_input_grad[:3]
+        inputs = [t.detach().requires_grad_(w) for t, w in zip((x, weight, bias), wanted)]
+        with torch.enable_grad():
+            out = F.silu(F.group_norm(inputs[0], ctx.groups, inputs[1], inputs[2], ctx.eps))
+        needed = [t for t, w in zip(inputs, wanted) if w]
+        grads = iter(torch.autograd.grad(out, needed, grad_out)) if needed else iter(())
+        return (*(next(grads) if w else None for w in wanted), None, None)
+
+
+def norm_silu(norm: nn.GroupNorm, x: Tensor) -> Tensor:
+    """`silu(norm(x))`, through `_GroupNormSiLU` when gradients are recorded."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return _GroupNormSiLU.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
+    return F.silu(norm(x))
+
+
+class ResnetBlock2D(nn.Module):
+    """The SD / LDM resnet block: GroupNorm, SiLU, 3x3 conv, plus the projected time
+    embedding added per channel, then GroupNorm, SiLU, dropout, 3x3 conv, and a 1x1 shortcut
+    when the width changes; `(x + h) / output_scale_factor`. Spatial (frames independent)."""
+
+    def __init__(self, dim_in: int, dim_out: int, *, emb_dim: int, groups: int, eps: float,
+                 output_scale_factor: float | int = 1.0, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, dim_in, eps=eps)
+        self.conv1 = nn.Conv2d(dim_in, dim_out, 3, padding=1)
+        self.time_emb_proj = nn.Linear(emb_dim, dim_out)
+        self.norm2 = nn.GroupNorm(groups, dim_out, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(dim_out, dim_out, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(dim_in, dim_out, 1) if dim_in != dim_out else None
+        self.output_scale_factor = float(output_scale_factor)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(norm_silu(self.norm1, x))
+        h = h + self.time_emb_proj(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(norm_silu(self.norm2, h)))
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        out = shortcut + h
+        return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
+
+
+class Downsample2D(nn.Module):
+    """3x3 conv with stride 2 (`padding` as the checkpoint's `downsample_padding`)."""
+
+    def __init__(self, dim: int, *, padding: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, 3, stride=2, padding=padding)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour x2 (or to the skip's size), then a 3x3 conv."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, 3, padding=1)
+
+    def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x)
+
+
+class TemporalConvStack(nn.Module):
+    """ModelScope's temporal conv layer: four (GroupNorm, SiLU, [dropout], 3x1x1 conv over
+    frames) in a row, added to the input. The last conv starts at zero, so the stack starts
+    as the identity (STYLE 12). Sequential indices match the checkpoints' keys."""
+
+    def __init__(self, dim: int, *, groups: int, dropout: float = 0.1):
+        super().__init__()
+
+        def conv() -> nn.Conv3d:
+            return nn.Conv3d(dim, dim, (3, 1, 1), padding=(1, 0, 0))
+
+        self.conv1 = nn.Sequential(nn.GroupNorm(groups, dim), nn.SiLU(), conv())
+        self.conv2 = nn.Sequential(nn.GroupNorm(groups, dim), nn.SiLU(), nn.Dropout(dropout), conv())
+        self.conv3 = nn.Sequential(nn.GroupNorm(groups, dim), nn.SiLU(), nn.Dropout(dropout), conv())
+        self.conv4 = nn.Sequential(nn.GroupNorm(groups, dim), nn.SiLU(), nn.Dropout(dropout), conv())
+        nn.init.zeros_(self.conv4[-1].weight)
+        nn.init.zeros_(self.conv4[-1].bias)
+        mark_temporal(self)
+
+    @staticmethod
+    def _run(seq: nn.Sequential, h: Tensor) -> Tensor:
+        # A 3x1x1 Conv3d is a 3x1 Conv2d over (frames, pixels): same weights viewed without
+        # the last axis, and on CPU the 2-D kernel is the fast one (Conv3d falls back to a
+        # slow reference path), so this runs the checkpoint's Conv3d as a Conv2d.
+        norm, conv = seq[0], seq[-1]
+        h = norm_silu(norm, h)
+        for layer in list(seq)[2:-1]:  # the dropout, where there is one
+            h = layer(h)
+        return F.conv2d(h, conv.weight.squeeze(-1), conv.bias, padding=(1, 0))
+
+    def forward(self, x: Tensor, frames: int, enabled: EnableTime) -> Tensor:
+        if enabled is False:
+            return x
+        _, _, height, width = x.shape
+        video = rearrange(x, "(b f) c h w -> b c f (h w)", f=frames)
+        h = video
+        for seq in (self.conv1, self.conv2, self.conv3, self.conv4):
+            h = self._run(seq, h)
+        out = rearrange(video + h, "b c f (h w) -> (b f) c h w", h=height, w=width)
+        return keep_time(enabled, frames, out, x)
+
+
+class AttentionLayer(nn.Module):
+    """q/k/v projections (no bias), `spacetime.attend`, output projection (`to_out.0`),
+    scaled by `dim_head ** -0.5`. `context_dim` None makes it self-attention."""
+
+    def __init__(self, dim: int, *, heads: int, dim_head: int, context_dim: int | None = None,
+                 backend: str | None = None):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.backend = backend
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or dim, inner, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
+
+    def forward(self, x: Tensor, context: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
+        context = x if context is None else context
+        q, k, v = (rearrange(t, "n l (h d) -> n h l d", h=self.heads)
+                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        # prefer_fused: these weights were trained with fused SDPA and it is what diffusers
+        # runs; on CPU `auto` would otherwise pick math for some shapes (~20% slower here).
+        out = attend(q, k, v, keep, backend=self.backend, prefer_fused=True)
+        return self.to_out[0](rearrange(out, "n h l d -> n l (h d)"))
+
+
+class GEGLUFeedForward(nn.Module):
+    """Shazeer 2020's GEGLU feed-forward, width `mult * dim` (keys `net.0.proj`, `net.2`)."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        inner = dim * mult
+        self.net = nn.ModuleList([_GEGLU(dim, inner), nn.Dropout(0.0), nn.Linear(inner, dim)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net[2](self.net[0](x))
+
+
+class _GEGLU(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # value * gelu(gate), saving only the projection for backward (spacetime's GEGLU op):
+        # plain autograd would also keep gelu(gate), the largest activation of the block.
+        return _GeluGate.apply(self.proj(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: attention, second attention (cross-attention to the text tokens
+    when `context_dim` is set, else a second self-attention), GEGLU feed-forward."""
+
+    def __init__(self, dim: int, *, heads: int, dim_head: int, context_dim: int | None,
+                 backend: str | None, max_frames: int | None = None):
+        super().__init__()
+        self.pos_embed = FramePositions(dim, max_frames) if max_frames is not None else None
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = AttentionLayer(dim, heads=heads, dim_head=dim_head, backend=backend)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = AttentionLayer(dim, heads=heads, dim_head=dim_head, context_dim=context_dim, backend=backend)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = GEGLUFeedForward(dim)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
+        h = self.norm1(x)
+        x = x + self.attn1(h if self.pos_embed is None else self.pos_embed(h))
+        h = self.norm2(x)
+        if context is None:
+            x = x + self.attn2(h if self.pos_embed is None else self.pos_embed(h))
+        else:
+            x = x + self.attn2(h, context, keep)
+        return x + self.ff(self.norm3(x))
+
+
+class FramePositions(nn.Module):
+    """AnimateDiff's frame positions: fixed sinusoids (Vaswani et al. 2017, Sec. 3.5) added to
+    the normed input of each attention. Kept as a saved buffer (`pe`, shape `(1, max_frames,
+    dim)`) because the motion-module checkpoints carry it."""
+
+    def __init__(self, dim: int, max_frames: int):
+        super().__init__()
+        position = torch.arange(max_frames, dtype=torch.float32)[:, None]
+        div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+        pe = torch.zeros(1, max_frames, dim)
+        pe[0, :, 0::2] = torch.sin(position * div)
+        pe[0, :, 1::2] = torch.cos(position * div)
+        self.register_buffer("pe", pe)
+
+    def forward(self, h: Tensor) -> Tensor:
+        frames = h.shape[1]
+        if frames > self.pe.shape[1]:
+            raise ValueError(
+                f"this motion module has frame positions for at most {self.pe.shape[1]} frames, got {frames}"
+            )
+        return h + self.pe[:, :frames].to(h.dtype)
+
+
+class CrossAttnTransformer(nn.Module):
+    """SD's spatial transformer (diffusers' `Transformer2DModel`, linear projections): each
+    frame's pixels attend to each other and to the text tokens. Spatial."""
+
+    def __init__(self, dim: int, *, heads: int, dim_head: int, context_dim: int, groups: int,
+                 backend: str | None = None, linear_projection: bool = True):
+        super().__init__()
+        inner = heads * dim_head
+        self.linear_projection = linear_projection
+        self.norm = nn.GroupNorm(groups, dim, eps=1e-6)
+        # SD 1.x checkpoints project with 1x1 convs, SD 2.x and ModelScope with linears: the
+        # same map, stored under the same names with different shapes.
+        self.proj_in = nn.Linear(dim, inner) if linear_projection else nn.Conv2d(dim, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            [TransformerBlock(inner, heads=heads, dim_head=dim_head, context_dim=context_dim, backend=backend)]
+        )
+        self.proj_out = nn.Linear(inner, dim) if linear_projection else nn.Conv2d(inner, dim, 1)
+
+    def forward(self, x: Tensor, context: Tensor, keep: Tensor | None) -> Tensor:
+        _, _, height, width = x.shape
+        h = self.norm(x)
+        if self.linear_projection:
+            h = self.proj_in(rearrange(h, "n c h w -> n (h w) c"))
+        else:
+            h = rearrange(self.proj_in(h), "n c h w -> n (h w) c")
+        for block in self.transformer_blocks:
+            h = block(h, context, keep)
+        if self.linear_projection:
+            h = rearrange(self.proj_out(h), "n (h w) c -> n c h w", h=height, w=width)
+        else:
+            h = self.proj_out(rearrange(h, "n (h w) c -> n c h w", h=height, w=width))
+        return x + h
+
+
+class FrameTransformer(nn.Module):
+    """Attention over the frames at each pixel (diffusers' `TransformerTemporalModel`, and
+    AnimateDiff's motion module when `max_frames` adds sinusoidal frame positions). Two
+    self-attentions and a feed-forward per block; `(B*H*W)` sequences of `F` frames go to
+    `spacetime.attend`, which splits that batch below the kernels' grid limit."""
+
+    def __init__(self, dim: int, *, heads: int, dim_head: int, groups: int, layers: int = 1,
+                 norm_eps: float = 1e-6, max_frames: int | None = None, backend: str | None = None):
+        super().__init__()
+        inner = heads * dim_head
+        self.norm = nn.GroupNorm(groups, dim, eps=norm_eps)
+        self.proj_in = nn.Linear(dim, inner)
+        self.transformer_blocks = nn.ModuleList(
+            [TransformerBlock(inner, heads=heads, dim_head=dim_head, context_dim=None, backend=backend,
+                              max_frames=max_frames)
+             for _ in range(layers)]
+        )
+        self.proj_out = nn.Linear(inner, dim)
+        mark_temporal(self)
+
+    def forward(self, x: Tensor, frames: int, enabled: EnableTime) -> Tensor:
+        if enabled is False:
+            return x
+        n, _, height, width = x.shape
+        video = rearrange(x, "(b f) c h w -> b c f h w", f=frames)
+        h = rearrange(self.norm(video), "b c f h w -> (b h w) f c")
+        h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h)
+        h = self.proj_out(h)
+        out = x + rearrange(h, "(b h w) f c -> (b f) c h w", h=height, w=width)
+        return keep_time(enabled, frames, out, x)
+
+
+def context_tokens(cond: Tensor | None, cond_mask: Tensor | None, null_cond_prob: float | int, x: Tensor, *,
+                   dim: int) -> tuple[Tensor, Tensor | None]:
+    """The text tokens `(B, L, dim)` for the cross-attentions and their keep mask `(B, 1, 1, L)`
+    (None = all kept). The null condition (`cond=None`, and samples dropped with probability
+    `null_cond_prob` for classifier-free guidance) is all-zero tokens: with bias-free key and
+    value projections they give every query the same output whatever the prompt and length.
+    The pretrained models guide with the empty prompt's tokens instead, passed as `cond`."""
+    batch = x.shape[0]
+    if cond is None:
+        if cond_mask is not None:
+            raise ValueError("cond_mask was given without cond")
+        return x.new_zeros(batch, 1, dim), None
+    if cond.ndim == 2:
+        cond = cond[:, None]
+    if cond.ndim != 3 or cond.shape[0] != batch or cond.shape[-1] != dim:
+        raise ValueError(f"cond must be (B={batch}, L, {dim}) tokens or a (B, {dim}) vector, "
+                         f"got shape {tuple(cond.shape)}")
+    cond = cond.to(x.dtype)
+    keep = None
+    if cond_mask is not None:
+        if cond_mask.dtype != torch.bool or cond_mask.shape != cond.shape[:2]:
+            raise ValueError(f"cond_mask must be a bool tensor of shape {tuple(cond.shape[:2])}, "
+                             f"got a {cond_mask.dtype} tensor of shape {tuple(cond_mask.shape)}")
+        # A sample with every token masked attends to all of them (zeroed below), not to none.
+        empty = ~cond_mask.any(dim=1, keepdim=True)
+        cond = cond * cond_mask[..., None].to(cond.dtype)
+        keep = (cond_mask | empty)[:, None, None, :]
+    kept = UnetMixin.cond_keep_mask(batch, float(null_cond_prob), x.device)
+    if kept is not None:
+        cond = cond * kept[:, None, None].to(cond.dtype)
+        if keep is not None:
+            keep = keep | ~kept[:, None, None, None]
+    return cond, keep
