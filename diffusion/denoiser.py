@@ -249,7 +249,7 @@ def _repeat(value: Any, batch: int, frames: int) -> Any:
     return value
 
 
-def as_denoiser(model: nn.Module, **options: Any) -> nn.Module:
+def as_denoiser(model: Any, **options: Any) -> nn.Module:
     """`model` under the call convention: a diffusers-style U-Net (or an inflated one) is
     wrapped in `DiffusersDenoiser(model, **options)`; a module that already follows the
     convention is returned as it is (options are then refused)."""
