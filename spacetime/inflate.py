@@ -400,7 +400,16 @@ class InflatedModel(nn.Module):
         """The 2D model's entries (buffers included) under their original key names, as
         `model_2d.state_dict()` gave them before inflation."""
         state = self.state_dict()
-        return {key: state[self.inflated_key(key)] for key in self.keys_2d}
+        return {key: state[self._present_key(key, state)] for key in self.keys_2d}
+
+    def _present_key(self, key_2d: str, state: Mapping[str, Any]) -> str:
+        # A layer wrapped by LoRA (peft) holds the original one as `base_layer`.
+        key = self.inflated_key(key_2d)
+        if key not in state:
+            head, _, leaf = key.rpartition(".")
+            if f"{head}.base_layer.{leaf}" in state:
+                return f"{head}.base_layer.{leaf}"
+        return key
 
     def load_state_dict_2d(self, state_dict: Mapping[str, Tensor], strict: bool = True) -> None:
         """Load 2D weights given under the 2D model's key names (e.g. a pretrained image
@@ -416,7 +425,8 @@ class InflatedModel(nn.Module):
                 f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                 f"{' ...' if len(unexpected) > 5 else ''}"
             )
-        mapped = {self.inflated_key(k): v for k, v in state_dict.items() if k in known}
+        own = self.state_dict()
+        mapped = {self._present_key(k, own): v for k, v in state_dict.items() if k in known}
         result = self.load_state_dict(mapped, strict=False)
         assert not result.unexpected_keys, result.unexpected_keys
 
