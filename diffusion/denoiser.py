@@ -107,6 +107,9 @@ class DiffusersDenoiser(nn.Module):
             type(inner).__name__ in ("UNet3DConditionModel", "UNetMotionModel")
         )
         self._takes_enable_time = isinstance(model, InflatedModel)
+        # diffusers' UNetMotionModel (0.3x-0.4x) takes its tokens per frame `(B*F, L, D)`;
+        # UNet3DConditionModel and inflated models repeat per-video tokens themselves.
+        self._tokens_per_frame = type(inner).__name__ == "UNetMotionModel"
         params = _forward_params(inner)
         self._takes_mask = "encoder_attention_mask" in params
         self._takes_states = "encoder_hidden_states" in params
@@ -238,6 +241,8 @@ class DiffusersDenoiser(nn.Module):
             return rearrange(out, "(b f) c h w -> b c f h w", b=batch)
         if self._takes_enable_time and enable_time is not True:
             kwargs["enable_time"] = enable_time
+        if self._tokens_per_frame and x.ndim == 5:
+            kwargs = {k: _repeat(v, batch, x.shape[2]) for k, v in kwargs.items()}
         return _main_output(self.model(x, t, return_dict=False, **kwargs))
 
 
