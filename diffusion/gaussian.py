@@ -229,6 +229,12 @@ class GaussianDiffusion(nn.Module):
                 "use objective='v' or 'x0' with a floor, or min_snr_floor=0 for the noise objective"
             )
 
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> GaussianDiffusion:
+        # `.to(device)`, `.cuda()` ... move the VAE too, though it is no submodule.
+        if self.__dict__.get("vae") is not None:
+            self.vae.vae._apply(fn)
+        return super()._apply(fn, recurse)
+
     # --- schedule, normalisation --------------------------------------------------------
 
     @property

@@ -104,6 +104,11 @@ class VideoVAE:
             cached = self._fingerprint = f"{type(self.vae).__name__}:{digest.hexdigest()[:20]}"
         return cached
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> VideoVAE:
+        # Frozen: copies of a process holding it (EMA, sampling) share it, as they share the
+        # text encoder, instead of duplicating its weights.
+        return self
+
     def to(self, device: torch.device | str) -> VideoVAE:
         self.vae.to(device)
         return self

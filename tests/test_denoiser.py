@@ -118,3 +118,48 @@ def test_vae_chunks_and_scaling():
     assert whole.fingerprint == chunked.fingerprint
     other = VideoVAE(tiny_vae(seed=1))
     assert other.fingerprint != whole.fingerprint
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 4), cond_len=st.integers(1, 6), null_len=st.integers(1, 6),
+       drops=st.lists(st.booleans(), min_size=4, max_size=4), with_mask=st.booleans())
+def test_null_substitution_keeps_kept_rows_and_pads_consistently(batch, cond_len, null_len, drops, with_mask):
+    """Rows not dropped keep their tokens (and mask); dropped rows get exactly the null, the
+    rest of the length masked out."""
+    denoiser = _NULL_DENOISER
+    null = torch.randn(null_len, CROSS_DIM)
+    denoiser.set_null_cond(null)
+    cond = torch.randn(batch, cond_len, CROSS_DIM)
+    mask = torch.rand(batch, cond_len) < 0.7 if with_mask else None
+    if mask is not None:
+        mask[:, 0] = True
+    drop = torch.tensor(drops[:batch])
+    tokens, out_mask = denoiser._with_null(cond, mask, drop)
+    length = max(cond_len, null_len)
+    assert tokens.shape == (batch, length, CROSS_DIM)
+    for row in range(batch):
+        if drop[row]:
+            torch.testing.assert_close(tokens[row, :null_len], null)
+            if out_mask is not None:
+                assert out_mask[row].tolist() == [i < null_len for i in range(length)]
+        else:
+            torch.testing.assert_close(tokens[row, :cond_len], cond[row])
+            if out_mask is not None:
+                expected = mask[row].tolist() if mask is not None else [True] * cond_len
+                assert out_mask[row, :cond_len].tolist() == expected and not out_mask[row, cond_len:].any()
+
+
+_NULL_DENOISER = as_denoiser(tiny_unet2d())
+
+
+def test_vae_is_shared_by_copies_and_follows_the_process():
+    import copy
+
+    diffusion = GaussianDiffusion(inflate(tiny_unet2d()), image_size=16, num_frames=2, vae=tiny_vae())
+    assert copy.deepcopy(diffusion).vae is diffusion.vae
+    diffusion.to(torch.float64)
+    assert diffusion.vae.dtype == torch.float64
