@@ -163,3 +163,16 @@ def test_vae_is_shared_by_copies_and_follows_the_process():
     assert copy.deepcopy(diffusion).vae is diffusion.vae
     diffusion.to(torch.float64)
     assert diffusion.vae.dtype == torch.float64
+
+
+def test_animatediff_motion_model_gets_tokens_per_frame():
+    from diffusers import MotionAdapter, UNetMotionModel
+
+    motion = UNetMotionModel.from_unet2d(tiny_unet2d(), MotionAdapter(
+        block_out_channels=(32, 64), motion_layers_per_block=1, motion_num_attention_heads=2,
+        motion_norm_num_groups=8))
+    denoiser = as_denoiser(motion)
+    x, t, tokens = torch.randn(1, 4, 2, 8, 8), torch.tensor([9]), torch.randn(1, 3, CROSS_DIM)
+    with torch.no_grad():
+        expected = motion(x, t, encoder_hidden_states=tokens.repeat_interleave(2, 0)).sample
+        torch.testing.assert_close(denoiser(x, t, cond=tokens), expected)
