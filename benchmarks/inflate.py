@@ -10,8 +10,8 @@ weights; nothing is downloaded). Only the temporal layers train (the 2D weights 
 AnimateDiff trains its motion modules). One training step: forward on latents
 `(B, 4, F, H, W)` with text tokens `(B, 77, 768)`, an MSE loss, backward and an AdamW step.
 Per model and with / without gradient checkpointing: the median step time, the peak memory
-of a step above what is allocated before it (after one warm-up step, so AdamW's state
-exists), trainable parameters, and time and memory per million trainable parameters (the two
+of a step above what is allocated before it (of the first step, which also allocates AdamW's
+state, and of a later one), trainable parameters, and time and memory per million trainable parameters (the two
 add different temporal layers). Models are built, measured and freed one after the other in
 this process, so only one is in memory at a time.
 
@@ -118,13 +118,14 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> list[d
         if checkpointing:
             model.enable_gradient_checkpointing()
         step = step_fn(name, model, shape, config["cross_attention_dim"], dtype, device)
-        step()  # warm-up: AdamW's state, allocator caches
+        # The first step also allocates AdamW's state; later steps reuse it.
+        first_peak = common.peak_memory(step, device)
         peak = common.peak_memory(step, device)
         seconds = common.measure_time(step, min_run_time=args.min_run_time)
         rows.append({
             "model": name, "checkpointing": checkpointing, "shape": "x".join(map(str, shape)),
             "dtype": str(dtype).replace("torch.", ""), "trainable_m": trainable / 1e6, "total_m": total / 1e6,
-            "step_s": seconds, "peak_mem_mb": peak / 2**20,
+            "step_s": seconds, "peak_mem_mb": peak / 2**20, "first_step_peak_mb": first_peak / 2**20,
             "s_per_m_trainable": seconds / (trainable / 1e6), "mb_per_m_trainable": peak / 2**20 / (trainable / 1e6),
         })
         logger.info("%-12s checkpointing=%-5s %8.3f s/step  peak %9.1f MB  trainable %.1fM of %.1fM",
@@ -192,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               _dt.date.today().isoformat())
     common.write_csv(rows, stem.with_suffix(".csv"))
     common.write_json({"environment": env, "rows": rows, "comparison": ratios}, stem.with_suffix(".json"))
-    columns = ["model", "checkpointing", "shape", "dtype", "trainable_m", "step_s", "peak_mem_mb",
+    columns = ["model", "checkpointing", "shape", "dtype", "trainable_m", "step_s", "peak_mem_mb", "first_step_peak_mb",
                "s_per_m_trainable", "mb_per_m_trainable"]
     text = ["# Temporal-only training step: inflate vs AnimateDiff (UNetMotionModel)", "",
             common.environment_markdown(env), "", common.markdown_table(rows, columns), "",
