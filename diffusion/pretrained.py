@@ -176,7 +176,7 @@ def check_pretrained(section: PretrainedSection, diffusion: Any) -> None:
             f"diffusion.channels={diffusion.channels}"
         )
     cross = unet.get("cross_attention_dim")
-    if kind in UNET_2D and kind == "UNet2DConditionModel" and parts["text_encoder"] is None:
+    if cross is not None and parts["text_encoder"] is None:
         raise ConfigError(
             f"pretrained: the U-Net cross-attends to text (cross_attention_dim={cross}) but no text_encoder "
             "folder was found; give pretrained.text_encoder and pretrained.tokenizer"

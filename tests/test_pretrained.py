@@ -160,3 +160,17 @@ def test_vae_channels_must_match_the_unet(tmp_path, base):
                              "diffusion": {"image_size": 16, "num_frames": 4}})
     with pytest.raises(ConfigError, match="is not a local folder"):
         RunConfig.from_dict({"pretrained": {"path": str(tmp_path / "none")}, "diffusion": {"image_size": 16, "num_frames": 4}})
+
+
+def test_unknown_unet_class_and_missing_text_encoder(tmp_path, base):
+    _, pipeline, data = base
+    copy = tmp_path / "sd"
+    shutil.copytree(pipeline, copy)
+    shutil.rmtree(copy / "text_encoder")
+    shutil.rmtree(copy / "tokenizer")
+    with pytest.raises(ConfigError, match="cross-attends to text .* no text_encoder"):
+        RunConfig.from_dict(json.loads(_config(tmp_path, copy, data).read_text()))
+    config = json.loads((copy / "unet" / "config.json").read_text())
+    (copy / "unet" / "config.json").write_text(json.dumps({**config, "_class_name": "UNet1DModel"}))
+    with pytest.raises(ConfigError, match="'UNet1DModel' .* is not a U-Net this library drives"):
+        RunConfig.from_dict(json.loads(_config(tmp_path, copy, data).read_text()))
