@@ -176,3 +176,14 @@ def test_animatediff_motion_model_gets_tokens_per_frame():
     with torch.no_grad():
         expected = motion(x, t, encoder_hidden_states=tokens.repeat_interleave(2, 0)).sample
         torch.testing.assert_close(denoiser(x, t, cond=tokens), expected)
+
+
+def test_bf16_autocast_training_step_on_latents():
+    diffusion = GaussianDiffusion(inflate(tiny_unet2d()), image_size=16, num_frames=2, vae=tiny_vae(),
+                                  null_cond_prob=0.5)
+    diffusion.denoise_fn.model.enable_gradient_checkpointing()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = diffusion(torch.rand(1, 3, 2, 16, 16), cond=torch.randn(1, 4, CROSS_DIM))
+    loss.backward()
+    grads = [p.grad for p in diffusion.denoise_fn.temporal_parameters()]
+    assert torch.isfinite(loss) and all(g is not None and torch.isfinite(g).all() for g in grads)
