@@ -93,3 +93,31 @@ def test_cache_equals_the_vae_and_is_keyed_by_the_vae(tmp_path):
     assert other.misses == 2 and other.root != cache.root
     with pytest.raises(TypeError, match="VideoVAE"):
         LatentCache(tiny_vae(), tmp_path)
+
+
+def test_concurrent_writers_leave_one_valid_entry(tmp_path):
+    """Two ranks encoding the same video at once: each writes a temporary file and renames it
+    into place, so the entry is whole whichever rename lands last."""
+    import threading
+
+    vae = VideoVAE(tiny_vae())
+    pixels = torch.rand(1, 3, 2, 16, 16) * 2 - 1
+    caches = [LatentCache(vae, tmp_path) for _ in range(2)]
+    results: list = [None, None]
+    start = threading.Barrier(2)
+
+    def work(i):
+        start.wait()
+        results[i] = caches[i].encode(pixels)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    torch.testing.assert_close(results[0], results[1])
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) == 1 and files[0].suffix == ".safetensors"
+    fresh = LatentCache(vae, tmp_path)
+    torch.testing.assert_close(fresh.encode(pixels), results[0])
+    assert fresh.hits == 1 and fresh.recovered == 0
