@@ -14,8 +14,12 @@ from diffusion.data import VideoFolder, collate_videos
 from diffusion.ema import EMA
 from diffusion.evaluate import evaluate_folder, evaluate_videos, results_table
 from diffusion.moving_digits import MovingDigits, parse_caption, write_moving_digits
+from diffusion.denoiser import DiffusersDenoiser, as_denoiser
+from diffusion.latent import VideoVAE
+from diffusion.latent_cache import LatentCache
 from diffusion.text import (
     CachedTextEncoder,
+    CLIPTextEncoder,
     HFTextEncoder,
     TextEmbedding,
     TextEncoder,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -193,6 +193,9 @@ class StepBatches:
         self.image_ratio = image_ratio
         # None: the model draws timesteps and noise itself (rank-dependent under torchrun).
         self.num_timesteps = num_timesteps
+        # Latent diffusion: pixel videos -> the VAE's latents (`diffusion.latent_cache`), set
+        # by the trainer; timesteps, noise and image frames are then drawn on the latents.
+        self.encode: Callable[[Tensor], Tensor] | None = None
 
     def loader(self, step: int) -> Iterator[dict[str, Any]]:
         """Micro-batches from step `step` on, endlessly."""
@@ -213,6 +216,9 @@ class StepBatches:
         sample's timestep and noise."""
         videos = batch["video"].to(self.device, non_blocking=True)
         kwargs = conditioning(batch, self.device, captions=captions)
+        if self.encode is not None:
+            videos = self.encode(videos)
+            kwargs["encoded"] = True
         generator = torch.Generator().manual_seed(derive_seed(self.seed, step, f"images-{micro}"))
         if image_phase:
             videos = self.image_batch(videos, generator)

@@ -234,7 +234,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     resume = _check_resume(args, out, config)
     device = _device(args.device)
 
-    unet_config = config.unet.unet_config()
+    unet_config = config.unet.unet_config() if config.pretrained is None else None
     # The initial weights are part of the run: drawn from the run's seed, so the same command
     # on the same machine trains the same model (the Trainer seeds every step after this).
     import torch
@@ -252,7 +252,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         ckpt.atomic_write_text(out / CONFIG_NAME, saved.to_json())
     params = sum(p.numel() for p in diffusion.denoise_fn.parameters())
     logger.info("%s U-Net with %.2fM parameters; %d training videos; run folder %s",
-                config.unet.name, params / 1e6, len(dataset), out)
+                config.unet.name if config.pretrained is None else "pretrained", params / 1e6, len(dataset), out)
     try:
         trainer = Trainer(diffusion, dataset=dataset, device=device, resume=resume, progress=args.progress,
                           **_trainer_options(config, out))

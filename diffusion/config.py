@@ -44,7 +44,7 @@ __all__ = [
     "UnetSection", "check_sample_kwargs", "normalise", "validate_config",
 ]
 
-TOP_KEYS = ("unet", "unet_preset", "model", "diffusion", "trainer", "data", "sample")
+TOP_KEYS = ("unet", "unet_preset", "model", "diffusion", "trainer", "data", "sample", "pretrained")
 SECTIONS = ("model", "diffusion", "trainer", "data", "sample")
 # Spellings of earlier versions, read with a warning: key -> what it is now.
 DEPRECATED_TOP = {"preset": "unet_preset"}
@@ -292,6 +292,8 @@ class TrainerConfig(Section):
     find_unused_parameters: bool = True
     max_seconds: float = 0.0
     save_model_every: int | None = None
+    trainable: str = "auto"  # diffusion.lora.select_trainable
+    latent_cache_dir: str | None = None  # diffusion.latent_cache
 
     def __post_init__(self) -> None:
         from diffusion.distributed import PARALLEL_MODES
@@ -335,6 +337,8 @@ class TrainerConfig(Section):
         _number(t + "fps", self.fps, 0, low_open=True)
         _choice(t + "parallel", self.parallel, PARALLEL_MODES)
         _number(t + "max_seconds", self.max_seconds, 0)
+        _choice(t + "trainable", self.trainable, ("auto", "temporal", "all"))
+        _string(t + "latent_cache_dir", self.latent_cache_dir, optional=True)
 
 
 # `sample()` arguments a trainer sets itself for its grids (the batch and its conditions).
@@ -516,8 +520,13 @@ class RunConfig:
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+    pretrained: Any = None  # diffusion.pretrained.PretrainedSection: a local diffusers base
 
     def __post_init__(self) -> None:
+        if self.pretrained is not None:
+            from diffusion.pretrained import check_pretrained_run
+
+            return check_pretrained_run(self)
         d, t, model = self.diffusion, self.trainer, self.unet.model
         if model.setdefault("channels", d.channels) != d.channels:
             raise ConfigError(
@@ -551,6 +560,10 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
         data = normalise(data)
+        if data.get("pretrained") is not None:
+            from diffusion.pretrained import pretrained_run
+
+            return pretrained_run(cls, data)
         return cls(
             unet=UnetSection(name=data.get("unet"), preset=data.get("unet_preset"), model=data.get("model") or {}),
             diffusion=DiffusionConfig.from_dict(data.get("diffusion")),
@@ -560,19 +573,19 @@ class RunConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "unet": self.unet.name,
-            "unet_preset": self.unet.preset,
-            "model": _plain(self.unet.model),
+        unet = self.unet
+        return ({"unet": unet.name, "unet_preset": unet.preset, "model": _plain(unet.model)} if unet else {}) | {
             "diffusion": self.diffusion.to_dict(),
             "trainer": self.trainer.to_dict(),
             "data": self.data.to_dict(),
             "sample": self.sample.to_dict(),
-        }
+        } | ({"pretrained": self.pretrained.to_dict()} if self.pretrained is not None else {})
 
     def resolved(self, unet_config: Any = None) -> RunConfig:
         """This config with the U-Net written out field by field (no preset), so the run can be
         rebuilt even if presets change later."""
+        if self.pretrained is not None:  # the base's own folders describe it
+            return self
         config = unet_config if unet_config is not None else self.unet.unet_config()
         model = config.to_dict()
         model.pop("name", None)

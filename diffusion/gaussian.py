@@ -150,8 +150,13 @@ class GaussianDiffusion(nn.Module):
         text_encoder: Any = None,
         null_cond_prob: Number = 0.0,
         text_cache_dir: str | os.PathLike | None = None,
+        vae: Any = None,
     ) -> None:
         super().__init__()
+        from diffusion.denoiser import as_denoiser
+        from diffusion.latent import as_video_vae
+
+        denoise_fn = as_denoiser(denoise_fn)
         check_int("timesteps", timesteps, low=1)
         check_memory(float(timesteps * _SCHEDULE_BYTES_PER_STEP), what=f"timesteps={timesteps:,} (the noise schedule's tables)")
         if isinstance(image_size, int):
@@ -178,6 +183,21 @@ class GaussianDiffusion(nn.Module):
         self.denoise_fn = denoise_fn
         self.image_size = image_size
         self.image_hw: tuple[int, int] = image_hw
+        # Latent diffusion: the frozen VAE stays out of parameters and state (as the text
+        # encoder does); the process runs on `latent_shape`, data and samples stay pixels.
+        self.__dict__["vae"] = as_video_vae(vae)
+        if self.vae is not None:
+            if self.vae.in_channels != channels:
+                raise ValueError(f"channels={channels}, but the VAE takes images of {self.vae.in_channels} channels")
+            self.latent_channels, self.latent_hw = self.vae.latent_channels, self.vae.latent_hw(image_hw)
+            expected = getattr(getattr(denoise_fn, "config", None), "in_channels", None)
+            if isinstance(expected, int) and expected != self.latent_channels:
+                raise ValueError(
+                    f"the VAE makes {self.latent_channels}-channel latents but the U-Net takes "
+                    f"in_channels={expected}; use a VAE and U-Net of the same base model"
+                )
+        else:
+            self.latent_channels, self.latent_hw = channels, image_hw
         self.num_frames = num_frames
         self.channels = channels
         self.loss_type = loss_type
@@ -208,6 +228,12 @@ class GaussianDiffusion(nn.Module):
                 f"noise error by floor / snr = {largest.item():.3g} on this {beta_schedule} schedule; "
                 "use objective='v' or 'x0' with a floor, or min_snr_floor=0 for the noise objective"
             )
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> GaussianDiffusion:
+        # `.to(device)`, `.cuda()` ... move the VAE too, though it is no submodule.
+        if self.__dict__.get("vae") is not None:
+            self.vae.vae._apply(fn)
+        return super()._apply(fn, recurse)
 
     # --- schedule, normalisation --------------------------------------------------------
 
@@ -348,15 +374,18 @@ class GaussianDiffusion(nn.Module):
         null_cond_prob: Number | None = None,
         noise: Float[Tensor, "b c f h w"] | Float[Tensor, "b c h w"] | None = None,
         times: Int[Tensor, " b"] | None = None,
+        encoded: bool = False,
     ) -> Float[Tensor, ""]:
         """The training loss for a batch of videos (or images) in [0, 1] (or [-1, 1] with
         `auto_normalize=False`). `times` fixes the timesteps (default: uniform), `noise` the
-        noise; `null_cond_prob` overrides the constructor's condition-dropout rate."""
-        self._check_data(videos, "videos")
+        noise; `null_cond_prob` overrides the constructor's condition-dropout rate. With a
+        VAE, `encoded=True` says `videos` are already its latents (`encode_latents`), e.g.
+        read from the latent cache; `noise` always has the latents' shape."""
+        x_start = self._start(videos, encoded)
         batch = videos.shape[0]
-        if noise is not None and noise.shape != videos.shape:
+        if noise is not None and noise.shape != x_start.shape:
             raise ValueError(
-                f"noise must have the data's shape {tuple(videos.shape)}, got {tuple(noise.shape)}"
+                f"noise must have the data's shape {tuple(x_start.shape)}, got {tuple(noise.shape)}"
             )
         if times is None:
             times = torch.randint(0, self.num_timesteps, (batch,), device=videos.device)
@@ -367,7 +396,6 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"null_cond_prob must lie in [0, 1], got {drop_prob}")
         cond, cond_mask = self.prepare_cond(cond, cond_mask, batch)
 
-        x_start = self.normalize(videos)
         if noise is None:
             noise = torch.randn_like(x_start)
         x_t = self.q_sample(x_start, times, noise)
@@ -392,6 +420,35 @@ class GaussianDiffusion(nn.Module):
         if self.min_snr_loss_weight:
             loss = loss * self._min_snr_weight(times)
         return loss.mean()
+
+    def encode_latents(self, videos: Tensor) -> Tensor:
+        """Pixel videos (or images) as given to `forward` -> the VAE's scaled latents."""
+        if self.vae is None:
+            raise ValueError("encode_latents needs a GaussianDiffusion built with vae=")
+        self._check_data(videos, "videos")
+        return self.vae.encode(self.normalize(videos))
+
+    def _start(self, videos: Tensor, encoded: bool) -> Tensor:
+        """The process's `x_0`: normalised pixels, or the VAE's latents of them."""
+        if not encoded:
+            self._check_data(videos, "videos")
+            return self.normalize(videos) if self.vae is None else self.vae.encode(self.normalize(videos))
+        if self.vae is None:
+            raise ValueError("encoded=True needs a GaussianDiffusion built with vae=")
+        c, (h, w), f = self.latent_channels, self.latent_hw, self.num_frames
+        if tuple(videos.shape[1:]) not in ((c, f, h, w), (c, h, w)):
+            raise ValueError(f"encoded latents must be (B, {c}, {f}, {h}, {w}) or (B, {c}, {h}, {w}), got {tuple(videos.shape)}")
+        return videos
+
+    def use_empty_caption_null(self) -> None:
+        """Make the text encoder's tokens for the empty caption the denoiser's null condition
+        (what Stable Diffusion was trained with; `diffusion.denoiser`)."""
+        set_null = getattr(self.denoise_fn, "set_null_cond", None)
+        if not callable(set_null):
+            raise TypeError(f"{type(self.denoise_fn).__name__} has no settable null condition")
+        with torch.no_grad():
+            embedding = self.text_cache.encode([""])
+        set_null(embedding.tokens[0][embedding.mask[0]])
 
     def _elementwise_loss(self, prediction: Tensor, target: Tensor) -> Tensor:
         if self.loss_type == "l1":
@@ -486,7 +543,7 @@ class GaussianDiffusion(nn.Module):
         steps: int | None,
         eta: float | int,
         generator: torch.Generator | None,
-        clip_denoised: bool,
+        clip_denoised: bool | None,
         noise: Tensor | None,
         progress: bool,
     ) -> Tensor:
@@ -499,7 +556,9 @@ class GaussianDiffusion(nn.Module):
             batch_size = cond.shape[0]
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        shape = (batch_size, self.channels, *frames, *self.image_hw)
+        shape = (batch_size, self.latent_channels, *frames, *self.latent_hw)
+        if clip_denoised is None:  # x0 thresholds are for pixels, not latents
+            clip_denoised = self.vae is None
         x = self._initial_noise(shape, noise, generator)
         model_fn = self._model_fn(cond, cond_mask, float(cond_scale), clip_denoised)
         bar, callback = _progress_bar(sampler, self.num_timesteps, steps) if progress else (None, None)
@@ -511,6 +570,8 @@ class GaussianDiffusion(nn.Module):
             if bar is not None:
                 bar.close()
         self._check_finite(x)
+        if self.vae is not None:
+            x = self.vae.decode(x).clamp(-1.0, 1.0)
         return self.unnormalize(x)
 
     @staticmethod
@@ -534,7 +595,7 @@ class GaussianDiffusion(nn.Module):
         eta: Number = 0.0,
         generator: torch.Generator | None = None,
         num_frames: int | None = None,
-        clip_denoised: bool = True,
+        clip_denoised: bool | None = None,
         noise: Float[Tensor, "b c f h w"] | None = None,
         progress: bool = False,
     ) -> Float[Tensor, "b c f h w"]:
@@ -544,7 +605,8 @@ class GaussianDiffusion(nn.Module):
         noise scale `eta`. With a `cond`, the batch size is the condition's. `num_frames`
         overrides the training length; `noise` fixes the starting noise and `generator`
         every random draw. `clip_denoised` keeps each predicted clean sample in [-1, 1]
-        (dynamically when `use_dynamic_thres`)."""
+        (dynamically when `use_dynamic_thres`); by default on in pixel space, off in a
+        VAE's latent space."""
         frames = self.num_frames if num_frames is None else num_frames
         if frames < 1:
             raise ValueError(f"num_frames must be positive, got {frames}")
@@ -564,7 +626,7 @@ class GaussianDiffusion(nn.Module):
         steps: int | None = None,
         eta: Number = 0.0,
         generator: torch.Generator | None = None,
-        clip_denoised: bool = True,
+        clip_denoised: bool | None = None,
         noise: Float[Tensor, "b c h w"] | None = None,
         progress: bool = False,
     ) -> Float[Tensor, "b c h w"]:
@@ -587,7 +649,7 @@ class GaussianDiffusion(nn.Module):
         cond_mask: Bool[Tensor, "b l"] | None = None,
         cond_scale: Number = 1.0,
         generator: torch.Generator | None = None,
-        clip_denoised: bool = True,
+        clip_denoised: bool | None = None,
     ) -> Tensor:
         """Noise `x1` and `x2` to timestep `t` (default: the last), mix them `(1 - lam, lam)`
         and denoise the mix with the ancestral sampler (as video-diffusion-pytorch's
@@ -605,13 +667,16 @@ class GaussianDiffusion(nn.Module):
         times = torch.full((x1.shape[0],), start, device=device, dtype=torch.long)
         noised = []
         for x in (x1, x2):
-            noise = self._initial_noise(tuple(x.shape), None, generator)
-            noised.append(self.q_sample(self.normalize(x.to(device)), times, noise))
+            start_x = self._start(x.to(device), False)
+            noised.append(self.q_sample(start_x, times, self._initial_noise(tuple(start_x.shape), None, generator)))
         mix = (1.0 - lam) * noised[0] + lam * noised[1]
         check_number("cond_scale", float(cond_scale) if is_int(cond_scale) else cond_scale)
-        model_fn = self._model_fn(cond, cond_mask, float(cond_scale), clip_denoised)
+        clip = self.vae is None if clip_denoised is None else clip_denoised
+        model_fn = self._model_fn(cond, cond_mask, float(cond_scale), clip)
         x = ddpm_sample(model_fn, mix, self.schedule, t_start=start, generator=generator)
         self._check_finite(x)
+        if self.vae is not None:
+            x = self.vae.decode(x).clamp(-1.0, 1.0)
         return self.unnormalize(x)
 
 

@@ -80,6 +80,10 @@ def build_diffusion(config: RunConfig, *, unet_config: Any = None) -> Any:
 
     from diffusion.gaussian import GaussianDiffusion
 
+    if config.pretrained is not None:
+        from diffusion.pretrained import build_pretrained_diffusion
+
+        return build_pretrained_diffusion(config.pretrained, config.diffusion.to_dict())
     net = unets.build(unet_config if unet_config is not None else config.unet.unet_config())
     return GaussianDiffusion(net, **config.diffusion.to_dict())
 
@@ -174,7 +178,7 @@ def load_run(path: str | os.PathLike, weights: str = "ema", *, device: Any = "cp
 RESUME_HONOURED = (
     "train_num_steps", "max_seconds", "save_and_sample_every", "save_model_every", "log_every",
     "num_sample_rows", "sample_captions", "sample_kwargs", "cond_scale", "write_mp4", "fps", "num_workers",
-    "compile", "text_cache_dir", "results_folder", "find_unused_parameters", "parallel",
+    "compile", "text_cache_dir", "results_folder", "find_unused_parameters", "parallel", "latent_cache_dir",
 )
 
 
@@ -183,8 +187,15 @@ def resume_conflicts(saved: RunConfig, new: RunConfig) -> list[str]:
     resumed with, and that a resumed run cannot honour (see `RESUME_HONOURED`). Each entry
     reads `key (saved value -> new value)`."""
     out = []
-    saved_unet = saved.unet.unet_config().to_dict()
-    new_unet = new.unet.unet_config().to_dict()
+    if (saved.pretrained is None) != (new.pretrained is None) or saved.pretrained is not None:
+        old_base = saved.pretrained.to_dict() if saved.pretrained is not None else None
+        new_base = new.pretrained.to_dict() if new.pretrained is not None else None
+        if old_base != new_base:
+            out.append(f"pretrained ({old_base!r} -> {new_base!r})")
+        saved_unet = new_unet = {}
+    else:
+        saved_unet = saved.unet.unet_config().to_dict()
+        new_unet = new.unet.unet_config().to_dict()
     for key in sorted(set(saved_unet) | set(new_unet)):
         if saved_unet.get(key) != new_unet.get(key):
             out.append(f"model.{key} ({saved_unet.get(key)!r} -> {new_unet.get(key)!r})")

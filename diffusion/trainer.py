@@ -129,7 +129,8 @@ class Trainer:
         sample_kwargs: Mapping[str, Any] | None = None, image_phase_steps: int = 0, image_ratio: Number = 0.0,
         resume: bool = False, progress: bool | None = None, log_every: int = 1, write_mp4: bool = True,
         fps: Number = 8.0, parallel: str = "auto", find_unused_parameters: bool = True,
-        max_seconds: Number = 0.0, save_model_every: int | None = None,
+        max_seconds: Number = 0.0, save_model_every: int | None = None, trainable: str = "auto",
+        latent_cache_dir: str | os.PathLike | None = None,
     ):
         options = {name: value for name, value in locals().items()
                    if name not in ("self", "diffusion_model", "folder", "dataset", "device", "resume", "progress")}
@@ -158,6 +159,10 @@ class Trainer:
             )
         self.device = self.dist.device
         self.model = diffusion_model.to(self.device)
+        if hasattr(self.model, "denoise_fn"):
+            from diffusion.lora import select_trainable
+
+            select_trainable(self.model.denoise_fn, config.trainable)
         self.ds = dataset if dataset is not None else folder_dataset(self.model, folder)
         if len(self.ds) == 0:
             raise ValueError("need at least 1 video to train on, the data set is empty")
@@ -187,6 +192,18 @@ class Trainer:
             rank=self.rank, world_size=self.world_size, shuffle=config.shuffle, num_workers=config.num_workers,
             device=self.device, image_ratio=config.image_ratio,
             num_timesteps=fixed_randomness_steps(self.model, self.world_size))
+        self.latent_cache = None
+        if getattr(self.model, "vae", None) is not None:
+            # Latent diffusion: batches are encoded once here (through the cache when there
+            # is one) and the process trains on the latents (`forward(..., encoded=True)`).
+            from diffusion.latent_cache import LatentCache
+
+            vae, normalize = self.model.vae, self.model.normalize
+            if config.latent_cache_dir is not None:
+                self.latent_cache = cache = LatentCache(vae, config.latent_cache_dir)
+                self.batches.encode = lambda videos: cache.encode(normalize(videos))
+            else:
+                self.batches.encode = lambda videos: vae.encode(normalize(videos))
 
         # Built after sharding: FSDP replaces the parameters by sharded ones.
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=config.train_lr,

@@ -31,7 +31,9 @@ import copy as copy_module
 import dataclasses
 import fnmatch
 import logging
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,6 +41,7 @@ from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
 from torch.autograd import Variable
+from torch.utils.checkpoint import checkpoint
 
 from spacetime.attention import (
     PosBias,
@@ -139,15 +142,27 @@ class TemporalAfter(nn.Module):
         self.temporal = temporal
         # A plain attribute, not a submodule: shared by every inserted layer, no parameters.
         self.frame_context = context
+        # Set by `InflatedModel.enable_gradient_checkpointing`: "temporal" recomputes the
+        # temporal layer in backward, "both" the 2D module too (for 2D models that have no
+        # checkpointing of their own).
+        self.checkpointing: str | None = None
 
     def _temporal(self, y: Tensor) -> Tensor:
         frames = self.frame_context.num_frames
         assert frames is not None
         video, fold = _unfold_frames(y, frames, type(self.spatial).__name__)
-        return rearrange(self.temporal(video, self.frame_context.enable_time), fold)
+        enabled = self.frame_context.enable_time
+        if self.checkpointing is not None and torch.is_grad_enabled():
+            out = checkpoint(self.temporal, video, enabled, use_reentrant=False)
+        else:
+            out = self.temporal(video, enabled)
+        return rearrange(out, fold)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.spatial(*args, **kwargs)
+        if self.checkpointing == "both" and torch.is_grad_enabled():
+            out = checkpoint(self.spatial, *args, use_reentrant=False, **kwargs)
+        else:
+            out = self.spatial(*args, **kwargs)
         if self.frame_context.num_frames is None or self.frame_context.enable_time is False:
             return out
         return _map_main(out, self._temporal, type(self.spatial).__name__)
@@ -333,6 +348,42 @@ class InflatedModel(nn.Module):
         """Every other parameter: the 2D model's own."""
         return spatial_parameters(self)
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute activations in backward instead of keeping them (less memory, about
+        one more forward of time). A 2D model with its own `enable_gradient_checkpointing`
+        (diffusers) checkpoints its blocks, which hold the temporal convolutions; every
+        temporal layer is checkpointed too, and for a 2D model without its own, each selected
+        2D module with it. The frame context is restored for the recomputation
+        (`_FramesInBackward`), so checkpointed gradients equal plain ones."""
+        own = getattr(self.model, "enable_gradient_checkpointing", None)
+        if callable(own):
+            own()
+        mode = "temporal" if callable(own) else "both"
+        for module in self.modules():
+            if isinstance(module, TemporalAfter):
+                module.checkpointing = mode
+
+    def disable_gradient_checkpointing(self) -> None:
+        own = getattr(self.model, "disable_gradient_checkpointing", None)
+        if callable(own):
+            own()
+        for module in self.modules():
+            if isinstance(module, TemporalAfter):
+                module.checkpointing = None
+
+    def save_temporal(self, path: str | os.PathLike) -> Path:
+        """Write only the temporal (and LoRA) weights, one small safetensors file that
+        `load_temporal` applies to a fresh inflate of the same 2D model."""
+        from spacetime.inflate_io import save_adapter
+
+        return save_adapter(self, path)
+
+    def load_temporal(self, path: str | os.PathLike) -> None:
+        """Load a file written by `save_temporal`; the 2D weights are left as they are."""
+        from spacetime.inflate_io import load_adapter
+
+        load_adapter(self, path)
+
     def inflated_key(self, key_2d: str) -> str:
         """The key under which a 2D state-dict entry `key_2d` lives in `self.state_dict()`."""
         parts: list[str] = []
@@ -349,7 +400,16 @@ class InflatedModel(nn.Module):
         """The 2D model's entries (buffers included) under their original key names, as
         `model_2d.state_dict()` gave them before inflation."""
         state = self.state_dict()
-        return {key: state[self.inflated_key(key)] for key in self.keys_2d}
+        return {key: state[self._present_key(key, state)] for key in self.keys_2d}
+
+    def _present_key(self, key_2d: str, state: Mapping[str, Any]) -> str:
+        # A layer wrapped by LoRA (peft) holds the original one as `base_layer`.
+        key = self.inflated_key(key_2d)
+        if key not in state:
+            head, _, leaf = key.rpartition(".")
+            if f"{head}.base_layer.{leaf}" in state:
+                return f"{head}.base_layer.{leaf}"
+        return key
 
     def load_state_dict_2d(self, state_dict: Mapping[str, Tensor], strict: bool = True) -> None:
         """Load 2D weights given under the 2D model's key names (e.g. a pretrained image
@@ -365,7 +425,8 @@ class InflatedModel(nn.Module):
                 f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
                 f"{' ...' if len(unexpected) > 5 else ''}"
             )
-        mapped = {self.inflated_key(k): v for k, v in state_dict.items() if k in known}
+        own = self.state_dict()
+        mapped = {self._present_key(k, own): v for k, v in state_dict.items() if k in known}
         result = self.load_state_dict(mapped, strict=False)
         assert not result.unexpected_keys, result.unexpected_keys
 
