@@ -309,6 +309,8 @@ def load_full_state(model: nn.Module, ema_model: nn.Module, optimizer: torch.opt
         set_optimizer_state_dict,
     )
 
+    from unets.upgrade import upgrade_optimizer_state
+
     model_state, ema_state = weights
     if sharded:
         options = StateDictOptions(full_state_dict=True, strict=strict)
@@ -320,4 +322,6 @@ def load_full_state(model: nn.Module, ema_model: nn.Module, optimizer: torch.opt
     if version == 1:
         optimizer.load_state_dict(optimizer_state)
     else:
+        # Parameter names of an older U-Net layout (unets.upgrade), as the weights above.
+        optimizer_state = upgrade_optimizer_state(model, optimizer_state)
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=sharded))

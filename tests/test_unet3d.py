@@ -263,7 +263,7 @@ def test_temporal_and_spatial_parameters_partition(conv_type):
     assert temporal and spatial and not temporal & spatial and temporal | spatial == everything
     names = {n for n, p in model.named_parameters() if id(p) in temporal}
     assert any("temporal_attn" in n for n in names) and "time_rel_pos_bias.embedding.weight" in names
-    assert any(n.endswith("proj.temporal.weight") for n in names) == (conv_type == "full3d")
+    assert any(n.endswith("project.temporal.weight") for n in names) == (conv_type == "full3d")
     assert not any("spatial_attn" in n or "init_conv" in n for n in names)
 
 

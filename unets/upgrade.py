@@ -21,10 +21,19 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Mapping, MutableMapping
+from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["KEY_MAPS", "METADATA_KEY", "KeyRule", "layout_version", "upgrade_key", "upgrade_state_dict"]
+__all__ = [
+    "KEY_MAPS",
+    "METADATA_KEY",
+    "KeyRule",
+    "layout_version",
+    "upgrade_key",
+    "upgrade_optimizer_state",
+    "upgrade_state_dict",
+]
 
 # Name of the safetensors metadata entry holding the layout version (a decimal string).
 METADATA_KEY = "state_dict_version"
@@ -150,3 +159,40 @@ def load_state_dict_pre_hook(module: nn.Module, state_dict: MutableMapping[str, 
     """For `nn.Module.register_load_state_dict_pre_hook`: lets `load_state_dict` (trainer
     checkpoints, EMA copies, a user's saved `state_dict()`) read every older layout."""
     upgrade_in_place(module, state_dict, prefix)
+
+
+def _unets_in(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    """`(prefix, module)` of every sub-module of `root` (itself included) with a key map."""
+    return [(f"{name}." if name else "", module) for name, module in root.named_modules()
+            if KEY_MAPS.get(_name(module) or "")]
+
+
+def upgrade_optimizer_state(root: nn.Module, state: Mapping[str, Any]) -> dict[str, Any]:
+    """An optimizer state keyed by parameter name (`torch.distributed.checkpoint.state_dict.
+    get_optimizer_state_dict`'s format: `{"state": {name: {...}}, "param_groups": [{"params":
+    [name, ...], ...}]}`) with the names of every U-Net inside `root` carried to its current
+    layout, and per-parameter tensors shaped like the old parameter reshaped alike (Adam's
+    moments), so a training run resumes exactly from a checkpoint of an older layout."""
+    renames: dict[str, str] = {}
+    reshapes: dict[str, list[KeyRule]] = {}
+    names = set(state.get("state", {})) | {n for g in state.get("param_groups", []) for n in g.get("params", [])}
+    for prefix, module in _unets_in(root):
+        for full in names:
+            if isinstance(full, str) and full.startswith(prefix):
+                new, applied = upgrade_key(_name(module), full[len(prefix):])
+                if applied:
+                    renames[full] = prefix + new
+                    reshapes[full] = [r for r in applied if r.reshape is not None]
+    if not renames:
+        return dict(state)
+
+    def moved(name: str, value: Any) -> Any:
+        for rule in reshapes.get(name, ()):
+            value = {k: rule.reshape(v) if isinstance(v, Tensor) and v.ndim > 0 else v for k, v in value.items()}
+        return value
+
+    out = dict(state)
+    out["state"] = {renames.get(k, k): moved(k, v) for k, v in state.get("state", {}).items()}
+    out["param_groups"] = [{**g, "params": [renames.get(n, n) for n in g.get("params", [])]}
+                           for g in state.get("param_groups", [])]
+    return out
