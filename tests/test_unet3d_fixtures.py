@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -240,3 +241,53 @@ def test_optimizer_state_of_a_v1_run_resumes_exactly():
     fresh = torch.optim.Adam(model.parameters(), lr=1e-3)
     set_optimizer_state_dict(model, fresh, upgraded)
     assert all(torch.equal(fresh.state[p]["exp_avg"], opt.state[p]["exp_avg"]) for p in model.parameters())
+
+
+def test_a_trainer_checkpoint_of_layout_1_resumes(tmp_path):
+    """End to end: a run's checkpoint rewritten to layout-1 names (weights, EMA, optimizer)
+    resumes into the current Unet3D with the same weights and optimizer state."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_trainer import HashTextEncoder, Videos, make_trainer
+
+    from diffusion import checkpoint as ckpt
+    from diffusion.gaussian import GaussianDiffusion
+
+    def diffusion() -> GaussianDiffusion:
+        torch.manual_seed(0)
+        encoder = HashTextEncoder()
+        net = unets.build("unet3d", preset="debug", channels=1, cond_dim=encoder.dim)
+        return GaussianDiffusion(net, image_size=8, num_frames=2, channels=1, timesteps=10, text_encoder=encoder)
+
+    options = dict(dataset=Videos(n=3, frames=2), train_batch_size=1, gradient_accumulate_every=1,
+                   train_num_steps=2, save_and_sample_every=2, num_sample_rows=1, image_phase_steps=0,
+                   image_ratio=0.0)
+    trained = make_trainer(tmp_path / "run", diffusion=diffusion(), **options)
+    trained.train()
+    folder = ckpt.CheckpointManager(tmp_path / "run").latest()
+    prefix = next(n for n, m in trained.model.named_modules() if type(m).__name__ == "Unet3D") + "."
+
+    def old(name: str) -> str:
+        return prefix + v1_name(name[len(prefix):]) if name.startswith(prefix) else name
+
+    def old_tensor(name: str, t: torch.Tensor) -> torch.Tensor:
+        return t[:, :, None] if name.endswith("res_conv.spatial.weight") and t.ndim else t
+
+    for which in ("model", "ema"):
+        state = load_file(str(folder / f"{which}.safetensors"))
+        save_file({old(k): old_tensor(k, v).contiguous() for k, v in state.items()}, str(folder / f"{which}.safetensors"))
+    state = ckpt.load_state(folder / "state.pt")
+    optim = state["optimizer"]
+    optim["state"] = {old(k): {n: old_tensor(k, t) for n, t in s.items()} for k, s in optim["state"].items()}
+    optim["param_groups"] = [{**g, "params": [old(n) for n in g["params"]]} for g in optim["param_groups"]]
+    assert any(".emb_proj.1." in k for k in optim["state"])
+    ckpt.save_state(state, folder / "state.pt")
+
+    resumed = make_trainer(tmp_path / "run", diffusion=diffusion(), **options)
+    resumed.load()
+    assert resumed.step == trained.step
+    for a, b in ((trained.model, resumed.model), (trained.ema_model, resumed.ema_model)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    params = dict(resumed.model.named_parameters())
+    for name, p in trained.model.named_parameters():
+        assert torch.equal(trained.opt.state[p]["exp_avg_sq"], resumed.opt.state[params[name]]["exp_avg_sq"])
