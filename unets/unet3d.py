@@ -25,6 +25,10 @@ What differs from video-diffusion-pytorch 0.7:
   off-centre taps of 3x3x3 convs are zero at initialisation, so an untrained Unet3D treats
   frames independently and image-pretrained weights are unchanged on video at step 0.
 - The skip from the first convolution has `init_dim` channels (the original assumed `dim`).
+
+The resnet blocks are the library's one `unets.blocks.ResnetBlock`, with group norm. Parameter
+layout 2 (`unets.upgrade`): weights saved with layout 1, when Unet3D had its own resnet block,
+are renamed on load by the pre-hook registered in the constructor.
 """
 
 from __future__ import annotations
