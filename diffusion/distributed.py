@@ -309,9 +309,10 @@ def load_full_state(model: nn.Module, ema_model: nn.Module, optimizer: torch.opt
         set_optimizer_state_dict,
     )
 
-    from unets.upgrade import upgrade_optimizer_state
+    from unets.upgrade import upgrade_module_state, upgrade_optimizer_state
 
-    model_state, ema_state = weights
+    # Weights and optimizer state of an older U-Net parameter layout (unets.upgrade).
+    model_state, ema_state = (upgrade_module_state(m, w) for m, w in zip((model, ema_model), weights))
     if sharded:
         options = StateDictOptions(full_state_dict=True, strict=strict)
         set_model_state_dict(model, model_state, options=options)
@@ -322,6 +323,5 @@ def load_full_state(model: nn.Module, ema_model: nn.Module, optimizer: torch.opt
     if version == 1:
         optimizer.load_state_dict(optimizer_state)
     else:
-        # Parameter names of an older U-Net layout (unets.upgrade), as the weights above.
         optimizer_state = upgrade_optimizer_state(model, optimizer_state)
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=sharded))

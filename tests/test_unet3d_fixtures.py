@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 import unets
 from unets.guards import BadFileError
-from unets.upgrade import layout_version, upgrade_key, upgrade_optimizer_state
+from unets.upgrade import layout_version, upgrade_key, upgrade_module_state, upgrade_optimizer_state
 
 torch.set_num_threads(1)
 
@@ -151,7 +151,10 @@ def test_load_state_dict_and_a_wrapping_module_read_v1(case):
     saved = load_file(str(FIXTURES / case / "model.safetensors"))
     fresh = unets.build(unets.load(FIXTURES / case).config.to_dict())
     wrapper = torch.nn.ModuleDict({"denoise_fn": copy.deepcopy(fresh)})
-    wrapper.load_state_dict({f"denoise_fn.{k}": v for k, v in saved.items()})
+    prefixed = {f"denoise_fn.{k}": v for k, v in saved.items()}
+    upgraded = upgrade_module_state(wrapper, prefixed)
+    assert sorted(upgraded) == sorted(wrapper.state_dict()) and sorted(prefixed) != sorted(upgraded)
+    wrapper.load_state_dict(prefixed)
     fresh.load_state_dict(saved)
     for net in (fresh, wrapper["denoise_fn"]):
         torch.testing.assert_close(_run(net, data), data["expected"], atol=1e-5, rtol=1e-5)

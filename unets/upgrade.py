@@ -31,6 +31,7 @@ __all__ = [
     "KeyRule",
     "layout_version",
     "upgrade_key",
+    "upgrade_module_state",
     "upgrade_optimizer_state",
     "upgrade_state_dict",
 ]
@@ -165,6 +166,16 @@ def _unets_in(root: nn.Module) -> list[tuple[str, nn.Module]]:
     """`(prefix, module)` of every sub-module of `root` (itself included) with a key map."""
     return [(f"{name}." if name else "", module) for name, module in root.named_modules()
             if KEY_MAPS.get(_name(module) or "")]
+
+
+def upgrade_module_state(root: nn.Module, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """`state_dict` of `root` with the keys of every U-Net inside it (itself included)
+    carried to the current layout; for loaders that never call `load_state_dict`'s hooks
+    (`torch.distributed.checkpoint.state_dict.set_model_state_dict` looks keys up first)."""
+    out = dict(state_dict)
+    for prefix, module in _unets_in(root):
+        out = upgrade_state_dict(module, out, prefix=prefix)
+    return out
 
 
 def upgrade_optimizer_state(root: nn.Module, state: Mapping[str, Any]) -> dict[str, Any]:
