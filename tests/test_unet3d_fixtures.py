@@ -277,7 +277,8 @@ def test_a_trainer_checkpoint_of_layout_1_resumes(tmp_path):
 
     for which in ("model", "ema"):
         state = load_file(str(folder / f"{which}.safetensors"))
-        save_file({old(k): old_tensor(k, v).contiguous() for k, v in state.items()}, str(folder / f"{which}.safetensors"))
+        renamed = {old(k): old_tensor(k, v).contiguous() for k, v in state.items()}
+        save_file(renamed, str(folder / f"{which}.safetensors"))
     state = ckpt.load_state(folder / "state.pt")
     optim = state["optimizer"]
     optim["state"] = {old(k): {n: old_tensor(k, t) for n, t in s.items()} for k, s in optim["state"].items()}

@@ -240,7 +240,9 @@ class ConvNormAct(nn.Module):
         else:
             check_int("groups", groups, low=1)
             if dim_out % groups:
-                raise ValueError(f"group norm needs dim_out divisible by groups, got dim_out={dim_out}, groups={groups}")
+                raise ValueError(
+                    f"group norm needs dim_out divisible by groups, got dim_out={dim_out}, groups={groups}"
+                )
             self.norm = FrameGroupNorm(groups, dim_out)
 
     def forward(

@@ -164,5 +164,7 @@ def _saved_version(weights_path: Path) -> int | None:
     if value is None:
         return None
     if not value.isdigit() or int(value) < 1:
-        raise BadFileError(f"U-Net weights {str(weights_path)!r}: metadata {METADATA_KEY}={value!r} is not a version >= 1")
+        raise BadFileError(
+            f"U-Net weights {str(weights_path)!r}: metadata {METADATA_KEY}={value!r} is not a version >= 1"
+        )
     return int(value)
