@@ -309,7 +309,10 @@ def load_full_state(model: nn.Module, ema_model: nn.Module, optimizer: torch.opt
         set_optimizer_state_dict,
     )
 
-    model_state, ema_state = weights
+    from unets.upgrade import upgrade_module_state, upgrade_optimizer_state
+
+    # Weights and optimizer state of an older U-Net parameter layout (unets.upgrade).
+    model_state, ema_state = (upgrade_module_state(m, w) for m, w in zip((model, ema_model), weights))
     if sharded:
         options = StateDictOptions(full_state_dict=True, strict=strict)
         set_model_state_dict(model, model_state, options=options)
@@ -320,4 +323,5 @@ def load_full_state(model: nn.Module, ema_model: nn.Module, optimizer: torch.opt
     if version == 1:
         optimizer.load_state_dict(optimizer_state)
     else:
+        optimizer_state = upgrade_optimizer_state(model, optimizer_state)
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=sharded))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import unets
@@ -263,7 +263,7 @@ def test_temporal_and_spatial_parameters_partition(conv_type):
     assert temporal and spatial and not temporal & spatial and temporal | spatial == everything
     names = {n for n, p in model.named_parameters() if id(p) in temporal}
     assert any("temporal_attn" in n for n in names) and "time_rel_pos_bias.embedding.weight" in names
-    assert any(n.endswith("proj.temporal.weight") for n in names) == (conv_type == "full3d")
+    assert any(n.endswith("project.temporal.weight") for n in names) == (conv_type == "full3d")
     assert not any("spatial_attn" in n or "init_conv" in n for n in names)
 
 
@@ -398,3 +398,69 @@ def test_old_conv_type_name_is_read_as_spatial():
         model = Unet3D(dim=8, dim_mults=(1, 2), conv_type="pseudo3d")
     assert model.config.conv_type == "spatial"
     assert unets.build(model.config.to_dict()).config.conv_type == "spatial"
+
+
+# ---------------------------------------------------------------------------------------------
+# the shared resnet block with video-diffusion-pytorch's group norm
+
+
+@settings(max_examples=15, deadline=None)
+@given(batch=st.integers(1, 2), frames=st.integers(1, 3), size=st.integers(2, 5), groups=st.sampled_from([1, 2, 4]),
+       width_in=st.sampled_from([4, 8]), width_out=st.sampled_from([4, 8]), full3d=st.booleans())
+def test_group_norm_resnet_block_is_the_reference_formula(batch, frames, size, groups, width_in, width_out, full3d):
+    """video-diffusion-pytorch's block, written out: conv, GroupNorm of each frame, FiLM with
+    (scale + 1, shift) from SiLU -> Linear of the embedding, SiLU; again without FiLM; plus
+    the 1x1 residual. With time off (or one frame) it is the per-frame image block."""
+    import torch.nn.functional as F
+
+    from unets.blocks import ResnetBlock
+
+    torch.manual_seed(0)
+    block = ResnetBlock(width_in, width_out, emb_dim=6, conv="conv3d", norm="group", groups=groups,
+                        temporal_kernel_size=3 if full3d else 1)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x, emb = torch.randn(batch, width_in, frames, size, size), torch.randn(batch, 6)
+
+    def half(unit, h, film):
+        h = unit.project(h)
+        h = torch.stack([F.group_norm(h[:, :, i], groups, unit.norm.weight, unit.norm.bias, unit.norm.eps)
+                         for i in range(h.shape[2])], dim=2)
+        if film is not None:
+            h = h * (film[0] + 1) + film[1]
+        return F.silu(h)
+
+    film = block.emb_proj(F.silu(emb))[:, :, None, None, None].chunk(2, dim=1)
+    res = x if block.res_conv is None else block.res_conv(x)
+    expected = half(block.block2, half(block.block1, x, film), None) + res
+    torch.testing.assert_close(block(x, emb), expected, atol=1e-5, rtol=1e-5)
+    per_frame = torch.stack([block(x[:, :, i], emb) for i in range(frames)], dim=2)
+    torch.testing.assert_close(block(x, emb, enable_time=False), per_frame, atol=1e-5, rtol=1e-5)
+
+
+def test_resnet_block_options_are_checked():
+    from unets.blocks import ResnetBlock
+
+    with pytest.raises(ValueError, match="norm must be one of 'rms', 'group', got 'batch'"):
+        ResnetBlock(8, 8, norm="batch")
+    with pytest.raises(ValueError, match="dim_out=6, groups=4"):
+        ResnetBlock(8, 6, norm="group", groups=4)
+    with pytest.raises(TypeError, match="groups must be an int, got True"):
+        ResnetBlock(8, 8, norm="group", groups=True)
+    # One resnet block class in the library, used by both U-Nets.
+    stu = unets.build("space_time_unet", preset="debug")
+    kinds = {type(m) for m in [*tiny(randomise=False).modules(), *stu.modules()] if "Resnet" in type(m).__name__}
+    assert kinds == {ResnetBlock}
+
+
+def test_layout_version_is_checked():
+    from unets.upgrade import upgrade_state_dict
+
+    model = tiny(randomise=False)
+    for bad in (0, True):
+        with pytest.raises(ValueError, match="version must be an int >= 1"):
+            upgrade_state_dict(model, {}, bad)
+    with pytest.raises(ValueError, match="up to 2"):
+        unets.load_weights(model, model.state_dict(), version=3)
+    assert unets.load_weights(model, model.state_dict(), version=2) is model

@@ -7,7 +7,8 @@ signature, and every block's forward takes `enable_time` (a bool or a per-sample
 
     conv        factory(dim_in, dim_out, kernel_size, *, temporal_kernel_size=None,
                         causal_time=False)                     forward(x, enable_time=True)
-    resnet      factory(dim_in, dim_out, *, emb_dim=None, conv="pseudo3d")
+    resnet      factory(dim_in, dim_out, *, emb_dim=None, conv="pseudo3d", norm="rms",
+                        groups=8, temporal_kernel_size=None)
                                                     forward(x, emb=None, enable_time=True)
     attention   factory(dim, *, dim_head, heads, ff_mult, pos_bias, flash, causal_time_attn,
                         context_dim=None)
@@ -17,7 +18,8 @@ signature, and every block's forward takes `enable_time` (a bool or a per-sample
 
 Built-in entries that live in `spacetime/` are lazy `"module:Attr"` references, resolved on
 first use. This file also holds the shared blocks: `TimestepEmbedding`, `TextPool`, `ResnetBlock`
-(make-a-video-pytorch's, with the conv kind selectable) and `Conv3dBlock` (a full 3D conv
+(the one resnet block: make-a-video-pytorch's, with the conv kind and the norm selectable, RMS
+or video-diffusion-pytorch's group norm) with its `ConvNormAct` halves, and `Conv3dBlock` (a full 3D conv
 whose off-centre temporal taps start at zero, so it starts as a per-frame 2D conv).
 """
 
@@ -38,11 +40,14 @@ from spacetime.layers import RMSNorm
 from spacetime.params import mark_temporal
 from spacetime.position import sinusoidal_features
 from spacetime.time import EnableTime, select_time, time_enabled
-from spacetime.checks import did_you_mean
+from spacetime.checks import check_choice, check_int, did_you_mean
 
 __all__ = [
     "BLOCK_KINDS",
     "Conv3dBlock",
+    "ConvNormAct",
+    "FrameGroupNorm",
+    "NORMS",
     "ResnetBlock",
     "TextPool",
     "TimestepEmbedding",
@@ -181,32 +186,97 @@ class TextPool(nn.Module):
         return mean + self.to_out(rearrange(pooled, "b h d -> b (h d)"))
 
 
-class _ConvNormAct(nn.Module):
-    """conv -> RMS norm -> optional (scale, shift) -> SiLU: one half of the resnet block."""
+# The norms a resnet block can use. "rms": make-a-video-pytorch's RMS norm over channels.
+# "group": GroupNorm with `groups` groups, as video-diffusion-pytorch's blocks use, its
+# statistics taken per frame (a 3D GroupNorm would pool every frame's statistics, so frames
+# would exchange information even with time mixing turned off).
+NORMS = ("rms", "group")
 
-    def __init__(self, dim_in: int, dim_out: int, conv: str):
+
+class FrameGroupNorm(nn.GroupNorm):
+    """GroupNorm of each frame, then an optional FiLM `(scale, shift)` as
+    `y * (scale + 1) + shift` and SiLU: the same call as `RMSNorm`'s, so the resnet block
+    treats both norms alike. Parameters are `nn.GroupNorm`'s (`weight`, `bias`)."""
+
+    def forward(  # type: ignore[override]
+        self,
+        x: Float[Tensor, "b c *f h w"],
+        scale_shift: tuple[Tensor, Tensor] | None = None,
+        *,
+        silu: bool = False,
+    ) -> Float[Tensor, "b c *f h w"]:
+        if x.ndim == 5:
+            b = x.shape[0]
+            x = rearrange(super().forward(rearrange(x, "b c f h w -> (b f) c h w")), "(b f) c h w -> b c f h w", b=b)
+        else:
+            x = super().forward(x)
+        if scale_shift is not None:
+            scale, shift = scale_shift
+            x = torch.addcmul(shift, x, scale + 1)
+        return F.silu(x) if silu else x
+
+
+class ConvNormAct(nn.Module):
+    """conv -> norm -> optional FiLM (scale, shift) -> SiLU: one half of the resnet block.
+    `conv` names a conv block kind (`temporal_kernel_size`, when given, is passed to it),
+    `norm` one of `NORMS`."""
+
+    def __init__(
+        self,
+        dim_in: int,
+        dim_out: int,
+        conv: str,
+        *,
+        norm: str = "rms",
+        groups: int = 8,
+        temporal_kernel_size: int | None = None,
+    ):
         super().__init__()
-        self.project = get_block("conv", conv)(dim_in, dim_out, 3)
-        self.norm = RMSNorm(dim_out, axis=1)
+        check_choice("norm", norm, NORMS)
+        conv_options = {} if temporal_kernel_size is None else {"temporal_kernel_size": temporal_kernel_size}
+        self.project = get_block("conv", conv)(dim_in, dim_out, 3, **conv_options)
+        if norm == "rms":
+            self.norm: nn.Module = RMSNorm(dim_out, axis=1)
+        else:
+            check_int("groups", groups, low=1)
+            if dim_out % groups:
+                raise ValueError(
+                    f"group norm needs dim_out divisible by groups, got dim_out={dim_out}, groups={groups}"
+                )
+            self.norm = FrameGroupNorm(groups, dim_out)
 
     def forward(
         self, x: Tensor, scale_shift: tuple[Tensor, Tensor] | None, enable_time: EnableTime
     ) -> Tensor:
-        # Norm, FiLM and SiLU as one autograd node that saves only the conv output.
+        # With RMS norm, norm, FiLM and SiLU are one autograd node that saves only the conv output.
         return self.norm(self.project(x, enable_time=enable_time), scale_shift, silu=True)
 
 
 class ResnetBlock(nn.Module):
-    """Make-A-Video's resnet block: two (conv, RMS norm, SiLU) with the embedding applied as
-    scale and shift after the first norm (FiLM, as in Ho et al. 2022 / Imagen), plus a 1x1
-    residual projection when the width changes. `conv` names the conv block kind; like
-    make-a-video-pytorch, both convs are 3x3 (temporal kernel 3 for "pseudo3d")."""
+    """The resnet block of every U-Net here: two (conv, norm, SiLU) with the embedding
+    applied as scale and shift after the first norm (FiLM, as in Ho et al. 2022 / Imagen),
+    plus a 1x1 residual projection when the width changes.
 
-    def __init__(self, dim_in: int, dim_out: int, *, emb_dim: int | None = None, conv: str = "pseudo3d"):
+    Options: `conv` names the conv block kind (both convs are 3x3; `temporal_kernel_size`
+    goes to the conv block when given); `norm` is `"rms"` (make-a-video-pytorch's block,
+    the default) or `"group"` with `groups` (video-diffusion-pytorch's, as Unet3D uses)."""
+
+    def __init__(
+        self,
+        dim_in: int,
+        dim_out: int,
+        *,
+        emb_dim: int | None = None,
+        conv: str = "pseudo3d",
+        norm: str = "rms",
+        groups: int = 8,
+        temporal_kernel_size: int | None = None,
+    ):
         super().__init__()
+        unit = dict(norm=norm, groups=groups, temporal_kernel_size=temporal_kernel_size)
         self.emb_proj = nn.Linear(emb_dim, dim_out * 2) if emb_dim is not None else None
-        self.block1 = _ConvNormAct(dim_in, dim_out, conv)
-        self.block2 = _ConvNormAct(dim_out, dim_out, conv)
+        self.block1 = ConvNormAct(dim_in, dim_out, conv, **unit)
+        self.block2 = ConvNormAct(dim_out, dim_out, conv, **unit)
         self.res_conv = get_block("conv", conv)(dim_in, dim_out, 1) if dim_in != dim_out else None
 
     def forward(

@@ -9,6 +9,9 @@ forever), `config.json` is bounded in size and nesting, the model it describes i
 the meta device before any memory is taken (a config edited to `dim: 10**12` is refused
 naming its largest settings), and a truncated or corrupt safetensors file is a `BadFileError`
 naming it.
+
+Weights saved with an older parameter layout load through the key maps of `unets.upgrade`;
+`model.safetensors` records the layout version in its metadata.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from unets.guards import BadFileError, check_memory, read_json, regular_file
+from unets.upgrade import METADATA_KEY, layout_version, upgrade_state_dict
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "check_model_size", "load", "load_weights", "model_bytes", "save_pretrained"]
 
@@ -64,13 +68,17 @@ def save_pretrained(model: nn.Module, path: str | Path) -> Path:
     # neither, but a clone keeps user-registered U-Nets (tied weights) saveable too.
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     _write_atomic(folder / CONFIG_NAME, write_config)
-    _write_atomic(folder / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    metadata = {"format": "pt", METADATA_KEY: str(layout_version(model))}
+    _write_atomic(folder / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata=metadata))
     return folder
 
 
-def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Module:
+def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], *, version: int | None = None) -> nn.Module:
     """Copy `state_dict` into `model`, requiring exactly its keys and shapes; otherwise raise
-    `ValueError` naming every missing, unexpected and mis-shaped entry."""
+    `ValueError` naming every missing, unexpected and mis-shaped entry. A state dict in an
+    older layout of `model` (layout `version`, or any when None) is upgraded first
+    (`unets.upgrade`); the names reported are those of the current layout."""
+    state_dict = upgrade_state_dict(model, state_dict, version)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -143,5 +151,20 @@ def load(path: str | Path, *, map_location: str | torch.device = "cpu") -> nn.Mo
             f"U-Net weights {str(weights_path)!r} are not a readable safetensors file "
             f"(truncated or corrupt?): {err}"
         ) from None
-    load_weights(model, state)
+    load_weights(model, state, version=_saved_version(weights_path))
     return model.to(map_location)
+
+
+def _saved_version(weights_path: Path) -> int | None:
+    """The layout version `save_pretrained` recorded, or None for files written before it did."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights_path), framework="pt") as f:
+        value = (f.metadata() or {}).get(METADATA_KEY)
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise BadFileError(
+            f"U-Net weights {str(weights_path)!r}: metadata {METADATA_KEY}={value!r} is not a version >= 1"
+        )
+    return int(value)

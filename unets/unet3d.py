@@ -25,6 +25,10 @@ What differs from video-diffusion-pytorch 0.7:
   off-centre taps of 3x3x3 convs are zero at initialisation, so an untrained Unet3D treats
   frames independently and image-pretrained weights are unchanged on video at step 0.
 - The skip from the first convolution has `init_dim` channels (the original assumed `dim`).
+
+The resnet blocks are the library's one `unets.blocks.ResnetBlock`, with group norm. Parameter
+layout 2 (`unets.upgrade`): weights saved with layout 1, when Unet3D had its own resnet block,
+are renamed on load by the pre-hook registered in the constructor.
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ import warnings
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange, repeat
 from jaxtyping import Bool, Float, Real
 from torch import Tensor, nn
@@ -45,8 +48,9 @@ from spacetime.params import mark_temporal
 from spacetime.position import RelativePositionBias, RotaryEmbedding
 from spacetime.time import EnableTime, select_time, time_enabled
 from unets.base import UnetMixin
-from unets.blocks import TimestepEmbedding, get_block, masked_mean
+from unets.blocks import ResnetBlock, TimestepEmbedding, masked_mean
 from unets.config import UnetConfig, check_attn_backend
+from unets.upgrade import load_state_dict_pre_hook
 
 __all__ = ["PRESETS", "TEXT_ENCODER_DIM", "Unet3D", "Unet3DConfig"]
 
@@ -160,50 +164,11 @@ PRESETS: dict[str, dict[str, object]] = {
 # spacetime.time.time_enabled returns: False, True, or a per-sample bool mask (B,).
 
 
-def _frames(x: Tensor) -> Tensor:
-    return rearrange(x, "b c f h w -> (b f) c h w")
-
-
-def _video(x: Tensor, batch: int) -> Tensor:
-    return rearrange(x, "(b f) c h w -> b c f h w", b=batch)
-
-
-class GroupNormConv(nn.Module):
-    """conv -> group norm of each frame -> FiLM (scale, shift) -> SiLU: half a resnet block."""
-
-    def __init__(self, dim_in: int, dim_out: int, *, groups: int, temporal_kernel_size: int):
-        super().__init__()
-        self.proj = get_block("conv", "conv3d")(dim_in, dim_out, 3, temporal_kernel_size=temporal_kernel_size)
-        self.norm = nn.GroupNorm(groups, dim_out)
-
-    def forward(self, x: Tensor, scale_shift: tuple[Tensor, Tensor] | None, enabled: EnableTime) -> Tensor:
-        x = self.proj(x, enable_time=enabled)
-        x = _video(self.norm(_frames(x)), x.shape[0])
-        if scale_shift is not None:
-            scale, shift = scale_shift
-            x = torch.addcmul(shift, x, scale + 1)
-        return F.silu(x)
-
-
-class GroupNormResnetBlock(nn.Module):
-    """video-diffusion-pytorch's resnet block (group norm; `unets.blocks.ResnetBlock` is
-    make-a-video's, with RMS norm): two GroupNormConv with the time (and pooled condition) embedding applied as scale and shift
-    after the first norm (the DDPM++/Imagen resnet block the paper's U-Net inherits)."""
-
-    def __init__(self, dim_in: int, dim_out: int, *, emb_dim: int | None, groups: int, temporal_kernel_size: int):
-        super().__init__()
-        self.emb_proj = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, dim_out * 2)) if emb_dim is not None else None
-        self.block1 = GroupNormConv(dim_in, dim_out, groups=groups, temporal_kernel_size=temporal_kernel_size)
-        self.block2 = GroupNormConv(dim_out, dim_out, groups=groups, temporal_kernel_size=temporal_kernel_size)
-        self.res_conv = nn.Conv3d(dim_in, dim_out, 1) if dim_in != dim_out else nn.Identity()
-
-    def forward(self, x: Tensor, emb: Tensor | None, enabled: EnableTime) -> Tensor:
-        scale_shift = None
-        if self.emb_proj is not None:
-            film = rearrange(self.emb_proj(emb), "b c -> b c 1 1 1")
-            scale_shift = film.chunk(2, dim=1)
-        h = self.block1(x, scale_shift, enabled)
-        return self.block2(h, None, enabled) + self.res_conv(x)
+def _resnet(dim_in: int, dim_out: int, *, emb_dim: int | None, cfg: Unet3DConfig) -> ResnetBlock:
+    """The shared resnet block as video-diffusion-pytorch builds it: group norm (per frame),
+    3x3 convs that are space-only ("spatial") or 3x3x3 ("full3d", off-centre taps zero)."""
+    return ResnetBlock(dim_in, dim_out, emb_dim=emb_dim, conv="conv3d", norm="group", groups=cfg.resnet_groups,
+                       temporal_kernel_size=3 if cfg.conv_type == "full3d" else 1)
 
 
 class SpatialLinearAttention(nn.Module):
@@ -305,10 +270,9 @@ class Stage(nn.Module):
     def __init__(self, dim_in: int, dim_out: int, *, resample: nn.Module, emb_dim: int, context_dim: int | None,
                  cfg: Unet3DConfig, rotary: RotaryEmbedding):
         super().__init__()
-        kt = 3 if cfg.conv_type == "full3d" else 1
         heads, dim_head, backend = cfg.attn_heads, cfg.attn_dim_head, cfg.attn_backend
-        self.block1 = GroupNormResnetBlock(dim_in, dim_out, emb_dim=emb_dim, groups=cfg.resnet_groups, temporal_kernel_size=kt)
-        self.block2 = GroupNormResnetBlock(dim_out, dim_out, emb_dim=emb_dim, groups=cfg.resnet_groups, temporal_kernel_size=kt)
+        self.block1 = _resnet(dim_in, dim_out, emb_dim=emb_dim, cfg=cfg)
+        self.block2 = _resnet(dim_out, dim_out, emb_dim=emb_dim, cfg=cfg)
         self.spatial_attn = (
             SpatialLinearAttention(dim_out, heads=heads, dim_head=dim_head) if cfg.use_sparse_linear_attn else None
         )
@@ -403,24 +367,26 @@ class Unet3D(UnetMixin, nn.Module):
             for i, (d_in, d_out) in enumerate(in_out)
         )
 
-        mid, kt = dims[-1], 3 if cfg.conv_type == "full3d" else 1
-        resnet = dict(emb_dim=emb_dim, groups=cfg.resnet_groups, temporal_kernel_size=kt)
-        self.mid_block1 = GroupNormResnetBlock(mid, mid, **resnet)
+        mid = dims[-1]
+        self.mid_block1 = _resnet(mid, mid, emb_dim=emb_dim, cfg=cfg)
         self.mid_spatial_attn = PixelAttention(mid, heads=attn_heads, dim_head=attn_dim_head, backend=attn_backend)
         self.mid_cross_attn = (
             TextAttention(mid, context_dim, heads=attn_heads, dim_head=attn_dim_head, backend=attn_backend)
             if context_dim is not None else None
         )
         self.mid_temporal_attn = temporal_attn(mid)
-        self.mid_block2 = GroupNormResnetBlock(mid, mid, **resnet)
+        self.mid_block2 = _resnet(mid, mid, emb_dim=emb_dim, cfg=cfg)
 
         # Decoder stages take their input concatenated with the encoder's skip of equal size.
         self.ups = nn.ModuleList(
             Stage(d_out * 2, d_in, resample=_space_upsample(d_in) if i < last else nn.Identity(), **stage)
             for i, (d_in, d_out) in enumerate(reversed(in_out))
         )
-        self.final_block = GroupNormResnetBlock(init_dim * 2, init_dim, emb_dim=None, groups=cfg.resnet_groups, temporal_kernel_size=kt)
+        self.final_block = _resnet(init_dim * 2, init_dim, emb_dim=None, cfg=cfg)
         self.final_conv = nn.Conv3d(init_dim, self.out_dim, 1)
+        # Weights of older layouts (unets.upgrade) load through plain load_state_dict too, as
+        # trainer checkpoints and EMA copies do.
+        self.register_load_state_dict_pre_hook(load_state_dict_pre_hook)
 
     # --- shape limits -------------------------------------------------------------------------
 
