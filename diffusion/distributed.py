@@ -120,9 +120,23 @@ def setup(device: torch.device | str | None = None, *, timeout_s: float = 1800.0
     return context
 
 
+# How long a rank waits at exit for the others before leaving anyway.
+_EXIT_BARRIER_S = 60
+
+
 def _destroy() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_backend() == "gloo":
+        # Leave together: a gloo rank that tears its process group down while a peer is still
+        # finishing its last collective can make that peer abort at exit ("terminate called
+        # without an active exception"), so a finished run would end with a failed rank. The
+        # monitored barrier gives up after a while instead of waiting on a rank that crashed.
+        try:
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=_EXIT_BARRIER_S))
+        except RuntimeError as error:
+            logger.warning("leaving the process group without the other ranks: %s", str(error).splitlines()[0])
+    dist.destroy_process_group()
 
 
 def resolve_parallel(parallel: str, context: DistributedContext) -> str:
