@@ -27,7 +27,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from diffusion.guidance import denoiser_kwargs, guided_output
-from diffusion.samplers import VPSigmas, check_sampler, ddpm_sample, progress_bar, sample_loop
+from diffusion.samplers import SAMPLERS, VPSigmas, check_sampler, ddpm_sample, progress_bar, sample_loop
 from diffusion.samplers.scheduler import scheduler_sample
 from diffusion.schedules import (
     LOSS_TYPES,
@@ -130,6 +130,10 @@ class GaussianDiffusion(nn.Module):
     (classifier-free guidance needs it above 0, typically 0.1 to 0.2; the default 0 matches
     video-diffusion-pytorch). The encoder is kept out of the module's parameters and state.
     """
+
+    # What `sample(sampler=...)` takes and its default (FlowMatching has its own).
+    samplers: tuple[str, ...] = SAMPLERS
+    default_sampler = "ddpm"
 
     def __init__(
         self,
@@ -514,7 +518,7 @@ class GaussianDiffusion(nn.Module):
         batch_size: int,
         *,
         cond_mask: Tensor | None,
-        sampler: str,
+        sampler: str | None,
         steps: int | None,
         eta: float | int | None,
         generator: torch.Generator | None,
@@ -523,9 +527,10 @@ class GaussianDiffusion(nn.Module):
         progress: bool,
         options: dict[str, Any],
     ) -> Tensor:
+        sampler = self.default_sampler if sampler is None else sampler
         scheduler = options.get("scheduler")
         if scheduler is None:
-            check_sampler(sampler)
+            check_sampler(sampler, self.samplers)
         check_number("cond_scale", float(cond_scale) if is_int(cond_scale) else cond_scale)
         rescale = options.get("guidance_rescale", 0.0)
         check_number("guidance_rescale", float(rescale) if is_int(rescale) else rescale, low=0.0, high=1.0)
@@ -543,21 +548,28 @@ class GaussianDiffusion(nn.Module):
         name = "scheduler" if scheduler is not None else sampler
         bar, callback = progress_bar(name, self.num_timesteps, steps) if progress else (None, None)
         try:
-            if scheduler is not None:
-                x = scheduler_sample(
-                    scheduler, model_fn, x, self.schedule, self.objective, steps=steps, generator=generator,
-                    callback=callback,
-                )
-            else:
-                x = sample_loop(
-                    sampler, model_fn, x, self.schedule, steps=steps, eta=eta, generator=generator,
-                    callback=callback, spacing=options.get("spacing", "linspace"), karras=options.get("karras", False),
-                )
+            x = self._run_sampler(sampler, model_fn, x, steps=steps, eta=eta, generator=generator,
+                                  callback=callback, options=options)
         finally:
             if bar is not None:
                 bar.close()
         self._check_finite(x)
         return self.unnormalize(x)
+
+    def _run_sampler(
+        self, sampler: str, model_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Tensor, *,
+        steps: int | None, eta: float | int | None, generator: torch.Generator | None, callback: Any,
+        options: dict[str, Any],
+    ) -> Tensor:
+        if options.get("scheduler") is not None:
+            return scheduler_sample(
+                options["scheduler"], model_fn, x, self.schedule, self.objective, steps=steps, generator=generator,
+                callback=callback,
+            )
+        return sample_loop(
+            sampler, model_fn, x, self.schedule, steps=steps, eta=eta, generator=generator, callback=callback,
+            spacing=options.get("spacing", "linspace"), karras=options.get("karras", False),
+        )
 
     @staticmethod
     def _check_finite(x: Tensor) -> None:
@@ -575,7 +587,7 @@ class GaussianDiffusion(nn.Module):
         batch_size: int = 16,
         *,
         cond_mask: Bool[Tensor, "b l"] | None = None,
-        sampler: str = "ddpm",
+        sampler: str | None = None,
         steps: int | None = None,
         eta: Number | None = None,
         generator: torch.Generator | None = None,
@@ -591,7 +603,7 @@ class GaussianDiffusion(nn.Module):
     ) -> Float[Tensor, "b c f h w"]:
         """Sample videos `(B, C, F, H, W)` in [0, 1] ([-1, 1] with `auto_normalize=False`).
 
-        `sampler` is any of `diffusion.samplers.available()`: `'ddpm'` runs all timesteps;
+        `sampler` is any of `diffusion.samplers.available()` (default `'ddpm'`): `'ddpm'` runs all timesteps;
         the others run `steps` (default: `ddim` all, the rest 50) on the timesteps chosen by
         `spacing` ('linspace', 'leading', 'trailing'), or on Karras sigmas with `karras=True`
         (not `ddim`). `eta` scales the fresh noise of `ddim`, `euler_ancestral` and
@@ -621,7 +633,7 @@ class GaussianDiffusion(nn.Module):
         batch_size: int = 16,
         *,
         cond_mask: Bool[Tensor, "b l"] | None = None,
-        sampler: str = "ddpm",
+        sampler: str | None = None,
         steps: int | None = None,
         eta: Number | None = None,
         generator: torch.Generator | None = None,
