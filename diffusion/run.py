@@ -75,13 +75,16 @@ def run_traces(run_dir: Path) -> list[str]:
 
 
 def build_diffusion(config: RunConfig, *, unet_config: Any = None) -> Any:
-    """The `GaussianDiffusion` (with its U-Net) that `config` describes."""
+    """The `GaussianDiffusion` or `FlowMatching` (`diffusion.process`), with its U-Net, that
+    `config` describes."""
     import unets
 
+    from diffusion.flow import FlowMatching
     from diffusion.gaussian import GaussianDiffusion
 
     net = unets.build(unet_config if unet_config is not None else config.unet.unet_config())
-    return GaussianDiffusion(net, **config.diffusion.to_dict())
+    process = FlowMatching if config.diffusion.process == "flow" else GaussianDiffusion
+    return process(net, **config.diffusion.process_kwargs())
 
 
 def build_dataset(config: RunConfig) -> Any:
@@ -159,7 +162,8 @@ def load_run(path: str | os.PathLike, weights: str = "ema", *, device: Any = "cp
     `GaussianDiffusion` in eval mode on `device`, with its U-Net, the checkpoint's `weights`
     ("ema": the averaged weights, or "model") and its text encoder, so that
     `.sample(cond=["a caption"], cond_scale=...)` works. A run folder gives its latest
-    complete checkpoint."""
+    complete checkpoint. A flow-matching run (`diffusion.process: flow`) gives a
+    `FlowMatching`."""
     return open_run(path, weights, device=device).diffusion
 
 
