@@ -315,6 +315,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
                              ("eta", args.eta), ("num_samples", args.num_samples), ("batch_size", args.batch_size),
                              ("seed", args.seed)) if v is not None},
     })
+    if options.sampler == "ddpm" and args.steps is None:
+        # Ancestral DDPM visits every timestep; the run's default step count is for the others.
+        options.steps = diffusion.num_timesteps
     if options.steps is None:
         options.steps = min(SAMPLE_STEPS, diffusion.num_timesteps)
     if options.steps > diffusion.num_timesteps:

@@ -15,6 +15,7 @@ input checks) is GaussianDiffusion's; the DDPM tables it holds are unused here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -146,6 +147,17 @@ class FlowMatching(GaussianDiffusion):
             t = torch.rand(batch, device=device)
         return shift_time(t, self.shift)
 
+    def times_from_index(self, index: Tensor) -> Tensor:
+        """Integer `times` (what the trainer draws, in `[0, num_timesteps)`, so that each
+        sample's draw is independent of the rank) as flow times: the `(i + 1/2) / N` quantile
+        of the training distribution, shifted."""
+        u = (index.to(torch.float64) + 0.5) / self.num_timesteps
+        if self.timestep_sampling == "logit_normal":
+            t = torch.sigmoid(self.logit_mean + self.logit_std * math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0))
+        else:
+            t = u
+        return shift_time(t, self.shift).to(torch.float32)
+
     def q_sample(self, x_start: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:  # type: ignore[override]
         """`x_t = (1 - t) x0 + t noise`, `t` `(B,)` in [0, 1]."""
         if noise is None:
@@ -167,15 +179,23 @@ class FlowMatching(GaussianDiffusion):
         times: Tensor | None = None,
     ) -> Float[Tensor, ""]:
         """The flow-matching loss `|v_pred - (noise - x0)|` for videos (or images) in [0, 1]
-        (Lipman et al. 2022, eq. 23). `times` in [0, 1] fixes `t` (default: drawn)."""
+        (Lipman et al. 2022, eq. 23). `times` fixes `t`: floats in [0, 1], or integer
+        quantile indices (`times_from_index`); default: drawn."""
         self._check_data(videos, "videos")
         batch = videos.shape[0]
         if noise is not None and noise.shape != videos.shape:
             raise ValueError(f"noise must have the data's shape {tuple(videos.shape)}, got {tuple(noise.shape)}")
         if times is None:
             times = self.sample_times(batch, videos.device)
-        elif not times.is_floating_point() or bool(((times < 0) | (times > 1)).any()):
-            raise ValueError(f"times must be floats in [0, 1] for FlowMatching, got {times.tolist()}")
+        elif not times.is_floating_point():
+            if bool(((times < 0) | (times >= self.num_timesteps)).any()):
+                raise ValueError(
+                    f"integer times must lie in [0, {self.num_timesteps}) (quantiles of the time distribution), "
+                    f"got {times.tolist()}"
+                )
+            times = self.times_from_index(times).to(videos.device)
+        elif bool(((times < 0) | (times > 1)).any()):
+            raise ValueError(f"float times must lie in [0, 1] for FlowMatching, got {times.tolist()}")
         drop_prob = self.null_cond_prob if null_cond_prob is None else float(null_cond_prob)
         check_number("null_cond_prob", drop_prob, low=0.0, high=1.0)
         cond, cond_mask = self.prepare_cond(cond, cond_mask, batch)

@@ -126,5 +126,17 @@ def test_flow_errors():
         flow.sample(batch_size=1, sampler="dpmpp_2m")
     with pytest.raises(ValueError, match="FlowMatching samples with sampler and steps only"):
         flow.sample(batch_size=1, karras=True)
-    with pytest.raises(ValueError, match="times must be floats in \\[0, 1\\]"):
+    with pytest.raises(ValueError, match="float times must lie in \\[0, 1\\]"):
+        flow(torch.rand(1, 1, 4, 32, 32), times=torch.tensor([3.0]))
+    with pytest.raises(ValueError, match="integer times must lie in \\[0, 2\\)"):
         flow(torch.rand(1, 1, 4, 32, 32), times=torch.tensor([3]))
+
+
+def test_integer_times_are_quantiles_of_the_time_distribution():
+    flow = FlowMatching(FlowOracle(), image_size=32, num_frames=4, channels=1, timesteps=1000)
+    t = flow.times_from_index(torch.arange(1000))
+    assert bool((t[1:] > t[:-1]).all()) and 0 < t[0].item() and t[-1].item() < 1
+    assert t[499].item() < 0.5 < t[500].item()
+    # The empirical quantiles of drawn times match.
+    drawn = flow.sample_times(20000, "cpu").sort().values
+    torch.testing.assert_close(drawn[::2000], t[::100], atol=0.02, rtol=0)
