@@ -99,8 +99,9 @@ class FlowMatching(GaussianDiffusion):
     - `shift`: the timestep shift applied to training times and the sampling grid (1 = none).
 
     `sample(sampler="euler" | "heun", steps=N)` (default euler, 50 steps). The schedule
-    options of GaussianDiffusion (`timesteps`, `beta_schedule`, `objective`, min-SNR,
-    zero-terminal SNR) do not apply and must be left at their defaults."""
+    options of GaussianDiffusion (`beta_schedule`, `objective`, min-SNR, zero-terminal SNR)
+    do not apply and must be left at their defaults; `timesteps` is the number of quantiles
+    integer `times` index (see `times_from_index`)."""
 
     samplers = FLOW_SAMPLERS
     default_sampler = "euler"
@@ -126,8 +127,9 @@ class FlowMatching(GaussianDiffusion):
                     f"FlowMatching has no {name} (it predicts the velocity noise - x0 on a straight path), "
                     f"got {name}={kwargs[name]!r}"
                 )
-        # The DDPM tables are only GaussianDiffusion's bookkeeping here; keep them small.
-        kwargs.setdefault("timesteps", 2)
+        # `timesteps` (default 1000) only sets how finely integer `times` (the trainer's
+        # rank-independent draws) resolve the time distribution; the DDPM tables that
+        # GaussianDiffusion builds from it are unused.
         super().__init__(denoise_fn, image_size=image_size, num_frames=num_frames, channels=channels, **kwargs)
         check_choice("timestep_sampling", timestep_sampling, TIMESTEP_SAMPLING)
         check_number("logit_std", logit_std, low=0.0)

@@ -480,10 +480,8 @@ class GaussianDiffusion(nn.Module):
     def _alpha_sigma(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         if not t.is_floating_point():
             return extract(self.sqrt_alphas_cumprod, t, x.ndim), extract(self.sqrt_one_minus_alphas_cumprod, t, x.ndim)
-        ratio = VPSigmas(self.alphas_cumprod).t_to_sigma(t.detach().cpu())
-        alpha = 1.0 / (1.0 + ratio**2).sqrt()
         shape = (-1,) + (1,) * (x.ndim - 1)
-        return alpha.to(x.device, x.dtype).view(shape), (ratio * alpha).to(x.device, x.dtype).view(shape)
+        return tuple(v.to(x.device, x.dtype).view(shape) for v in VPSigmas(self.alphas_cumprod).alpha_sigma(t.cpu()))
 
     def _model_fn(
         self, cond: Tensor | None, cond_mask: Tensor | None, cond_scale: float | int, clip_denoised: bool,
@@ -527,8 +525,13 @@ class GaussianDiffusion(nn.Module):
         progress: bool,
         options: dict[str, Any],
     ) -> Tensor:
-        sampler = self.default_sampler if sampler is None else sampler
         scheduler = options.get("scheduler")
+        if scheduler is not None:
+            given = [name for name, value in (("sampler", sampler), ("eta", eta), ("karras", options.get("karras")))
+                     if value not in (None, False)]
+            if given or options.get("spacing", "linspace") != "linspace":
+                raise ValueError(f"scheduler= drives sampling by itself; leave out {given or ['spacing']}")
+        sampler = self.default_sampler if sampler is None else sampler
         if scheduler is None:
             check_sampler(sampler, self.samplers)
         check_number("cond_scale", float(cond_scale) if is_int(cond_scale) else cond_scale)

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from diffusion.config import ConfigError, RunConfig
+from diffusion.config import GAUSSIAN_ONLY, ConfigError, RunConfig
 from diffusion.config_io import MAX_CONFIG_BYTES, read_config_text
 from unets import guards
 
@@ -83,8 +83,12 @@ def build_diffusion(config: RunConfig, *, unet_config: Any = None) -> Any:
     from diffusion.gaussian import GaussianDiffusion
 
     net = unets.build(unet_config if unet_config is not None else config.unet.unet_config())
-    process = FlowMatching if config.diffusion.process == "flow" else GaussianDiffusion
-    return process(net, **config.diffusion.process_kwargs())
+    options = config.diffusion.to_dict()
+    flow = options.pop("process") == "flow"
+    # Each process gets only its own options (those of the other are at their defaults).
+    for key in GAUSSIAN_ONLY if flow else ("timestep_sampling", "shift"):
+        options.pop(key)
+    return (FlowMatching if flow else GaussianDiffusion)(net, **options)
 
 
 def build_dataset(config: RunConfig) -> Any:

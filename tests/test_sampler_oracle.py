@@ -214,3 +214,19 @@ def test_scheduler_errors():
         diffusion.sample(batch_size=1, scheduler=diffusers.DDIMScheduler(), steps=2)
     with pytest.raises(TypeError, match="scheduler must be a diffusers scheduler instance"):
         diffusion.sample(batch_size=1, scheduler=object(), steps=2)
+    with pytest.raises(ValueError, match=r"scheduler= drives sampling by itself; leave out \['sampler'\]"):
+        diffusion.sample(batch_size=1, scheduler=diffusers.DDIMScheduler(prediction_type="v_prediction"),
+                         sampler="euler")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_2m_sde", "euler_ancestral", "heun"])
+def test_sigma_samplers_on_cuda_match_the_cpu(sampler):
+    cpu = make("v")
+    gpu = make("v").cuda()
+    kwargs = dict(batch_size=2, sampler=sampler, steps=10, karras=True, clip_denoised=False)
+    expected = cpu.sample(generator=torch.Generator().manual_seed(0), **kwargs)
+    got = gpu.sample(generator=torch.Generator().manual_seed(0), **kwargs)
+    assert got.is_cuda
+    torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-4)

@@ -92,9 +92,7 @@ def scheduler_sample(
         if callback is not None:
             callback(step, int(round(float(t))), model_input, x0)
         if times.is_floating_point():
-            ratio = sigmas_map.t_to_sigma(times[:1].cpu())
-            alpha = 1.0 / (1.0 + ratio**2).sqrt()
-            sigma = ratio * alpha
+            alpha, sigma = sigmas_map.alpha_sigma(times[:1].cpu())
         else:
             abar = schedule.alphas_cumprod.cpu()[times[:1].cpu()].to(torch.float64)
             alpha, sigma = abar.sqrt(), (1.0 - abar).sqrt()

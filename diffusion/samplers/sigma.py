@@ -108,6 +108,12 @@ class VPSigmas:
         frac = t - low
         return ((1 - frac) * self.log_sigmas[low] + frac * self.log_sigmas[low + 1]).exp()
 
+    def alpha_sigma(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """The process's `(alpha_t, sigma_t)` (float64) at fractional timesteps `t`."""
+        ratio = self.t_to_sigma(t)
+        alpha = 1.0 / (1.0 + ratio**2).sqrt()
+        return alpha, ratio * alpha
+
     def timestep_sigmas(self, timesteps: list[int]) -> Tensor:
         """The sigmas of the given (descending) timesteps, followed by 0."""
         return torch.cat([self.sigmas[timesteps], self.sigmas.new_zeros(1)])
