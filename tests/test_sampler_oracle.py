@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from torch import Tensor, nn
 
 from diffusion import GaussianDiffusion
@@ -230,3 +231,30 @@ def test_sigma_samplers_on_cuda_match_the_cpu(sampler):
     got = gpu.sample(generator=torch.Generator().manual_seed(0), **kwargs)
     assert got.is_cuda
     torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-4)
+
+
+# --- the sigma <-> timestep map, progress and images ---------------------------------------------
+
+
+@given(t=st.floats(0.0, 999.0), schedule=st.sampled_from(["cosine", "linear", "sigmoid"]))
+@settings(max_examples=50, deadline=None)
+def test_fractional_timesteps_round_trip_and_hit_the_table(t, schedule):
+    sigmas = VPSigmas(torch.cumprod(1 - beta_schedule(schedule, 1000), 0))
+    tt = torch.tensor([t], dtype=torch.float64)
+    assert sigmas.sigma_to_t(sigmas.t_to_sigma(tt)).item() == pytest.approx(t, abs=1e-6)
+    whole = torch.tensor([float(int(t))], dtype=torch.float64)
+    assert sigmas.t_to_sigma(whole).item() == pytest.approx(sigmas.sigmas[int(t)].item(), rel=1e-9)
+    alpha, sigma = sigmas.alpha_sigma(tt)
+    assert (alpha**2 + sigma**2).item() == pytest.approx(1.0)
+
+
+def test_progress_callbacks_and_images_with_sigma_samplers():
+    diffusion = make("v")
+    videos = diffusion.sample(batch_size=1, sampler="heun", steps=3, progress=True)
+    assert videos.shape == (1, 1, 4, 32, 32)
+    images = diffusion.sample_images(batch_size=2, sampler="dpmpp_2m", steps=3, karras=True)
+    assert images.shape == (2, 1, 32, 32)
+    with pytest.raises(TypeError, match="unexpected keyword arguments \\['karas'\\]"):
+        diffusion.sample_images(batch_size=1, sampler="euler", steps=3, karas=True)
+    with pytest.raises(ValueError, match="karras=True applies to the sigma-space samplers, not 'ddim'"):
+        diffusion.sample(batch_size=1, sampler="ddim", steps=3, karras=True)
