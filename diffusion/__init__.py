@@ -1,6 +1,7 @@
 """diffusion: the pluggable diffusion process, trainer, video data, text encoders and CLI."""
 
 from diffusion.gaussian import GaussianDiffusion, NonFiniteSampleError, threshold_x0
+from diffusion.flow import FlowMatching
 from diffusion.samplers import ddim_sample, ddim_timesteps, ddpm_sample, sample_loop
 from diffusion.schedules import (
     NoiseSchedule,

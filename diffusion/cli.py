@@ -315,6 +315,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
                              ("eta", args.eta), ("num_samples", args.num_samples), ("batch_size", args.batch_size),
                              ("seed", args.seed)) if v is not None},
     })
+    if options.sampler == "ddpm" and args.steps is None:
+        # Ancestral DDPM visits every timestep; the run's default step count is for the others.
+        options.steps = diffusion.num_timesteps
     if options.steps is None:
         options.steps = min(SAMPLE_STEPS, diffusion.num_timesteps)
     if options.steps > diffusion.num_timesteps:
@@ -340,6 +343,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         path.unlink()
 
     generator = torch.Generator().manual_seed(options.seed)
+    sampling_seconds, sampler_steps = 0.0, 0
     logger.info("sampling %d videos from %s with %s (%s steps, guidance %.2f)", len(captions), run.checkpoint,
                 options.sampler, options.steps, options.cond_scale)
     start = time.perf_counter()
@@ -353,7 +357,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         else:
             kwargs["batch_size"] = len(chunk)
         with torch.no_grad():
+            began = time.perf_counter()
             videos = diffusion.sample(**kwargs).float()
+            sampling_seconds += time.perf_counter() - began
+            sampler_steps += options.steps
         if not torch.isfinite(videos).all():
             raise ValueError(f"sampling from {run.checkpoint} gave non-finite values (NaN or inf); nothing written "
                              "for this batch: the weights may be damaged")
@@ -363,6 +370,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
             if conditional:
                 ckpt.atomic_write_text(out / f"{stem}.txt", caption + "\n")
     _say(f"wrote {len(captions)} samples (gif + txt) to {out} in {time.perf_counter() - start:.0f} s")
+    # Sampler steps (each one U-Net evaluation of the batch, two for heun) per second of sampling.
+    _say(f"sampling: {options.sampler}, {options.steps} steps, {sampler_steps / max(sampling_seconds, 1e-9):.2f} "
+         f"steps/s ({sampling_seconds:.1f} s for {-(-len(captions) // batch)} batch(es))")
     return 0
 
 
@@ -495,8 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--prompts-file", help="file with one caption per line ('#' starts a comment)")
     sample.add_argument("--cond-scale", type=_non_negative_float, help="classifier-free guidance scale (1: none)")
     sample.add_argument("--sampler", choices=sampler_names())
-    sample.add_argument("--steps", type=_positive_int, help="sampling steps (DDIM)")
-    sample.add_argument("--eta", type=_non_negative_float, help="DDIM noise scale (0: deterministic)")
+    sample.add_argument("--steps", type=_positive_int, help="sampling steps (all but ddpm; default 50)")
+    sample.add_argument("--eta", type=_non_negative_float,
+                        help="noise scale of ddim (default 0), euler_ancestral and dpmpp_2m_sde (default 1)")
     sample.add_argument("--num-samples", type=_positive_int, help="samples per prompt")
     sample.add_argument("--batch-size", type=_positive_int, help="videos sampled at once")
     sample.add_argument("--seed", type=_seed)

@@ -185,6 +185,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
+# DiffusionConfig keys a flow process has no use for (diffusion.run drops them).
+GAUSSIAN_ONLY = ("beta_schedule", "objective", "min_snr_loss_weight", "min_snr_gamma", "min_snr_floor", "zero_terminal_snr")
+
+
 @no_type_check  # values come from files: __post_init__ checks them, naming the key
 @dataclasses.dataclass(kw_only=True)
 class DiffusionConfig(Section):
@@ -206,6 +210,12 @@ class DiffusionConfig(Section):
     min_snr_floor: float = 0.0
     auto_normalize: bool = True
     null_cond_prob: float = 0.0
+    # "flow": diffusion.FlowMatching, with timestep_sampling and shift and no GAUSSIAN_ONLY keys.
+    process: str = "gaussian"
+    offset_noise: float = 0.0
+    zero_terminal_snr: bool = False
+    timestep_sampling: str = "logit_normal"
+    shift: float = 1.0
 
     def __post_init__(self) -> None:
         from diffusion.schedules import BETA_SCHEDULES, LOSS_TYPES, OBJECTIVES
@@ -214,7 +224,8 @@ class DiffusionConfig(Section):
         _int("diffusion.num_frames", self.num_frames, 1)
         _int("diffusion.channels", self.channels, 1)
         _int("diffusion.timesteps", self.timesteps, 1)
-        for name in ("text_use_bert_cls", "use_dynamic_thres", "min_snr_loss_weight", "auto_normalize"):
+        for name in ("text_use_bert_cls", "use_dynamic_thres", "min_snr_loss_weight", "auto_normalize",
+                     "zero_terminal_snr"):
             _bool(f"diffusion.{name}", getattr(self, name))
         _choice("diffusion.loss_type", self.loss_type, LOSS_TYPES)
         _choice("diffusion.beta_schedule", self.beta_schedule, BETA_SCHEDULES)
@@ -223,6 +234,16 @@ class DiffusionConfig(Section):
         _number("diffusion.min_snr_gamma", self.min_snr_gamma, 0, low_open=True)
         _number("diffusion.min_snr_floor", self.min_snr_floor, 0, self.min_snr_gamma)
         _number("diffusion.null_cond_prob", self.null_cond_prob, 0, 1)
+        _choice("diffusion.process", self.process, ("gaussian", "flow"))
+        _number("diffusion.offset_noise", self.offset_noise, 0)
+        _choice("diffusion.timestep_sampling", self.timestep_sampling, ("logit_normal", "uniform"))
+        _number("diffusion.shift", self.shift, 0, low_open=True)
+        if self.zero_terminal_snr and self.objective == "noise":
+            raise ConfigError("diffusion.zero_terminal_snr needs diffusion.objective 'v' or 'x0', got 'noise'")
+        changed = [f.name for f in dataclasses.fields(self) if f.name in GAUSSIAN_ONLY and getattr(self, f.name) != f.default]
+        if self.process == "flow" and changed:
+            raise ConfigError(f"diffusion.process 'flow' predicts the velocity on a straight path; leave "
+                              f"{', '.join('diffusion.' + key for key in changed)} at their defaults")
         if self.min_snr_loss_weight and self.min_snr_floor > 0 and self.objective == "noise":
             raise ConfigError(
                 f"diffusion.min_snr_floor={self.min_snr_floor} needs diffusion.objective 'v' or 'x0' "
@@ -448,7 +469,7 @@ class SampleConfig(Section):
     sampler: str = "ddim"
     steps: int | None = None
     cond_scale: float = 1.0
-    eta: float = 0.0
+    eta: float | None = None  # None: the sampler's (0 for ddim, 1 for euler_ancestral, dpmpp_2m_sde)
     num_samples: int = 1
     batch_size: int = 16
     seed: int = 0
@@ -459,7 +480,8 @@ class SampleConfig(Section):
         _choice("sample.sampler", self.sampler, sampler_names())
         _optional_int("sample.steps", self.steps, 1)
         _number("sample.cond_scale", self.cond_scale, 0)
-        _number("sample.eta", self.eta, 0)
+        if self.eta is not None:
+            _number("sample.eta", self.eta, 0)
         _int("sample.num_samples", self.num_samples, 1)
         _int("sample.batch_size", self.batch_size, 1)
         _int("sample.seed", self.seed, 0, MAX_SEED)

@@ -27,11 +27,13 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from diffusion.guidance import denoiser_kwargs, guided_output
-from diffusion.samplers import SAMPLERS, ddpm_sample, sample_loop
+from diffusion.samplers import SAMPLERS, VPSigmas, check_sampler, ddpm_sample, progress_bar, sample_loop
+from diffusion.samplers.scheduler import scheduler_sample
 from diffusion.schedules import (
     LOSS_TYPES,
     NoiseSchedule,
     beta_schedule as make_betas,
+    rescale_zero_terminal_snr,
     check_objective,
     eps_from_x0,
     extract,
@@ -129,6 +131,10 @@ class GaussianDiffusion(nn.Module):
     video-diffusion-pytorch). The encoder is kept out of the module's parameters and state.
     """
 
+    # What `sample(sampler=...)` takes and its default (FlowMatching has its own).
+    samplers: tuple[str, ...] = SAMPLERS
+    default_sampler = "ddpm"
+
     def __init__(
         self,
         denoise_fn: nn.Module,
@@ -151,6 +157,8 @@ class GaussianDiffusion(nn.Module):
         null_cond_prob: Number = 0.0,
         text_cache_dir: str | os.PathLike | None = None,
         vae: Any = None,
+        offset_noise: Number = 0.0,
+        zero_terminal_snr: bool = False,
     ) -> None:
         super().__init__()
         from diffusion.denoiser import as_denoiser
@@ -179,6 +187,12 @@ class GaussianDiffusion(nn.Module):
             )
         if not 0.0 <= null_cond_prob <= 1.0:
             raise ValueError(f"null_cond_prob must lie in [0, 1], got {null_cond_prob}")
+        check_number("offset_noise", offset_noise, low=0.0)
+        if zero_terminal_snr and objective == "noise":
+            raise ValueError(
+                "zero_terminal_snr=True needs objective='v' or 'x0': at the last timestep the input is pure "
+                "noise, so a noise prediction says nothing about the sample (Lin et al. 2023, sec. 3.2)"
+            )
 
         self.denoise_fn = denoise_fn
         self.image_size = image_size
@@ -214,7 +228,10 @@ class GaussianDiffusion(nn.Module):
         self._text_cache_dir = Path(text_cache_dir) if text_cache_dir is not None else None
         self.text_encoder = text_encoder
 
-        schedule = NoiseSchedule.from_betas(make_betas(beta_schedule, timesteps))
+        self.offset_noise = float(offset_noise)
+        self.zero_terminal_snr = bool(zero_terminal_snr)
+        betas = make_betas(beta_schedule, timesteps)
+        schedule = NoiseSchedule.from_betas(rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas)
         for name, table in schedule.tables().items():
             self.register_buffer(name, table)
         self.num_timesteps = timesteps
@@ -398,6 +415,12 @@ class GaussianDiffusion(nn.Module):
 
         if noise is None:
             noise = torch.randn_like(x_start)
+            if self.offset_noise > 0:
+                # Offset noise (Guttenberg 2023): a per-sample, per-channel constant added to the
+                # noise lets the model learn to change a video's overall brightness.
+                noise = noise + self.offset_noise * torch.randn(
+                    x_start.shape[:2] + (1,) * (x_start.ndim - 2), device=x_start.device, dtype=x_start.dtype
+                )
         x_t = self.q_sample(x_start, times, noise)
         kwargs = denoiser_kwargs(
             cond=cond,
@@ -486,34 +509,45 @@ class GaussianDiffusion(nn.Module):
     def model_predictions(
         self,
         x: Float[Tensor, "b *dims"],
-        t: Int[Tensor, " b"],
+        t: Int[Tensor, " b"] | Float[Tensor, " b"],
         *,
         cond: Tensor | None = None,
         cond_mask: Tensor | None = None,
         cond_scale: Number = 1.0,
         clip_denoised: bool = True,
+        guidance_rescale: Number = 0.0,
+        batched_guidance: bool | None = None,
     ) -> tuple[Float[Tensor, "b *dims"], Float[Tensor, "b *dims"]]:
         """The guided prediction at `(x, t)` as `(x0, eps)`, the one place where the
         objective is undone. With `clip_denoised`, `x0` is thresholded and `eps` re-derived
-        from it so that every sampler sees a consistent pair."""
+        from it so that every sampler sees a consistent pair. `t` may be fractional (a float
+        tensor): the noise level is then interpolated (`VPSigmas`)."""
         prediction = guided_output(
-            self.denoise_fn, x, t, cond=cond, cond_mask=cond_mask, cond_scale=cond_scale
+            self.denoise_fn, x, t, cond=cond, cond_mask=cond_mask, cond_scale=cond_scale,
+            guidance_rescale=guidance_rescale, batched=batched_guidance,
         )
         self._check_prediction(prediction, x)
-        alpha = extract(self.sqrt_alphas_cumprod, t, x.ndim)
-        sigma = extract(self.sqrt_one_minus_alphas_cumprod, t, x.ndim)
+        alpha, sigma = self._alpha_sigma(t, x)
         x0, eps = prediction_to_x0_eps(self.objective, prediction, x, alpha, sigma)
         if clip_denoised:
             x0 = threshold_x0(x0, self.dynamic_thres_percentile if self.use_dynamic_thres else None)
             eps = eps_from_x0(x, x0, alpha, sigma)
         return x0, eps
 
+    def _alpha_sigma(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        if not t.is_floating_point():
+            return extract(self.sqrt_alphas_cumprod, t, x.ndim), extract(self.sqrt_one_minus_alphas_cumprod, t, x.ndim)
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        return tuple(v.to(x.device, x.dtype).view(shape) for v in VPSigmas(self.alphas_cumprod).alpha_sigma(t.cpu()))
+
     def _model_fn(
-        self, cond: Tensor | None, cond_mask: Tensor | None, cond_scale: float | int, clip_denoised: bool
+        self, cond: Tensor | None, cond_mask: Tensor | None, cond_scale: float | int, clip_denoised: bool,
+        guidance_rescale: float | int = 0.0, batched_guidance: bool | None = None,
     ) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
         def model_fn(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
             return self.model_predictions(
-                x, t, cond=cond, cond_mask=cond_mask, cond_scale=cond_scale, clip_denoised=clip_denoised
+                x, t, cond=cond, cond_mask=cond_mask, cond_scale=cond_scale, clip_denoised=clip_denoised,
+                guidance_rescale=guidance_rescale, batched_guidance=batched_guidance,
             )
 
         return model_fn
@@ -539,17 +573,27 @@ class GaussianDiffusion(nn.Module):
         batch_size: int,
         *,
         cond_mask: Tensor | None,
-        sampler: str,
+        sampler: str | None,
         steps: int | None,
-        eta: float | int,
+        eta: float | int | None,
         generator: torch.Generator | None,
         clip_denoised: bool | None,
         noise: Tensor | None,
         progress: bool,
+        options: dict[str, Any],
     ) -> Tensor:
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        scheduler = options.get("scheduler")
+        if scheduler is not None:
+            given = [name for name, value in (("sampler", sampler), ("eta", eta), ("karras", options.get("karras")))
+                     if value not in (None, False)]
+            if given or options.get("spacing", "linspace") != "linspace":
+                raise ValueError(f"scheduler= drives sampling by itself; leave out {given or ['spacing']}")
+        sampler = self.default_sampler if sampler is None else sampler
+        if scheduler is None:
+            check_sampler(sampler, self.samplers)
         check_number("cond_scale", float(cond_scale) if is_int(cond_scale) else cond_scale)
+        rescale = options.get("guidance_rescale", 0.0)
+        check_number("guidance_rescale", float(rescale) if is_int(rescale) else rescale, low=0.0, high=1.0)
         cond, cond_mask = self.prepare_cond(cond, cond_mask, None)
         if cond is not None:
             # As in video-diffusion-pytorch: one sample per condition.
@@ -560,12 +604,14 @@ class GaussianDiffusion(nn.Module):
         if clip_denoised is None:  # x0 thresholds are for pixels, not latents
             clip_denoised = self.vae is None
         x = self._initial_noise(shape, noise, generator)
-        model_fn = self._model_fn(cond, cond_mask, float(cond_scale), clip_denoised)
-        bar, callback = _progress_bar(sampler, self.num_timesteps, steps) if progress else (None, None)
+        model_fn = self._model_fn(
+            cond, cond_mask, float(cond_scale), clip_denoised, float(rescale), options.get("batched_guidance")
+        )
+        name = "scheduler" if scheduler is not None else sampler
+        bar, callback = progress_bar(name, self.num_timesteps, steps) if progress else (None, None)
         try:
-            x = sample_loop(
-                sampler, model_fn, x, self.schedule, steps=steps, eta=eta, generator=generator, callback=callback
-            )
+            x = self._run_sampler(sampler, model_fn, x, steps=steps, eta=eta, generator=generator,
+                                  callback=callback, options=options)
         finally:
             if bar is not None:
                 bar.close()
@@ -573,6 +619,21 @@ class GaussianDiffusion(nn.Module):
         if self.vae is not None:
             x = self.vae.decode(x).clamp(-1.0, 1.0)
         return self.unnormalize(x)
+
+    def _run_sampler(
+        self, sampler: str, model_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Tensor, *,
+        steps: int | None, eta: float | int | None, generator: torch.Generator | None, callback: Any,
+        options: dict[str, Any],
+    ) -> Tensor:
+        if options.get("scheduler") is not None:
+            return scheduler_sample(
+                options["scheduler"], model_fn, x, self.schedule, self.objective, steps=steps, generator=generator,
+                callback=callback,
+            )
+        return sample_loop(
+            sampler, model_fn, x, self.schedule, steps=steps, eta=eta, generator=generator, callback=callback,
+            spacing=options.get("spacing", "linspace"), karras=options.get("karras", False),
+        )
 
     @staticmethod
     def _check_finite(x: Tensor) -> None:
@@ -590,29 +651,44 @@ class GaussianDiffusion(nn.Module):
         batch_size: int = 16,
         *,
         cond_mask: Bool[Tensor, "b l"] | None = None,
-        sampler: str = "ddpm",
+        sampler: str | None = None,
         steps: int | None = None,
-        eta: Number = 0.0,
+        eta: Number | None = None,
         generator: torch.Generator | None = None,
         num_frames: int | None = None,
         clip_denoised: bool | None = None,
         noise: Float[Tensor, "b c f h w"] | None = None,
         progress: bool = False,
+        spacing: str = "linspace",
+        karras: bool = False,
+        scheduler: Any = None,
+        guidance_rescale: Number = 0.0,
+        batched_guidance: bool | None = None,
     ) -> Float[Tensor, "b c f h w"]:
         """Sample videos `(B, C, F, H, W)` in [0, 1] ([-1, 1] with `auto_normalize=False`).
 
-        `sampler='ddpm'` runs all timesteps; `'ddim'` runs `steps` of them (default all) with
-        noise scale `eta`. With a `cond`, the batch size is the condition's. `num_frames`
-        overrides the training length; `noise` fixes the starting noise and `generator`
-        every random draw. `clip_denoised` keeps each predicted clean sample in [-1, 1]
-        (dynamically when `use_dynamic_thres`); by default on in pixel space, off in a
+        `sampler` is any of `diffusion.samplers.available()` (default `'ddpm'`): `'ddpm'` runs all timesteps;
+        the others run `steps` (default: `ddim` all, the rest 50) on the timesteps chosen by
+        `spacing` ('linspace', 'leading', 'trailing'), or on Karras sigmas with `karras=True`
+        (not `ddim`). `eta` scales the fresh noise of `ddim`, `euler_ancestral` and
+        `dpmpp_2m_sde` (defaults 0, 1, 1). `scheduler`: a diffusers scheduler instance drives
+        sampling instead (its prediction type must match the objective).
+
+        With a `cond`, the batch size is the condition's; `guidance_rescale` in [0, 1]
+        (Lin et al. 2023) tempers large `cond_scale`; `batched_guidance` False makes two
+        U-Net calls per step instead of one batched call (None: batched, two calls if out of
+        memory). `num_frames` overrides the training length; `noise` fixes the starting noise
+        and `generator` every random draw. `clip_denoised` keeps each predicted clean sample in
+        [-1, 1] (dynamically when `use_dynamic_thres`); by default on in pixel space, off in a
         VAE's latent space."""
         frames = self.num_frames if num_frames is None else num_frames
         if frames < 1:
             raise ValueError(f"num_frames must be positive, got {frames}")
+        options = {"spacing": spacing, "karras": karras, "scheduler": scheduler,
+                   "guidance_rescale": guidance_rescale, "batched_guidance": batched_guidance}
         return self._sample(
             (frames,), cond, cond_scale, batch_size, cond_mask=cond_mask, sampler=sampler, steps=steps, eta=eta,
-            generator=generator, clip_denoised=clip_denoised, noise=noise, progress=progress,
+            generator=generator, clip_denoised=clip_denoised, noise=noise, progress=progress, options=options,
         )
 
     def sample_images(
@@ -622,19 +698,25 @@ class GaussianDiffusion(nn.Module):
         batch_size: int = 16,
         *,
         cond_mask: Bool[Tensor, "b l"] | None = None,
-        sampler: str = "ddpm",
+        sampler: str | None = None,
         steps: int | None = None,
-        eta: Number = 0.0,
+        eta: Number | None = None,
         generator: torch.Generator | None = None,
         clip_denoised: bool | None = None,
         noise: Float[Tensor, "b c h w"] | None = None,
         progress: bool = False,
+        **options: Any,
     ) -> Float[Tensor, "b c h w"]:
         """Sample images `(B, C, H, W)` from the same network with time disabled; the
-        arguments are those of `sample`."""
+        arguments are those of `sample` (`spacing`, `karras`, `scheduler`, `guidance_rescale`,
+        `batched_guidance` as keywords)."""
+        allowed = ("spacing", "karras", "scheduler", "guidance_rescale", "batched_guidance")
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise TypeError(f"sample_images() got unexpected keyword arguments {unknown}; allowed: {allowed}")
         return self._sample(
             (), cond, cond_scale, batch_size, cond_mask=cond_mask, sampler=sampler, steps=steps, eta=eta,
-            generator=generator, clip_denoised=clip_denoised, noise=noise, progress=progress,
+            generator=generator, clip_denoised=clip_denoised, noise=noise, progress=progress, options=options,
         )
 
     @torch.no_grad()
@@ -679,16 +761,3 @@ class GaussianDiffusion(nn.Module):
             x = self.vae.decode(x).clamp(-1.0, 1.0)
         return self.unnormalize(x)
 
-
-def _progress_bar(sampler: str, num_timesteps: int, steps: int | None) -> tuple[Any, Callable[..., None]]:
-    try:
-        from tqdm.auto import tqdm
-    except ImportError as error:
-        raise ImportError("progress=True needs tqdm: pip install 'spacetime-video[train]'") from error
-    total = num_timesteps if steps is None or sampler == "ddpm" else steps
-    bar = tqdm(total=total, desc=f"{sampler} sampling")
-
-    def callback(step: int, t: int, x: Tensor, x0: Tensor) -> None:
-        bar.update(1)
-
-    return bar, callback

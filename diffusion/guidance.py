@@ -8,7 +8,8 @@ unconditional prediction:
 `cond_scale == 1` is the plain conditional prediction and costs one call. The mix is applied
 to the raw network output, whatever the objective: eps, x0 and v are affine in one another
 for a fixed `x_t` with coefficients that do not depend on the condition, so guiding the raw
-output is the same as guiding eps (the form of the paper).
+output is the same as guiding eps (the form of the paper). The guidance rescale of Lin et al.
+2023 (sec. 3.4) is applied to the same raw output.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import logging
 from typing import Any
 
 from torch import Tensor, nn
+
+from unets.base import UnetMixin, guidance_mix
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +64,15 @@ def guided_output(
     cond_mask: Tensor | None = None,
     cond_scale: float | int = 1.0,
     enable_time: Any = True,
+    guidance_rescale: float | int = 0.0,
+    batched: bool | None = None,
 ) -> Tensor:
-    """The denoiser's output at `(x, t)` guided with `cond_scale`.
+    """The denoiser's output at `(x, t)` guided with `cond_scale` (and `guidance_rescale`).
 
-    Uses the denoiser's own `forward_with_cond_scale` when it has one; otherwise makes a
-    conditional call and an unconditional one (`null_cond_prob=1.`) and mixes them."""
+    A U-Net of this library guides itself (`UnetMixin.forward_with_cond_scale`, one batched
+    call on both halves unless `batched=False`). Another denoiser's own
+    `forward_with_cond_scale` is used when it has one and no rescale is asked for; otherwise
+    a conditional call and an unconditional one (`null_cond_prob=1.`) are mixed here."""
     global _warned_no_cond
     kwargs = denoiser_kwargs(cond=cond, cond_mask=cond_mask, enable_time=enable_time)
     if cond_scale == 1.0 or cond is None:
@@ -73,9 +80,16 @@ def guided_output(
             logger.warning("cond_scale=%s ignored: guidance needs a condition and none was given", cond_scale)
             _warned_no_cond = True
         return denoise_fn(x, t, **kwargs)
+    if isinstance(denoise_fn, UnetMixin):
+        return denoise_fn.forward_with_cond_scale(
+            x, t, cond_scale=cond_scale, guidance_rescale=guidance_rescale, batched=batched, **kwargs
+        )
     with_cond_scale = getattr(denoise_fn, "forward_with_cond_scale", None)
-    if callable(with_cond_scale):
+    if callable(with_cond_scale) and guidance_rescale == 0.0:
         return with_cond_scale(x, t, cond_scale=cond_scale, **kwargs)
     out_cond = denoise_fn(x, t, **kwargs)
     out_uncond = denoise_fn(x, t, null_cond_prob=1.0, **kwargs)
-    return out_uncond + cond_scale * (out_cond - out_uncond)
+    return combine_guidance(out_cond, out_uncond, cond_scale, guidance_rescale)
+
+
+combine_guidance = guidance_mix

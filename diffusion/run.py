@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from diffusion.config import ConfigError, RunConfig
+from diffusion.config import GAUSSIAN_ONLY, ConfigError, RunConfig
 from diffusion.config_io import MAX_CONFIG_BYTES, read_config_text
 from unets import guards
 
@@ -75,9 +75,11 @@ def run_traces(run_dir: Path) -> list[str]:
 
 
 def build_diffusion(config: RunConfig, *, unet_config: Any = None) -> Any:
-    """The `GaussianDiffusion` (with its U-Net) that `config` describes."""
+    """The `GaussianDiffusion` or `FlowMatching` (`diffusion.process`), with its U-Net, that
+    `config` describes."""
     import unets
 
+    from diffusion.flow import FlowMatching
     from diffusion.gaussian import GaussianDiffusion
 
     if config.pretrained is not None:
@@ -85,7 +87,12 @@ def build_diffusion(config: RunConfig, *, unet_config: Any = None) -> Any:
 
         return build_pretrained_diffusion(config.pretrained, config.diffusion.to_dict())
     net = unets.build(unet_config if unet_config is not None else config.unet.unet_config())
-    return GaussianDiffusion(net, **config.diffusion.to_dict())
+    options = config.diffusion.to_dict()
+    flow = options.pop("process") == "flow"
+    # Each process gets only its own options (those of the other are at their defaults).
+    for key in GAUSSIAN_ONLY if flow else ("timestep_sampling", "shift"):
+        options.pop(key)
+    return (FlowMatching if flow else GaussianDiffusion)(net, **options)
 
 
 def build_dataset(config: RunConfig) -> Any:
@@ -163,7 +170,8 @@ def load_run(path: str | os.PathLike, weights: str = "ema", *, device: Any = "cp
     `GaussianDiffusion` in eval mode on `device`, with its U-Net, the checkpoint's `weights`
     ("ema": the averaged weights, or "model") and its text encoder, so that
     `.sample(cond=["a caption"], cond_scale=...)` works. A run folder gives its latest
-    complete checkpoint."""
+    complete checkpoint. A flow-matching run (`diffusion.process: flow`) gives a
+    `FlowMatching`."""
     return open_run(path, weights, device=device).diffusion
 
 

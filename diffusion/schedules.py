@@ -99,6 +99,19 @@ _BETA_SCHEDULE_FNS: dict[str, Callable[[int], Tensor]] = {
 }
 
 
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Lin et al. 2023 ("Common Diffusion Noise Schedules and Sample Steps are Flawed",
+    alg. 1): shift and scale `sqrt(abar)` so that it keeps its first value and reaches exactly
+    0 at the last timestep. Training then sees pure noise at the last step, as sampling
+    starts from it; the last beta becomes 1."""
+    root = torch.cumprod(1.0 - betas.to(torch.float64), dim=0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    abar = root**2
+    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    return 1.0 - alphas
+
+
 def beta_schedule(name: str, timesteps: int) -> Tensor:
     """The betas (float64, `(timesteps,)`) of the named schedule."""
     if name not in _BETA_SCHEDULE_FNS:
@@ -137,8 +150,11 @@ class NoiseSchedule:
         if betas.ndim != 1 or betas.numel() < 1:
             raise ValueError(f"betas must be a non-empty 1-D tensor, got shape {tuple(betas.shape)}")
         betas = betas.to(torch.float64)
-        if not bool(((betas > 0) & (betas < 1)).all()):
-            raise ValueError("betas must all lie in (0, 1)")
+        # A last beta of 1 is a zero-terminal-SNR schedule (`rescale_zero_terminal_snr`).
+        if not bool(((betas > 0) & (betas < 1)).all()) and not (
+            bool(((betas[:-1] > 0) & (betas[:-1] < 1)).all()) and float(betas[-1]) == 1.0
+        ):
+            raise ValueError("betas must all lie in (0, 1) (the last may be 1: zero terminal SNR)")
         alphas = 1.0 - betas
         abar = torch.cumprod(alphas, dim=0)
         abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])

@@ -271,3 +271,46 @@ def test_same_command_trains_the_same_model(tmp_path):
     first, again, other = losses("a", 0), losses("b", 0), losses("c", 1)
     assert len(first) == 3 and first == again
     assert first[0] != other[0]
+
+
+# --- samplers and flow matching -------------------------------------------------------------
+
+
+def test_sample_takes_every_sampler_and_reports_steps_per_second(trained_run, tmp_path, capsys):
+    from diffusion.samplers import available
+
+    for name in available():
+        capsys.readouterr()
+        steps = () if name == "ddpm" else ("--steps", "2")
+        assert run_cli("sample", "--checkpoint", str(trained_run), "--prompt", PROMPTS[0], "--sampler", name,
+                       *steps, "--out", str(tmp_path / name)) == 0, name
+        out = capsys.readouterr().out
+        assert f"sampling: {name}, {20 if name == 'ddpm' else 2} steps, " in out and " steps/s " in out
+        assert len(list((tmp_path / name).glob("*.gif"))) == 1
+
+
+def test_the_flow_preset_trains_and_samples(tmp_path, capsys):
+    from diffusion import FlowMatching, load_run
+
+    run = tmp_path / "flow"
+    threads = torch.get_num_threads()
+    try:
+        code = run_cli("train", "--preset", "moving-digits-flow", "--out", str(run),
+                       "--set", "trainer.train_num_steps=2", "--set", "trainer.train_batch_size=2",
+                       "--set", "trainer.save_and_sample_every=1000", "--set", "trainer.num_sample_rows=1",
+                       "--set", "data.num_videos=8", "--set", "trainer.sample_kwargs={\"sampler\": \"euler\", \"steps\": 2}")
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["diffusion"]["process"] == "flow"
+    flow = load_run(run)
+    # The trainer's integer draws resolve the time distribution in 1000 quantiles.
+    assert isinstance(flow, FlowMatching) and flow.num_timesteps == 1000
+    capsys.readouterr()
+    assert run_cli("sample", "--checkpoint", str(run), "--prompt", PROMPTS[0], "--sampler", "heun", "--steps", "2",
+                   "--out", str(tmp_path / "samples")) == 0
+    assert "sampling: heun, 2 steps" in capsys.readouterr().out
+    assert run_cli("sample", "--checkpoint", str(run), "--prompt", PROMPTS[0], "--sampler", "ddim", "--steps", "2",
+                   "--out", str(tmp_path / "refused")) == 2
+    assert "sampler must be one of ('euler', 'heun')" in capsys.readouterr().err

@@ -468,3 +468,18 @@ def test_any_file_text_is_read_or_refused_as_a_value_error(tmp_path_factory, tex
         RunConfig.from_dict(data)
     except ValueError as err:  # ConfigError, unets.guards.BadFileError: never a traceback type
         assert "\n" not in str(err)
+
+
+def test_flow_process_options():
+    from diffusion.config import ConfigError, DiffusionConfig
+
+    config = DiffusionConfig.from_dict({"image_size": 8, "num_frames": 4, "process": "flow", "shift": 3.0})
+    assert config.process == "flow" and config.shift == 3.0
+    with pytest.raises(ConfigError, match="diffusion.process 'flow' .* leave diffusion.objective at their defaults"):
+        DiffusionConfig.from_dict({"image_size": 8, "num_frames": 4, "process": "flow", "objective": "v"})
+    with pytest.raises(ConfigError, match="diffusion.process"):
+        DiffusionConfig.from_dict({"image_size": 8, "num_frames": 4, "process": "rectified"})
+    with pytest.raises(ConfigError, match="diffusion.zero_terminal_snr needs diffusion.objective 'v' or 'x0'"):
+        DiffusionConfig.from_dict({"image_size": 8, "num_frames": 4, "zero_terminal_snr": True})
+    with pytest.raises(ConfigError, match="diffusion.shift"):
+        DiffusionConfig.from_dict({"image_size": 8, "num_frames": 4, "process": "flow", "shift": 0})

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
@@ -467,8 +467,8 @@ def test_shape_errors_say_what_was_expected():
 
 def test_sampling_errors():
     d = make()
-    with pytest.raises(ValueError, match=r"sampler must be one of \('ddpm', 'ddim'\), got 'heun'"):
-        d.sample(batch_size=1, sampler="heun")
+    with pytest.raises(ValueError, match=r"sampler must be one of \('ddpm', 'ddim', .*\), got 'hune'.*'heun'"):
+        d.sample(batch_size=1, sampler="hune")
     with pytest.raises(ValueError, match="steps must be at most timesteps=20, got 21"):
         d.sample(batch_size=1, sampler="ddim", steps=21)
     with pytest.raises(ValueError, match="steps must be at most timesteps=20, got 50"):
@@ -507,3 +507,35 @@ def test_min_snr_floor_is_refused_for_the_noise_objective():
 def test_min_snr_floor_must_lie_between_zero_and_gamma(floor):
     with pytest.raises(ValueError, match="min_snr_floor must lie in"):
         make(min_snr_loss_weight=True, min_snr_gamma=2.0, min_snr_floor=floor)
+
+
+# --- offset noise, zero-terminal SNR ---------------------------------------------------------
+
+
+class _Zero(nn.Module):
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_offset_noise_adds_a_per_channel_constant_to_the_training_noise(offset):
+    # A zero prediction's l2 loss on the noise objective is E[noise^2] = 1 + offset^2.
+    d = GaussianDiffusion(_Zero(), image_size=8, num_frames=4, channels=2, timesteps=10, loss_type="l2",
+                          offset_noise=offset)
+    torch.manual_seed(0)
+    losses = [d(torch.rand(16, 2, 4, 8, 8)).item() for _ in range(20)]
+    assert sum(losses) / len(losses) == pytest.approx(1.0 + offset**2, rel=0.15)
+
+
+@given(timesteps=st.integers(2, 400), schedule=st.sampled_from(["cosine", "linear", "sigmoid"]))
+@settings(max_examples=20, deadline=None)
+def test_zero_terminal_snr_rescaling(timesteps, schedule):
+    from diffusion.schedules import rescale_zero_terminal_snr
+
+    betas = beta_schedule(schedule, timesteps)
+    rescaled = rescale_zero_terminal_snr(betas)
+    abar, new = torch.cumprod(1 - betas, 0), torch.cumprod(1 - rescaled, 0)
+    assert new[-1].item() == 0.0 and rescaled[-1].item() == pytest.approx(1.0)
+    assert new[0].item() == pytest.approx(abar[0].item(), rel=1e-9)
+    assert bool((new[1:] <= new[:-1]).all())
+    NoiseSchedule.from_betas(rescaled)  # a last beta of 1 is accepted

@@ -228,15 +228,15 @@ def test_sampler_errors_name_what_is_allowed():
     schedule = NoiseSchedule.from_betas(beta_schedule("cosine", 10))
     model_fn = optimal_model_fn(schedule)
     x = torch.randn(1, 1, 4, 4)
-    with pytest.raises(ValueError, match=r"sampler must be one of \('ddpm', 'ddim'\), got 'euler'"):
-        sample_loop("euler", model_fn, x, schedule)
+    with pytest.raises(ValueError, match=r"sampler must be one of \('ddpm', 'ddim', .*'heun'\), got 'plms'"):
+        sample_loop("plms", model_fn, x, schedule)
     with pytest.raises(ValueError, match="steps must be at most timesteps=10, got 11"):
         sample_loop("ddim", model_fn, x, schedule, steps=11)
     with pytest.raises(ValueError, match="steps must be at most timesteps=10, got 11"):
         sample_loop("ddpm", model_fn, x, schedule, steps=11)
     with pytest.raises(ValueError, match="use sampler='ddim'"):
         sample_loop("ddpm", model_fn, x, schedule, steps=5)
-    with pytest.raises(ValueError, match="eta applies to sampler 'ddim' only"):
+    with pytest.raises(ValueError, match="eta applies to sampler 'ddim' and the ancestral samplers"):
         sample_loop("ddpm", model_fn, x, schedule, eta=1.0)
     with pytest.raises(ValueError, match="steps must be a positive int, got 0"):
         ddim_timesteps(10, 0)

@@ -17,6 +17,7 @@ The mixin knows nothing of diffusion: `t` is just another input.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,7 +29,26 @@ from torch.utils.checkpoint import checkpoint
 from spacetime.params import spatial_parameters, temporal_parameters
 from unets.config import UnetConfig
 
-__all__ = ["UnetMixin"]
+__all__ = ["UnetMixin", "guidance_mix"]
+
+_log = logging.getLogger(__name__)
+
+
+def guidance_mix(
+    out_cond: Tensor, out_uncond: Tensor, cond_scale: float | int, guidance_rescale: float | int = 0.0
+) -> Tensor:
+    """`uncond + cond_scale * (cond - uncond)` (Ho & Salimans 2022, eq. 6). With
+    `guidance_rescale` = phi > 0, the result's per-sample std is pulled back towards the
+    conditional output's (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps
+    are Flawed", eq. 15-16), which undoes the over-exposure of large scales."""
+    guided = out_uncond + (out_cond - out_uncond) * cond_scale
+    if guidance_rescale == 0.0:
+        return guided
+    dims = tuple(range(1, guided.ndim))
+    std_cond = out_cond.std(dim=dims, keepdim=True)
+    std_guided = guided.std(dim=dims, keepdim=True).clamp(min=1e-12)
+    rescaled = guided * (std_cond / std_guided)
+    return guidance_rescale * rescaled + (1.0 - guidance_rescale) * guided
 
 
 class UnetMixin:
@@ -158,10 +178,16 @@ class UnetMixin:
 
     # --- conditioning -------------------------------------------------------------------
 
-    @staticmethod
-    def cond_keep_mask(batch: int, null_cond_prob: float, device: torch.device) -> Tensor | None:
+    def cond_keep_mask(self, batch: int, null_cond_prob: float, device: torch.device) -> Tensor | None:
         """Per-sample bool mask `(B,)`, True = keep the condition, False = use the null
-        embedding (classifier-free guidance training). None when every sample keeps it."""
+        embedding (classifier-free guidance training). None when every sample keeps it.
+
+        While `forward_with_cond_scale` makes its batched call, the mask it set (conditional
+        half kept, unconditional half dropped) is returned instead."""
+        forced = self.__dict__.get("_guidance_keep")
+        if forced is not None and forced.shape[0] == batch:
+            self.__dict__["_guidance_keep_used"] = True
+            return forced.to(device)
         if not 0.0 <= null_cond_prob <= 1.0:
             raise ValueError(f"null_cond_prob must be in [0, 1], got {null_cond_prob}")
         if null_cond_prob == 0.0:
@@ -185,19 +211,71 @@ class UnetMixin:
         x: Tensor,
         t: Tensor | None = None,
         cond: Tensor | None = None,
-        cond_scale: float = 1.0,
+        cond_scale: float | int = 1.0,
         *,
         cond_mask: Tensor | None = None,
+        guidance_rescale: float | int = 0.0,
+        batched: bool | None = None,
         **kwargs: Any,
     ) -> Tensor:
         """Classifier-free guidance: `uncond + cond_scale * (cond - uncond)` (Ho & Salimans
-        2022, eq. 6). `cond_scale == 1` (or no condition) makes a single call."""
+        2022, eq. 6), optionally rescaled (`guidance_rescale`, Lin et al. 2023, sec. 3.4).
+        `cond_scale == 1` (or no condition) makes a single call.
+
+        `batched`: True runs both halves as one call on the inputs concatenated with
+        themselves (twice the batch, half the calls); False makes two calls; None (default)
+        batches and falls back to two calls if the device runs out of memory."""
         kwargs.pop("null_cond_prob", None)
-        out = self(x, t, cond=cond, cond_mask=cond_mask, null_cond_prob=0.0, **kwargs)  # type: ignore[operator]
         if cond_scale == 1.0 or cond is None:
-            return out
+            return self(x, t, cond=cond, cond_mask=cond_mask, null_cond_prob=0.0, **kwargs)  # type: ignore[operator]
+        if batched is not False:
+            try:
+                pair = self._guidance_pair_batched(x, t, cond, cond_mask, kwargs)
+            except torch.OutOfMemoryError:
+                if batched:
+                    raise
+                _log.warning("batched guidance ran out of memory; using two calls per step from now on")
+                self.__dict__["_guidance_batched_failed"] = True
+                pair = None
+            if pair is not None:
+                return guidance_mix(pair[0], pair[1], cond_scale, guidance_rescale)
+        out = self(x, t, cond=cond, cond_mask=cond_mask, null_cond_prob=0.0, **kwargs)  # type: ignore[operator]
         null = self(x, t, cond=cond, cond_mask=cond_mask, null_cond_prob=1.0, **kwargs)  # type: ignore[operator]
-        return null + (out - null) * cond_scale
+        return guidance_mix(out, null, cond_scale, guidance_rescale)
+
+    def _guidance_pair_batched(
+        self, x: Tensor, t: Tensor | None, cond: Tensor, cond_mask: Tensor | None, kwargs: dict[str, Any]
+    ) -> tuple[Tensor, Tensor] | None:
+        """(conditional, unconditional) outputs from one call on `[x; x]`, or None when this
+        U-Net cannot take it (it does not drop conditions through `cond_keep_mask`, or an
+        earlier batched call ran out of memory)."""
+        if self.__dict__.get("_guidance_batched_failed"):
+            return None
+        batch = x.shape[0]
+
+        def twice(value: Any) -> Any:
+            # Per-sample inputs (first dim = batch) are repeated; shared ones pass as they are.
+            if isinstance(value, Tensor) and value.ndim >= 1 and value.shape[0] == batch:
+                return torch.cat([value, value])
+            return value
+
+        keep = torch.cat([torch.ones(batch, dtype=torch.bool), torch.zeros(batch, dtype=torch.bool)]).to(x.device)
+        self.__dict__["_guidance_keep"] = keep
+        self.__dict__["_guidance_keep_used"] = False
+        try:
+            out = self(  # type: ignore[operator]
+                twice(x), twice(t), cond=twice(cond), cond_mask=twice(cond_mask), null_cond_prob=0.0,
+                **{key: twice(value) for key, value in kwargs.items()},
+            )
+            used = self.__dict__.get("_guidance_keep_used", False)
+        finally:
+            self.__dict__.pop("_guidance_keep", None)
+            self.__dict__.pop("_guidance_keep_used", None)
+        if not used:
+            _log.warning("%s does not drop conditions through cond_keep_mask; guidance uses two calls", type(self).__name__)
+            self.__dict__["_guidance_batched_failed"] = True
+            return None
+        return out[:batch], out[batch:]
 
     # --- checkpoints --------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""Samplers: plain functions of `(model_fn, x, schedule, ...)` with no hidden state.
+"""The samplers on the timestep grid of the DDPM process (ancestral DDPM, DDIM): plain
+functions of `(model_fn, x, schedule, ...)` with no hidden state.
 
 `model_fn(x_t, t) -> (x0, eps)` is the denoiser already converted to the pair of clean-sample
 and noise predictions (see `diffusion.schedules.prediction_to_x0_eps`); guidance and
@@ -17,13 +18,14 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from diffusion.samplers.sigma import spaced_timesteps
 from diffusion.schedules import NoiseSchedule, extract
 
 ModelFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 # callback(step, t, x_t, x0): called once per step, before the update, for progress or logging.
 Callback = Callable[[int, int, Tensor, Tensor], None]
 
-SAMPLERS = ("ddpm", "ddim")
+DISCRETE_SAMPLERS = ("ddpm", "ddim")
 
 
 def _timestep_batch(x: Tensor, t: int) -> Tensor:
@@ -79,18 +81,11 @@ def ddpm_sample(
     return x
 
 
-def ddim_timesteps(num_timesteps: int, steps: int) -> list[int]:
-    """The `steps` timesteps DDIM visits, descending, evenly spread over `[0, T - 1]` so that
-    the first step starts from the noisiest timestep and the last lands on timestep 0."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if steps > num_timesteps:
-        raise ValueError(f"steps must be at most timesteps={num_timesteps}, got {steps}")
-    if steps == 1:
-        return [num_timesteps - 1]
-    # Spacing (T - 1) / (steps - 1) >= 1, so the rounded values are distinct.
-    grid = torch.linspace(num_timesteps - 1, 0, steps, dtype=torch.float64).round().long()
-    return grid.tolist()
+def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace") -> list[int]:
+    """The `steps` timesteps DDIM visits, descending (`spaced_timesteps`); with the default
+    `linspace` spacing the first step starts from the noisiest timestep and the last lands
+    on timestep 0."""
+    return spaced_timesteps(num_timesteps, steps, spacing)
 
 
 def ddim_step(
@@ -113,6 +108,7 @@ def ddim_sample(
     *,
     steps: int | None = None,
     eta: float | int = 0.0,
+    spacing: str = "linspace",
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
 ) -> Float[Tensor, "b *dims"]:
@@ -123,7 +119,7 @@ def ddim_sample(
     if not eta >= 0.0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     num_timesteps = schedule.num_timesteps
-    times = ddim_timesteps(num_timesteps, num_timesteps if steps is None else steps)
+    times = ddim_timesteps(num_timesteps, num_timesteps if steps is None else steps, spacing)
     abar = schedule.alphas_cumprod
     for step, (i, i_prev) in enumerate(zip(times, times[1:] + [-1])):
         t = _timestep_batch(x, i)
@@ -137,33 +133,3 @@ def ddim_sample(
         noise = _randn_like(x, generator) if eta > 0.0 and i_prev >= 0 else torch.zeros_like(x)
         x = ddim_step(x0, eps, abar_prev, sigma, noise)
     return x
-
-
-def sample_loop(
-    sampler: str,
-    model_fn: ModelFn,
-    x: Tensor,
-    schedule: NoiseSchedule,
-    *,
-    steps: int | None = None,
-    eta: float | int = 0.0,
-    generator: torch.Generator | None = None,
-    callback: Callback | None = None,
-) -> Tensor:
-    """Run the named sampler. `ddpm` visits every timestep: `steps` may only be left out or
-    equal `timesteps`, and `eta` must be left at 0 (use `ddim` for fewer steps)."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    if sampler == "ddpm":
-        num_timesteps = schedule.num_timesteps
-        if steps is not None and steps != num_timesteps:
-            if isinstance(steps, int) and not isinstance(steps, bool) and steps > num_timesteps:
-                raise ValueError(f"steps must be at most timesteps={num_timesteps}, got {steps}")
-            raise ValueError(
-                f"sampler 'ddpm' runs all {num_timesteps} timesteps, got steps={steps!r}; "
-                "use sampler='ddim' (eta=1 for an ancestral sampler) for fewer steps"
-            )
-        if eta != 0.0:
-            raise ValueError(f"eta applies to sampler 'ddim' only, got eta={eta} with 'ddpm'")
-        return ddpm_sample(model_fn, x, schedule, generator=generator, callback=callback)
-    return ddim_sample(model_fn, x, schedule, steps=steps, eta=eta, generator=generator, callback=callback)
