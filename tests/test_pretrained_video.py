@@ -16,13 +16,20 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from byo_models import CROSS_DIM, tiny_clip, tiny_vae, write_clip_tokenizer, write_pipeline  # noqa: E402
-from diffusion import media  # noqa: E402
-from diffusion.cli import main  # noqa: E402
-from diffusion.config import ConfigError, RunConfig  # noqa: E402
-from diffusion.pretrained_video import PretrainedVideoUnet, read_scheduler  # noqa: E402
-from diffusion.run import build_diffusion, load_run  # noqa: E402
-from unets import AnimateDiffUnet, ModelScopeUnet  # noqa: E402
+from byo_models import (
+    CROSS_DIM,
+    tiny_clip,
+    tiny_vae,
+    write_clip_tokenizer,
+    write_pipeline,
+)
+
+from diffusion import media
+from diffusion.cli import main
+from diffusion.config import ConfigError, RunConfig
+from diffusion.pretrained_video import PretrainedVideoUnet, read_scheduler
+from diffusion.run import build_diffusion, load_run
+from unets import AnimateDiffUnet, ModelScopeUnet
 
 CAPTIONS = ["a red ball moves left", "a blue square moves up", "the red square moves down"]
 TIMESTEPS = 50
@@ -37,8 +44,8 @@ def run_cli(*argv: str) -> int:
 
 
 def _scheduler(folder, **options) -> None:
-    settings = dict(num_train_timesteps=TIMESTEPS, beta_schedule="scaled_linear", beta_start=0.00085,
-                    beta_end=0.012, clip_sample=False)
+    settings = {"num_train_timesteps": TIMESTEPS, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                "beta_end": 0.012, "clip_sample": False}
     diffusers.DDIMScheduler(**{**settings, **options}).save_pretrained(folder)
 
 
@@ -142,7 +149,7 @@ def test_the_scheduler_fixes_the_process(modelscope_run, base):
 
 
 def test_animatediff_layout_trains_temporal_only_with_checkpointing(base, tmp_path):
-    root, _, sd, adapter, data = base
+    _, _, sd, adapter, data = base
     config = _config(tmp_path, sd, data, pretrained={"motion_adapter": str(adapter), "gradient_checkpointing": True})
     run = tmp_path / "ad-run"
     assert run_cli("train", "--config", str(config), "--out", str(run)) == 0
@@ -156,8 +163,24 @@ def test_animatediff_layout_trains_temporal_only_with_checkpointing(base, tmp_pa
     assert diffusers.MotionAdapter.from_pretrained(tmp_path / "adapter-out") is not None
 
 
+def test_original_motion_module_file_as_motion_adapter(base, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from unets.original_keys import to_animatediff_original
+
+    _, _, sd, adapter, data = base
+    state = load_file(str(adapter / "diffusion_pytorch_model.safetensors"))
+    file = tmp_path / "mm_sd_v15_tiny.safetensors"
+    save_file(to_animatediff_original(state), str(file))
+    config = RunConfig.from_dict(json.loads(_config(tmp_path, sd, data, pretrained={"motion_adapter": str(file)}).read_text()))
+    model = build_diffusion(config).denoise_fn.model
+    assert isinstance(model, AnimateDiffUnet)
+    ours = model.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in state.items() if not k.endswith("pos_embed.pe"))
+
+
 def test_resume_is_exact(base, tmp_path):
-    root, modelscope, _, _, data = base
+    _, modelscope, _, _, data = base
     config = _config(tmp_path, modelscope, data, trainer={"train_num_steps": 3, "save_model_every": 1})
     whole, part = tmp_path / "whole", tmp_path / "part"
     assert run_cli("train", "--config", str(config), "--out", str(whole)) == 0
