@@ -57,6 +57,9 @@ def write_modelscope_pipeline(folder):
         up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), layers_per_block=1, norm_num_groups=8,
         cross_attention_dim=CROSS_DIM, attention_head_dim=8, sample_size=8,
     )
+    with torch.no_grad():  # off diffusers' zero init, so the temporal layers change outputs
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
     unet.save_pretrained(folder / "unet")
     tiny_vae().save_pretrained(folder / "vae")
     tiny_clip().save_pretrained(folder / "text_encoder")
@@ -146,6 +149,27 @@ def test_the_scheduler_fixes_the_process(modelscope_run, base):
     assert process.objective == "noise" and process.timesteps == TIMESTEPS
     betas = torch.linspace(math.sqrt(0.00085), math.sqrt(0.012), TIMESTEPS, dtype=torch.float64) ** 2
     assert torch.allclose(process.betas, betas)
+
+
+def test_guided_prediction_equals_the_diffusers_pipeline(base):
+    from diffusion.guidance import guided_output
+    from diffusion.pretrained_video import open_pretrained
+
+    _, modelscope, _, _, _ = base
+    process = open_pretrained(modelscope, num_frames=3).diffusion
+    assert process.image_hw == (16, 16) and process.num_timesteps == TIMESTEPS
+    reference = diffusers.UNet3DConditionModel.from_pretrained(modelscope / "unet").eval()
+    tokens, mask = process.encode_text(["a red ball"])
+    empty, _ = process.encode_text([""])
+    torch.manual_seed(2)
+    x, t = torch.randn(1, 4, 3, 8, 8), torch.tensor([30])
+    with torch.no_grad():
+        ours = guided_output(process.denoise_fn, x, t, cond=tokens, cond_mask=mask, cond_scale=3.0)
+        # What TextToVideoSDPipeline does: the empty prompt as the negative, one batched call.
+        pair = reference(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([empty, tokens])).sample
+    expected = pair[:1] + 3.0 * (pair[1:] - pair[:1])
+    assert (pair[1:] - pair[:1]).abs().max() > 1e-3  # the prompt matters
+    assert torch.allclose(ours, expected, atol=1e-4), (ours - expected).abs().max()
 
 
 def test_animatediff_layout_trains_temporal_only_with_checkpointing(base, tmp_path):
