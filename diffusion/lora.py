@@ -5,8 +5,9 @@ model with LoRA beside its motion modules).
 `select_trainable(denoise_fn, mode)` sets `requires_grad` before the optimizer is built:
 - "auto": an inflated model (one holding a `spacetime.inflate` result) or a pretrained video
   U-Net (`diffusion.pretrained_video`) trains its temporal layers and LoRA weights only, so
-  the pretrained 2D weights stay bit-identical; any other model trains everything (what the
-  trainer always did).
+  the pretrained 2D weights stay bit-identical; any other model is left as it is (every
+  parameter that has `requires_grad` trains, what the trainer always did, so parameters a
+  user froze stay frozen).
 - "temporal": temporal parameters (and LoRA) only, for any model.
 - "all": everything.
 
@@ -48,7 +49,9 @@ def select_trainable(denoise_fn: nn.Module, mode: str = "auto") -> tuple[int, in
     parameter counts."""
     check_choice("trainable", mode, TRAINABLE)
     params = list(denoise_fn.parameters())
-    if mode == "all" or (mode == "auto" and not _inflated(denoise_fn)):
+    if mode == "auto" and not _inflated(denoise_fn):
+        keep = {id(p) for p in params if p.requires_grad}
+    elif mode == "all":
         keep = {id(p) for p in params}
     else:
         keep = {id(p) for p in temporal_parameters(denoise_fn)}

@@ -293,10 +293,13 @@ def _load(part: str, cls_name: str, folder: Path) -> Any:
         raise ConfigError(f"pretrained.{part}: cannot load {cls_name} from {str(folder)!r}: {first}") from None
 
 
-def build_pretrained_diffusion(section: PretrainedSection, diffusion_options: dict[str, Any]) -> Any:
-    """The `GaussianDiffusion` of a pretrained run (see the module docstring)."""
+def build_pretrained_diffusion(section: PretrainedSection, diffusion_options: dict[str, Any], *,
+                               process: type | None = None) -> Any:
+    """The process of a pretrained run (see the module docstring): `process` is
+    `GaussianDiffusion` (the default) or `FlowMatching`, built with `diffusion_options`."""
     from diffusion.gaussian import GaussianDiffusion
 
+    process = GaussianDiffusion if process is None else process
     parts = resolve_parts(section)
     kind = _read_config(parts["unet"], "unet")["_class_name"]
     if kind in UNET_VIDEO or parts["motion_adapter"] is not None:
@@ -328,8 +331,9 @@ def build_pretrained_diffusion(section: PretrainedSection, diffusion_options: di
         from diffusion.latent import VideoVAE
 
         vae = VideoVAE(vae, chunk_size=section.vae_chunk_size)
-    diffusion = GaussianDiffusion(model, vae=vae, text_encoder=text_encoder, **diffusion_options)
-    if parts["scheduler"] is not None:
+    diffusion = process(model, vae=vae, text_encoder=text_encoder, **diffusion_options)
+    # A flow-matching fine-tune of a DDPM base has no use for the base's noise schedule.
+    if parts["scheduler"] is not None and process is GaussianDiffusion:
         from diffusion.pretrained_video import read_scheduler, use_schedule
 
         use_schedule(diffusion, read_scheduler(parts["scheduler"]))
