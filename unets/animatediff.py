@@ -19,8 +19,6 @@ one set of tokens per video. The null condition is one all-zero token (see `mode
 from __future__ import annotations
 
 import dataclasses
-import os
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -30,9 +28,9 @@ from torch import Tensor, nn
 
 from spacetime.checks import check_int, check_number
 from spacetime.time import EnableTime, time_enabled
-from unets.base import UnetMixin
 from unets.config import UnetConfig, check_attn_backend
 from unets.diffusers_layers import (
+    DiffusersLayoutUnet,
     CrossAttnTransformer,
     Downsample2D,
     FrameTransformer,
@@ -188,7 +186,7 @@ class _MidStage(nn.Module):
         return self.resnets[1](x, emb)
 
 
-class AnimateDiffUnet(UnetMixin, nn.Module):
+class AnimateDiffUnet(DiffusersLayoutUnet):
     """SD 1.x U-Net + AnimateDiff motion modules. `forward(x, time, cond=tokens)` maps a noisy
     latent video `(B, C, F, H, W)` (or image `(B, C, H, W)`: the plain SD U-Net) and
     timesteps `(B,)` to a tensor shaped like `x`: diffusers' `UNetMotionModel(...).sample`
@@ -206,48 +204,7 @@ class AnimateDiffUnet(UnetMixin, nn.Module):
         self.channels = c.channels
         self.conv_in = nn.Conv2d(c.channels, widths[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(widths[0], emb_dim)
-        levels = len(widths)
-        self.down_blocks = nn.ModuleList()
-        for i, kind in enumerate(c.down_block_types):
-            dims_in = [widths[max(i - 1, 0)]] + [widths[i]] * (c.layers_per_block - 1)
-            self.down_blocks.append(_Stage(c, dims_in=dims_in, dim_out=widths[i], emb_dim=emb_dim,
-                                           cross=kind.startswith("CrossAttn"),
-                                           resample="down" if i < levels - 1 else None))
-        self.mid_block = _MidStage(c, widths[-1], emb_dim)
-        self.up_blocks = nn.ModuleList()
-        reversed_widths = list(reversed(widths))
-        for i, kind in enumerate(c.up_block_types):
-            dim_out = reversed_widths[i]
-            prev = reversed_widths[max(i - 1, 0)]
-            skip_in = reversed_widths[min(i + 1, levels - 1)]
-            dims_in = [
-                (prev if j == 0 else dim_out) + (skip_in if j == c.layers_per_block else dim_out)
-                for j in range(c.layers_per_block + 1)
-            ]
-            self.up_blocks.append(_Stage(c, dims_in=dims_in, dim_out=dim_out, emb_dim=emb_dim,
-                                         cross=kind.startswith("CrossAttn"),
-                                         resample="up" if i < levels - 1 else None))
-        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, widths[0], eps=c.norm_eps)
-        self.conv_out = nn.Conv2d(widths[0], c.out_channels or c.channels, 3, padding=1)
-
-    def save_diffusers(self, path: str | os.PathLike, **kwargs: Any) -> Path:
-        """Write a folder diffusers' `MotionAdapter.from_pretrained` loads (see
-        `unets.convert.save_diffusers`); returns it."""
-        from unets.convert import save_diffusers
-
-        return save_diffusers(self, path, **kwargs)
-
-    @property
-    def cond_format(self) -> str:
-        return "tokens"
-
-    @property
-    def frame_multiple(self) -> int:
-        return 1
-
-    @property
-    def size_multiple(self) -> int:
-        return 2 ** (len(self.config.block_out_channels) - 1)
+        self.build_stages(_Stage, _MidStage, emb_dim)
 
     def forward(
         self,

@@ -20,6 +20,9 @@ Activations run in diffusers' layout, frames folded into the batch: `(B*F, C, H,
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -411,3 +414,61 @@ def context_tokens(model: UnetMixin, cond: Tensor | None, cond_mask: Tensor | No
         if keep is not None:
             keep = keep | ~kept[:, None, None, None]
     return cond, keep
+
+
+class DiffusersLayoutUnet(UnetMixin, nn.Module):
+    """What ModelScope's and AnimateDiff's U-Nets share: diffusers' SD-style skeleton of down
+    stages, a mid stage and up stages with skip connections (built by `build_stages` from
+    each model's own stage classes), the output head, and the common U-Net surface. The
+    subclasses add their input layers, their stages and `forward`."""
+
+    def build_stages(self, stage: type[nn.Module], mid_stage: type[nn.Module], emb_dim: int) -> None:
+        """`down_blocks`, `mid_block`, `up_blocks`, `conv_norm_out` and `conv_out` from
+        `self.config`, with diffusers' module names and widths."""
+        c = self.config
+        widths = c.block_out_channels
+        levels = len(widths)
+        self.down_blocks = nn.ModuleList()
+        for i, kind in enumerate(c.down_block_types):
+            dims_in = [widths[max(i - 1, 0)]] + [widths[i]] * (c.layers_per_block - 1)
+            self.down_blocks.append(stage(c, dims_in=dims_in, dim_out=widths[i], emb_dim=emb_dim,
+                                          cross=kind.startswith("CrossAttn"),
+                                          resample="down" if i < levels - 1 else None))
+        self.mid_block = mid_stage(c, widths[-1], emb_dim)
+        self.up_blocks = nn.ModuleList()
+        reversed_widths = list(reversed(widths))
+        for i, kind in enumerate(c.up_block_types):
+            dim_out = reversed_widths[i]
+            prev = reversed_widths[max(i - 1, 0)]
+            skip_in = reversed_widths[min(i + 1, levels - 1)]
+            # The layer j of an up stage takes the previous layer's output (or the stage below)
+            # concatenated with the matching down activation, the last one the stage's input.
+            dims_in = [
+                (prev if j == 0 else dim_out) + (skip_in if j == c.layers_per_block else dim_out)
+                for j in range(c.layers_per_block + 1)
+            ]
+            self.up_blocks.append(stage(c, dims_in=dims_in, dim_out=dim_out, emb_dim=emb_dim,
+                                        cross=kind.startswith("CrossAttn"),
+                                        resample="up" if i < levels - 1 else None))
+        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, widths[0], eps=c.norm_eps)
+        self.conv_out = nn.Conv2d(widths[0], c.out_channels or c.channels, 3, padding=1)
+
+    def save_diffusers(self, path: str | os.PathLike, **kwargs: Any) -> Path:
+        """Write a folder the matching diffusers class loads with `from_pretrained`
+        (`UNet3DConditionModel` for ModelScope, `MotionAdapter` for AnimateDiff by default; see
+        `unets.convert.save_diffusers`); returns it."""
+        from unets.convert import save_diffusers
+
+        return save_diffusers(self, path, **kwargs)
+
+    @property
+    def cond_format(self) -> str:
+        return "tokens"
+
+    @property
+    def frame_multiple(self) -> int:
+        return 1
+
+    @property
+    def size_multiple(self) -> int:
+        return 2 ** (len(self.config.block_out_channels) - 1)
