@@ -32,6 +32,7 @@ from spacetime.checks import check_int, check_number
 from spacetime.time import EnableTime, time_enabled
 from unets.base import UnetMixin
 from unets.config import UnetConfig, check_attn_backend
+from unets.frame_cond import FrameCondInput, check_frame_cond_option, frame_cond_inputs
 from unets.diffusers_layers import (
     CrossAttnTransformer,
     Downsample2D,
@@ -77,8 +78,10 @@ class AnimateDiffUnetConfig(UnetConfig):
     use_motion_mid_block: bool = True
     sample_size: int | None = None
     attn_backend: str | None = None
+    frame_cond: bool = False
 
     def validate(self) -> None:
+        check_frame_cond_option(self.frame_cond)
         check_int("channels", self.channels, low=1)
         if self.out_channels is not None:
             check_int("out_channels", self.out_channels, low=1)
@@ -205,6 +208,7 @@ class AnimateDiffUnet(UnetMixin, nn.Module):
         emb_dim = widths[0] * 4
         self.channels = c.channels
         self.conv_in = nn.Conv2d(c.channels, widths[0], 3, padding=1)
+        self.frame_cond_in = FrameCondInput(c.channels, widths[0]) if c.frame_cond else None
         self.time_embedding = TimestepEmbedding(widths[0], emb_dim)
         levels = len(widths)
         self.down_blocks = nn.ModuleList()
@@ -258,11 +262,14 @@ class AnimateDiffUnet(UnetMixin, nn.Module):
         *,
         cond_mask: Bool[Tensor, "b l"] | None = None,
         enable_time: bool | Bool[Tensor, " b"] = True,
+        cond_frames: Float[Tensor, "b c *frames h w"] | None = None,
+        cond_frame_mask: Bool[Tensor, "b ..."] | None = None,
     ) -> Float[Tensor, "b c_out *frames h w"]:
         """`cond` `(B, L, cond_dim)` text tokens (a `(B, cond_dim)` vector is one token),
         `cond_mask` `(B, L)` True = attend; `null_cond_prob` replaces a sample's tokens by
         the null token with that probability (classifier-free guidance training)."""
         self.check_input(x, enable_time, self.channels)
+        frame_cond = frame_cond_inputs("AnimateDiffUnet", self.config.frame_cond, x, cond_frames, cond_frame_mask)
         batch = x.shape[0]
         enabled = time_enabled(x, enable_time)
         video = x.ndim == 5
@@ -280,6 +287,8 @@ class AnimateDiffUnet(UnetMixin, nn.Module):
         keep = None if keep is None else keep.repeat_interleave(frames, dim=0)
 
         h = self.conv_in(rearrange(x, "b c f h w -> (b f) c h w"))
+        if self.frame_cond_in is not None and frame_cond is not None:
+            h = self.frame_cond_in(h, frame_cond)
         skips = [h]
         for stage in self.down_blocks:
             for i in range(len(stage.resnets)):

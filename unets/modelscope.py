@@ -33,6 +33,7 @@ from spacetime.checks import check_int, check_number
 from spacetime.time import EnableTime, time_enabled
 from unets.base import UnetMixin
 from unets.config import UnetConfig, check_attn_backend
+from unets.frame_cond import FrameCondInput, check_frame_cond_option, frame_cond_inputs
 from unets.diffusers_layers import (
     CrossAttnTransformer,
     Downsample2D,
@@ -77,8 +78,10 @@ class ModelScopeUnetConfig(UnetConfig):
     temporal_dropout: float | int = 0.1
     sample_size: int | None = None
     attn_backend: str | None = None
+    frame_cond: bool = False
 
     def validate(self) -> None:
+        check_frame_cond_option(self.frame_cond)
         check_int("channels", self.channels, low=1)
         if self.out_channels is not None:
             check_int("out_channels", self.out_channels, low=1)
@@ -226,6 +229,7 @@ class ModelScopeUnet(UnetMixin, nn.Module):
         emb_dim = widths[0] * 4
         self.channels = c.channels
         self.conv_in = nn.Conv2d(c.channels, widths[0], 3, padding=1)
+        self.frame_cond_in = FrameCondInput(c.channels, widths[0]) if c.frame_cond else None
         self.time_embedding = TimestepEmbedding(widths[0], emb_dim)
         self.transformer_in = FrameTransformer(widths[0], heads=8, dim_head=c.attention_head_dim,
                                                groups=c.norm_num_groups, backend=c.attn_backend)
@@ -287,11 +291,14 @@ class ModelScopeUnet(UnetMixin, nn.Module):
         *,
         cond_mask: Bool[Tensor, "b l"] | None = None,
         enable_time: bool | Bool[Tensor, " b"] = True,
+        cond_frames: Float[Tensor, "b c *frames h w"] | None = None,
+        cond_frame_mask: Bool[Tensor, "b ..."] | None = None,
     ) -> Float[Tensor, "b c_out *frames h w"]:
         """`cond` `(B, L, cond_dim)` text tokens (a `(B, cond_dim)` vector is one token),
         `cond_mask` `(B, L)` True = attend; `null_cond_prob` replaces a sample's tokens by
         the null token with that probability (classifier-free guidance training)."""
         self.check_input(x, enable_time, self.channels)
+        frame_cond = frame_cond_inputs("ModelScopeUnet", self.config.frame_cond, x, cond_frames, cond_frame_mask)
         batch = x.shape[0]
         enabled = time_enabled(x, enable_time)
         if x.ndim == 4:
@@ -311,6 +318,8 @@ class ModelScopeUnet(UnetMixin, nn.Module):
         keep = None if keep is None else keep.repeat_interleave(frames, dim=0)
 
         h = self.conv_in(rearrange(x, "b c f h w -> (b f) c h w"))
+        if self.frame_cond_in is not None and frame_cond is not None:
+            h = self.frame_cond_in(h, frame_cond)
         h = self.checkpointed(self.transformer_in, h, frames, enabled)
         skips = [h]
         for stage in self.down_blocks:

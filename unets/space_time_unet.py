@@ -16,6 +16,8 @@ Added here (all optional, off by default):
   after the input convolution, so the network knows which frame comes first even at the
   noisiest steps (relative position biases and temporal convolutions do not tell it);
 - block kinds chosen by registry name (`blocks`), e.g. full 3D convs (`conv="conv3d"`);
+- conditioning frames (`frame_cond`): known frames and their mask through a zero-initialised
+  projection added after the input convolution (`unets.frame_cond`);
 - per-block gradient checkpointing, and no copies of the skip tensors.
 
 An image `(B, C, H, W)` is one frame with time off; `enable_time=False` on a video runs every
@@ -36,6 +38,7 @@ from spacetime.position import FramePositionEmbedding
 from unets.base import UnetMixin
 from unets.blocks import POOLINGS, TextPool, TimestepEmbedding, check_block_name, get_block
 from unets.config import ConfigPart, UnetConfig, check_attn_backend
+from unets.frame_cond import FrameCondInput, check_frame_cond_option, frame_cond_inputs
 
 __all__ = ["PRESETS", "SpaceTimeBlocks", "SpaceTimeUnet", "SpaceTimeUnetConfig"]
 
@@ -82,6 +85,7 @@ class SpaceTimeUnetConfig(UnetConfig):
     frame_pos_emb: bool = False
     cond_pool: str = "mean"
     blocks: SpaceTimeBlocks = dataclasses.field(default_factory=SpaceTimeBlocks)
+    frame_cond: bool = False
 
     def validate(self) -> None:
         for key in ("dim", "channels", "attn_dim_head", "attn_heads", "ff_mult"):
@@ -116,6 +120,7 @@ class SpaceTimeUnetConfig(UnetConfig):
             raise ValueError(f"cond_dim must be None or a positive int, got {self.cond_dim!r}")
         if self.attn_backend is not None:
             check_attn_backend(self.attn_backend)
+        check_frame_cond_option(self.frame_cond)
         if not isinstance(self.blocks, SpaceTimeBlocks):
             raise TypeError(f"blocks must be a SpaceTimeBlocks, got {type(self.blocks).__name__}")
 
@@ -227,6 +232,7 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
 
         self.conv_in = conv(channels, dim, 7, temporal_kernel_size=3)
         self.frame_pos = FramePositionEmbedding(dim) if config.frame_pos_emb else None
+        self.frame_cond_in = FrameCondInput(channels, dim) if config.frame_cond else None
         self.downs = nn.ModuleList()
         self.ups = nn.ModuleList()
         levels = zip(dims[:-1], dims[1:], config.self_attns, config.temporal_compression, config.resnet_block_depths)
@@ -309,10 +315,13 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
         enable_time: bool | Tensor,
         context: Tensor | None,
         context_mask: Tensor | None,
+        frame_cond: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         ck = self.checkpointed
         attn_kw = dict(context=context, context_mask=context_mask) if context is not None else {}
         x = self.conv_in(x, enable_time=enable_time)
+        if self.frame_cond_in is not None and frame_cond is not None:
+            x = self.frame_cond_in(x, frame_cond)
         if self.frame_pos is not None:
             x = self.frame_pos(x, enable_time)
         # No clones: nothing below writes into a skip tensor in place.
@@ -356,10 +365,13 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
         null_cond_prob: float = 0.0,
         focus_present_mask: Tensor | None = None,
         prob_focus_present: float = 0.0,
+        cond_frames: Float[Tensor, "b c *frames h w"] | None = None,
+        cond_frame_mask: Bool[Tensor, "b ..."] | None = None,
     ) -> Float[Tensor, "b c *frames h w"]:
         config = self.config
         self.reject_unsupported(focus_present_mask=focus_present_mask, prob_focus_present=prob_focus_present)
         self.check_input(x, enable_time, config.channels)
+        frame_cond = frame_cond_inputs("SpaceTimeUnet", config.frame_cond, x, cond_frames, cond_frame_mask)
         batch = x.shape[0]
 
         emb = None
@@ -385,7 +397,7 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
         # samples with time on and off: run both paths and pick per sample (shape-static, so
         # it compiles; twice the cost, only for per-sample masks with temporal compression).
         if isinstance(enable_time, Tensor) and x.ndim == 5 and self.frame_multiple > 1:
-            with_time = self._run_levels(x, emb, True, context, context_mask)
-            without_time = self._run_levels(x, emb, False, context, context_mask)
+            with_time = self._run_levels(x, emb, True, context, context_mask, frame_cond)
+            without_time = self._run_levels(x, emb, False, context, context_mask, frame_cond)
             return torch.where(enable_time.view(-1, 1, 1, 1, 1), with_time, without_time)
-        return self._run_levels(x, emb, enable_time, context, context_mask)
+        return self._run_levels(x, emb, enable_time, context, context_mask, frame_cond)
