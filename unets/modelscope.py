@@ -291,8 +291,8 @@ class ModelScopeUnet(UnetMixin, nn.Module):
         *,
         cond_mask: Bool[Tensor, "b l"] | None = None,
         enable_time: bool | Bool[Tensor, " b"] = True,
-        cond_frames: Float[Tensor, "b c *frames h w"] | None = None,
-        cond_frame_mask: Bool[Tensor, "b ..."] | None = None,
+        cond_frames: Tensor | None = None,
+        cond_frame_mask: Tensor | None = None,
     ) -> Float[Tensor, "b c_out *frames h w"]:
         """`cond` `(B, L, cond_dim)` text tokens (a `(B, cond_dim)` vector is one token),
         `cond_mask` `(B, L)` True = attend; `null_cond_prob` replaces a sample's tokens by

@@ -365,8 +365,8 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
         null_cond_prob: float = 0.0,
         focus_present_mask: Tensor | None = None,
         prob_focus_present: float = 0.0,
-        cond_frames: Float[Tensor, "b c *frames h w"] | None = None,
-        cond_frame_mask: Bool[Tensor, "b ..."] | None = None,
+        cond_frames: Tensor | None = None,
+        cond_frame_mask: Tensor | None = None,
     ) -> Float[Tensor, "b c *frames h w"]:
         config = self.config
         self.reject_unsupported(focus_present_mask=focus_present_mask, prob_focus_present=prob_focus_present)

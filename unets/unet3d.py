@@ -424,8 +424,8 @@ class Unet3D(UnetMixin, nn.Module):
         *,
         cond_mask: Bool[Tensor, "b l"] | None = None,
         enable_time: bool | Bool[Tensor, " b"] = True,
-        cond_frames: Float[Tensor, "b c *frames h w"] | None = None,
-        cond_frame_mask: Bool[Tensor, "b ..."] | None = None,
+        cond_frames: Tensor | None = None,
+        cond_frame_mask: Tensor | None = None,
     ) -> Float[Tensor, "b c_out *frames h w"]:
         """`focus_present_mask` `(B,)` (True = attend to the present only) or, when None,
         `prob_focus_present` draws it per sample; a focused sample, like one with
