@@ -79,7 +79,7 @@ class FrameMasks:
     interpolate: float | int = 0.25
     first_frame: float | int = 0.25
     unconditional: float | int = 0.25
-    context_frames: tuple[int, int] = (1, 4)
+    context_frames: tuple[int, ...] = (1, 4)
     strides: tuple[int, ...] = (2, 4)
 
     def __post_init__(self) -> None:

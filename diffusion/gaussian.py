@@ -360,8 +360,8 @@ class GaussianDiffusion(SamplingMixin, nn.Module):
         noise: Float[Tensor, "b c f h w"] | Float[Tensor, "b c h w"] | None = None,
         times: Int[Tensor, " b"] | None = None,
         encoded: bool = False,
-        cond_frames: Float[Tensor, "b c f h w"] | None = None,
-        cond_frame_mask: Bool[Tensor, "b f"] | None = None,
+        cond_frames: Tensor | None = None,
+        cond_frame_mask: Tensor | None = None,
         frame_masks: Any = None,
     ) -> Float[Tensor, ""]:
         """The training loss for a batch of videos (or images) in [0, 1] (or [-1, 1] with

@@ -246,8 +246,8 @@ class SamplingMixin:
         scheduler: Any = None,
         guidance_rescale: Number = 0.0,
         batched_guidance: bool | None = None,
-        cond_frames: Float[Tensor, "b c f h w"] | None = None,
-        cond_frame_mask: Bool[Tensor, "b f"] | None = None,
+        cond_frames: Tensor | None = None,
+        cond_frame_mask: Tensor | None = None,
         replace_known: bool = False,
     ) -> Float[Tensor, "b c f h w"]:
         """Sample videos `(B, C, F, H, W)` in [0, 1] ([-1, 1] with `auto_normalize=False`).
