@@ -3,6 +3,7 @@
     spacetime train --preset moving-digits --out runs/demo [--set trainer.train_lr=3e-4] [--resume]
     spacetime train --config run.yaml --out runs/mine --device cuda
     spacetime sample --checkpoint runs/demo --prompt "the digit 3 moving up" --sampler ddim --steps 50
+    spacetime sample --pretrained models/zeroscope --prompt "a cat surfing" --num-frames 16 --out samples
     spacetime eval runs/demo/samples --out runs/demo/eval.json
     spacetime data moving-digits --out data/digits --num-videos 64
     spacetime bench attention [ARGS...]
@@ -10,7 +11,9 @@
 A training run folder holds the resolved configuration (`config.json`, which `--config`
 reads back), the Trainer's checkpoints (`checkpoint-*/`, `latest`), `metrics.jsonl`,
 `loss.png` and sample-grid GIFs. `spacetime sample --checkpoint RUN` opens it with
-`diffusion.load_run` (EMA weights of the latest checkpoint by default).
+`diffusion.load_run` (EMA weights of the latest checkpoint by default); `spacetime sample
+--pretrained DIR` samples a local diffusers text-to-video pipeline folder as it is
+(`diffusion.pretrained_video.open_pretrained`).
 
 `--preset` names a run preset (`diffusion.presets`); a U-Net preset is the config key
 `unet_preset` (`--set unet_preset=NAME`).
@@ -302,10 +305,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from diffusion import checkpoint as ckpt
     from diffusion import media
 
-    if not Path(args.checkpoint).exists():
-        raise UsageError(f"--checkpoint {args.checkpoint} does not exist")
-    device = _device(args.device)
-    run = open_run(args.checkpoint, args.weights, device=device)
+    if args.pretrained is not None:
+        run = _open_pretrained(args)
+    else:
+        if args.checkpoint is None:
+            raise UsageError("give --checkpoint RUN (a training run) or --pretrained DIR (a diffusers pipeline folder)")
+        if args.num_frames is not None or args.image_size is not None:
+            raise UsageError("--num-frames and --image-size go with --pretrained; a run samples at its own size")
+        if not Path(args.checkpoint).exists():
+            raise UsageError(f"--checkpoint {args.checkpoint} does not exist")
+        run = open_run(args.checkpoint, args.weights, device=_device(args.device))
     config, diffusion = run.config, run.diffusion
     defaults = config.sample
     # The run's sample section, with the options given here over it, checked as one section.
@@ -374,6 +383,27 @@ def cmd_sample(args: argparse.Namespace) -> int:
     _say(f"sampling: {options.sampler}, {options.steps} steps, {sampler_steps / max(sampling_seconds, 1e-9):.2f} "
          f"steps/s ({sampling_seconds:.1f} s for {-(-len(captions) // batch)} batch(es))")
     return 0
+
+
+def _open_pretrained(args: argparse.Namespace) -> Any:
+    """`spacetime sample --pretrained DIR`: the pipeline folder as a `LoadedRun`."""
+    from diffusion.pretrained_video import open_pretrained
+
+    folder = Path(args.pretrained)
+    if args.checkpoint is not None:
+        raise UsageError("give --checkpoint or --pretrained, not both")
+    if not folder.is_dir():
+        raise UsageError(f"--pretrained {args.pretrained} is not a folder (a diffusers pipeline folder: "
+                         "unet/, vae/, text_encoder/, tokenizer/)")
+    if args.out is None:
+        raise UsageError("--pretrained needs --out FOLDER for the samples")
+    if not (args.prompt or args.prompts_file):
+        raise UsageError("--pretrained needs --prompt TEXT or --prompts-file FILE")
+    try:
+        return open_pretrained(folder, num_frames=args.num_frames or 16, image_size=args.image_size,
+                               device=_device(args.device))
+    except ConfigError as err:
+        raise ConfigError(f"--pretrained {args.pretrained}: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -498,9 +528,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--print-config", action="store_true", help="print the validated configuration and exit")
     train.set_defaults(func=cmd_train)
 
-    sample = commands.add_parser("sample", help="sample videos from a trained run",
-                                 description="Sample videos (gif + txt caption pairs) from a training run.")
-    sample.add_argument("--checkpoint", required=True, help="training run folder or one of its checkpoint-* folders")
+    sample = commands.add_parser("sample", help="sample videos from a trained run or a diffusers pipeline",
+                                 description="Sample videos (gif + txt caption pairs) from a training run "
+                                             "or a local diffusers text-to-video pipeline folder.")
+    sample.add_argument("--checkpoint", help="training run folder or one of its checkpoint-* folders")
+    sample.add_argument("--pretrained", metavar="DIR",
+                        help="a local diffusers text-to-video pipeline folder (unet/, vae/, text_encoder/, "
+                             "tokenizer/, scheduler/) instead of --checkpoint")
+    sample.add_argument("--num-frames", type=_positive_int, help="frames per video (--pretrained; default 16)")
+    sample.add_argument("--image-size", type=_positive_int,
+                        help="pixels per side (--pretrained; default the U-Net's sample_size times the VAE's factor)")
     sample.add_argument("--prompt", action="append", help="caption to sample (repeatable)")
     sample.add_argument("--prompts-file", help="file with one caption per line ('#' starts a comment)")
     sample.add_argument("--cond-scale", type=_non_negative_float, help="classifier-free guidance scale (1: none)")

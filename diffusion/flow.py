@@ -179,14 +179,16 @@ class FlowMatching(GaussianDiffusion):
         null_cond_prob: Number | None = None,
         noise: Tensor | None = None,
         times: Tensor | None = None,
+        encoded: bool = False,
     ) -> Float[Tensor, ""]:
         """The flow-matching loss `|v_pred - (noise - x0)|` for videos (or images) in [0, 1]
         (Lipman et al. 2022, eq. 23). `times` fixes `t`: floats in [0, 1], or integer
-        quantile indices (`times_from_index`); default: drawn."""
-        self._check_data(videos, "videos")
+        quantile indices (`times_from_index`); default: drawn. With a VAE the flow runs on its
+        latents (`encoded=True`: `videos` are latents already, as in GaussianDiffusion)."""
+        x_start = self._start(videos, encoded)
         batch = videos.shape[0]
-        if noise is not None and noise.shape != videos.shape:
-            raise ValueError(f"noise must have the data's shape {tuple(videos.shape)}, got {tuple(noise.shape)}")
+        if noise is not None and noise.shape != x_start.shape:
+            raise ValueError(f"noise must have the data's shape {tuple(x_start.shape)}, got {tuple(noise.shape)}")
         if times is None:
             times = self.sample_times(batch, videos.device)
         elif not times.is_floating_point():
@@ -201,7 +203,6 @@ class FlowMatching(GaussianDiffusion):
         drop_prob = self.null_cond_prob if null_cond_prob is None else float(null_cond_prob)
         check_number("null_cond_prob", drop_prob, low=0.0, high=1.0)
         cond, cond_mask = self.prepare_cond(cond, cond_mask, batch)
-        x_start = self.normalize(videos)
         if noise is None:
             noise = torch.randn_like(x_start)
             if self.offset_noise > 0:
@@ -272,7 +273,7 @@ class FlowMatching(GaussianDiffusion):
         cond_mask: Tensor | None = None,
         cond_scale: Number = 1.0,
         generator: torch.Generator | None = None,
-        clip_denoised: bool = True,
+        clip_denoised: bool | None = None,
         steps: int = 50,
     ) -> Tensor:
         """Noise `x1` and `x2` to time `t` in (0, 1] (default 1), mix them `(1 - lam, lam)` and
@@ -286,12 +287,15 @@ class FlowMatching(GaussianDiffusion):
         cond, cond_mask = self.prepare_cond(cond, cond_mask, x1.shape[0])
         device = self.betas.device
         times = torch.full((x1.shape[0],), start, device=device)
-        noised = [
-            self.q_sample(self.normalize(x.to(device)), times, self._initial_noise(tuple(x.shape), None, generator))
-            for x in (x1, x2)
-        ]
+        noised = []
+        for x in (x1, x2):
+            start_x = self._start(x.to(device), False)
+            noised.append(self.q_sample(start_x, times, self._initial_noise(tuple(start_x.shape), None, generator)))
         mix = (1.0 - lam) * noised[0] + lam * noised[1]
-        model_fn = self._model_fn(cond, cond_mask, float(cond_scale), clip_denoised)
+        clip = self.vae is None if clip_denoised is None else clip_denoised
+        model_fn = self._model_fn(cond, cond_mask, float(cond_scale), clip)
         x = flow_euler(model_fn, mix, flow_times(steps) * start)
         self._check_finite(x)
+        if self.vae is not None:
+            x = self.vae.decode(x).clamp(-1.0, 1.0)
         return self.unnormalize(x)

@@ -3,9 +3,11 @@ an option (Hu et al. 2021, "LoRA"; AnimateDiff, Guo et al. 2023, sec. 4.3, adapt
 model with LoRA beside its motion modules).
 
 `select_trainable(denoise_fn, mode)` sets `requires_grad` before the optimizer is built:
-- "auto": an inflated model (one holding a `spacetime.inflate` result) trains its temporal
-  layers and LoRA weights only, so the pretrained 2D weights stay bit-identical; any other
-  model trains everything (what the trainer always did).
+- "auto": an inflated model (one holding a `spacetime.inflate` result) or a pretrained video
+  U-Net (`diffusion.pretrained_video`) trains its temporal layers and LoRA weights only, so
+  the pretrained 2D weights stay bit-identical; any other model is left as it is (every
+  parameter that has `requires_grad` trains, what the trainer always did, so parameters a
+  user froze stay frozen).
 - "temporal": temporal parameters (and LoRA) only, for any model.
 - "all": everything.
 
@@ -37,7 +39,9 @@ PEFT_EXTRA = "pip install 'spacetime-video[lora]'"
 def _inflated(module: nn.Module) -> bool:
     from spacetime.inflate import InflatedModel
 
-    return any(isinstance(m, InflatedModel) for m in module.modules())
+    # A pretrained video base (`diffusion.pretrained_video`) says so with this attribute.
+    return any(isinstance(m, InflatedModel) or getattr(m, "temporal_only_by_default", False)
+               for m in module.modules())
 
 
 def select_trainable(denoise_fn: nn.Module, mode: str = "auto") -> tuple[int, int]:
@@ -45,7 +49,9 @@ def select_trainable(denoise_fn: nn.Module, mode: str = "auto") -> tuple[int, in
     parameter counts."""
     check_choice("trainable", mode, TRAINABLE)
     params = list(denoise_fn.parameters())
-    if mode == "all" or (mode == "auto" and not _inflated(denoise_fn)):
+    if mode == "auto" and not _inflated(denoise_fn):
+        keep = {id(p) for p in params if p.requires_grad}
+    elif mode == "all":
         keep = {id(p) for p in params}
     else:
         keep = {id(p) for p in temporal_parameters(denoise_fn)}

@@ -3,14 +3,22 @@
     pretrained:
       path: models/sd15            # a diffusers pipeline folder: unet/ vae/ text_encoder/ tokenizer/
       # or any of these separately (each overrides the folder of the same name under path):
-      unet: ..., vae: ..., text_encoder: ..., tokenizer: ...
+      unet: ..., vae: ..., text_encoder: ..., tokenizer: ..., scheduler: ...
+      motion_adapter: models/mm_sd_v15_v2   # AnimateDiff: a MotionAdapter folder or mm_*.ckpt file
+      gradient_checkpointing: false
       inflate: {heads: 8, dim_head: 64}   # spacetime.inflate options for a 2D U-Net
       lora_rank: 0                 # > 0: LoRA on the 2D attention projections (peft)
       null_cond: empty             # the guidance null: the empty caption's tokens, or "zeros"
 
-A 2D U-Net (`UNet2DConditionModel`, `UNet2DModel`) is inflated (`spacetime.inflate`); a video
-U-Net (`UNet3DConditionModel`) is used as it is; both reach the process through
-`diffusion.as_denoiser`. With a VAE the process runs in its latent space (`diffusion.latent`);
+A video U-Net (`UNet3DConditionModel`: ModelScope, zeroscope; `UNetMotionModel`; or a
+`UNet2DConditionModel` with a motion adapter, given as `motion_adapter` or found as
+`motion_adapter/` in the pipeline folder: AnimateDiff) becomes this library's model
+(`unets.from_diffusers`, held by `diffusion.pretrained_video.PretrainedVideoUnet`); the
+trainer's `trainable: auto` then trains its temporal layers only. Any other 2D U-Net
+(`UNet2DConditionModel`, `UNet2DModel`) is inflated (`spacetime.inflate`) and reaches the
+process through `diffusion.as_denoiser`. A `scheduler/` folder fixes the betas of the process
+(`diffusion.pretrained_video.read_scheduler`); `diffusion.timesteps` and `diffusion.objective`
+must then agree with it. With a VAE the process runs in its latent space (`diffusion.latent`);
 with a text encoder (the SD-1.x CLIP layout) captions condition the U-Net's cross-attention.
 
 Everything is checked from the folders' `config.json` files before any weights are read: a
@@ -33,6 +41,7 @@ from diffusion.config import (
     ConfigError,
     ConfigTypeError,
     Section,
+    _bool,
     _choice,
     _int,
     _number,
@@ -46,7 +55,10 @@ logger = logging.getLogger(__name__)
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer")
 UNET_2D = ("UNet2DConditionModel", "UNet2DModel")
-UNET_VIDEO = ("UNet3DConditionModel",)
+UNET_VIDEO = ("UNet3DConditionModel", "UNetMotionModel")
+MOTION_ADAPTER = "MotionAdapter"
+# Original AnimateDiff motion modules (read with weights_only=True or safetensors).
+MOTION_FILES = (".ckpt", ".pt", ".pth", ".safetensors", ".bin")
 NULL_CONDS = ("empty", "zeros")
 _MAX_JSON = 1024 * 1024
 
@@ -67,10 +79,14 @@ class PretrainedSection(Section):
     lora_alpha: float | None = None
     null_cond: str = "empty"
     vae_chunk_size: int = 16
+    scheduler: str | None = None
+    motion_adapter: str | None = None
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         p = "pretrained."
-        for name in ("path",) + PARTS:
+        _bool(p + "gradient_checkpointing", self.gradient_checkpointing)
+        for name in ("path", "scheduler", "motion_adapter") + PARTS:
             _string(p + name, getattr(self, name), optional=True)
         if self.path is None and self.unet is None:
             raise ConfigError("pretrained needs path (a diffusers pipeline folder) or unet (a U-Net folder)")
@@ -139,7 +155,67 @@ def resolve_parts(section: PretrainedSection) -> dict[str, Path | None]:
         raise ConfigError("pretrained: a text_encoder needs its tokenizer folder (tokenizer/ beside it, or pretrained.tokenizer)")
     if parts["tokenizer"] is not None and not (parts["tokenizer"] / "vocab.json").is_file():
         raise ConfigError(f"pretrained.tokenizer: {str(parts['tokenizer'])!r} has no vocab.json (a CLIP tokenizer folder)")
+    parts["scheduler"] = _optional_folder(section, base, "scheduler")
+    if parts["scheduler"] is not None and not (parts["scheduler"] / "scheduler_config.json").is_file():
+        raise ConfigError(f"pretrained.scheduler: {str(parts['scheduler'])!r} has no scheduler_config.json")
+    parts["motion_adapter"] = _motion_adapter(section, base, parts["unet"])
     return parts
+
+
+def _optional_folder(section: PretrainedSection, base: Path | None, part: str) -> Path | None:
+    given = getattr(section, part)
+    if given is not None:
+        folder = Path(given).expanduser()
+        if not folder.is_dir():
+            raise ConfigError(f"pretrained.{part} {given!r} is not a local folder")
+        return folder
+    return base / part if base is not None and (base / part).is_dir() else None
+
+
+def _motion_adapter(section: PretrainedSection, base: Path | None, unet: Path) -> Path | None:
+    """The motion adapter: a `MotionAdapter` folder or an original motion-module file, checked;
+    None for a U-Net that is not a `UNet2DConditionModel` unless one was asked for."""
+    given = section.motion_adapter
+    kind = _read_config(unet, "unet").get("_class_name")
+    if given is None:
+        found = base / "motion_adapter" if base is not None and (base / "motion_adapter").is_dir() else None
+        # An AnimateDiff pipeline saves its UNetMotionModel beside the adapter it holds already.
+        return found if found is not None and kind == "UNet2DConditionModel" else None
+    if kind != "UNet2DConditionModel":
+        raise ConfigError(f"pretrained.motion_adapter goes with a UNet2DConditionModel U-Net; "
+                          f"{str(unet)!r} holds a {kind}")
+    path = Path(given).expanduser()
+    if path.is_file():
+        if path.suffix not in MOTION_FILES:
+            raise ConfigError(f"pretrained.motion_adapter {given!r} is a file but not a motion-module checkpoint "
+                              f"({', '.join(MOTION_FILES)})")
+        return path
+    if not path.is_dir():
+        raise ConfigError(f"pretrained.motion_adapter {given!r} is neither a local folder nor a file")
+    return path
+
+
+def _check_motion_adapter(folder: Path) -> None:
+    if folder.is_file():
+        return
+    holds = _read_config(folder, "motion_adapter").get("_class_name")
+    if holds != MOTION_ADAPTER:
+        raise ConfigError(f"pretrained.motion_adapter: {str(folder)!r} holds a {holds}; accepted: {MOTION_ADAPTER}")
+    if not _has_weights(folder):
+        raise ConfigError(f"pretrained.motion_adapter: {str(folder)!r} holds no weights (*.safetensors or *.bin)")
+
+
+def _check_scheduler(folder: Path, diffusion: Any) -> None:
+    from diffusion.pretrained_video import read_scheduler
+
+    process = read_scheduler(folder)
+    if process.timesteps != diffusion.timesteps:
+        raise ConfigError(f"diffusion.timesteps={diffusion.timesteps} but the pipeline's scheduler ({process.source}) "
+                          f"has num_train_timesteps={process.timesteps}; set diffusion.timesteps: {process.timesteps}")
+    if process.objective != diffusion.objective:
+        raise ConfigError(f"diffusion.objective={diffusion.objective!r} but the pipeline's scheduler "
+                          f"({process.source}) predicts {process.objective!r}; set diffusion.objective: "
+                          f"{process.objective}")
 
 
 def check_pretrained(section: PretrainedSection, diffusion: Any) -> None:
@@ -188,8 +264,17 @@ def check_pretrained(section: PretrainedSection, diffusion: Any) -> None:
             raise ConfigError(
                 f"pretrained: the text encoder's hidden_size={hidden} differs from the U-Net's cross_attention_dim={cross}"
             )
-    if section.lora_rank and kind not in UNET_2D:
-        raise ConfigError(f"pretrained.lora_rank applies to inflated 2D U-Nets, not to a {kind}")
+    video = kind in UNET_VIDEO or parts["motion_adapter"] is not None
+    if section.lora_rank and video:
+        what = "an AnimateDiff U-Net (a motion adapter)" if kind not in UNET_VIDEO else f"a {kind}"
+        raise ConfigError(f"pretrained.lora_rank applies to inflated 2D U-Nets, not to {what}")
+    if section.inflate and video:
+        raise ConfigError("pretrained.inflate applies to 2D U-Nets; a video U-Net (or one with a motion adapter) "
+                          "already has its temporal layers")
+    if parts["motion_adapter"] is not None:
+        _check_motion_adapter(parts["motion_adapter"])
+    if parts["scheduler"] is not None:
+        _check_scheduler(parts["scheduler"], diffusion)
 
 
 def _load(part: str, cls_name: str, folder: Path) -> Any:
@@ -208,14 +293,22 @@ def _load(part: str, cls_name: str, folder: Path) -> Any:
         raise ConfigError(f"pretrained.{part}: cannot load {cls_name} from {str(folder)!r}: {first}") from None
 
 
-def build_pretrained_diffusion(section: PretrainedSection, diffusion_options: dict[str, Any]) -> Any:
-    """The `GaussianDiffusion` of a pretrained run (see the module docstring)."""
+def build_pretrained_diffusion(section: PretrainedSection, diffusion_options: dict[str, Any], *,
+                               process: type | None = None) -> Any:
+    """The process of a pretrained run (see the module docstring): `process` is
+    `GaussianDiffusion` (the default) or `FlowMatching`, built with `diffusion_options`."""
     from diffusion.gaussian import GaussianDiffusion
 
+    process = GaussianDiffusion if process is None else process
     parts = resolve_parts(section)
     kind = _read_config(parts["unet"], "unet")["_class_name"]
-    unet = _load("unet", kind, parts["unet"])
-    if kind in UNET_2D:
+    if kind in UNET_VIDEO or parts["motion_adapter"] is not None:
+        from diffusion.pretrained_video import video_unet
+
+        model = video_unet(parts["unet"], parts["motion_adapter"],
+                           gradient_checkpointing=section.gradient_checkpointing)
+    else:
+        unet = _load("unet", kind, parts["unet"])
         from spacetime import inflate
 
         try:
@@ -226,8 +319,8 @@ def build_pretrained_diffusion(section: PretrainedSection, diffusion_options: di
             from diffusion.lora import add_spatial_lora
 
             add_spatial_lora(model, rank=section.lora_rank, alpha=section.lora_alpha)
-    else:
-        model = unet
+        if section.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
     vae = _load("vae", "AutoencoderKL", parts["vae"]) if parts["vae"] is not None else None
     text_encoder = None
     if parts["text_encoder"] is not None:
@@ -238,7 +331,12 @@ def build_pretrained_diffusion(section: PretrainedSection, diffusion_options: di
         from diffusion.latent import VideoVAE
 
         vae = VideoVAE(vae, chunk_size=section.vae_chunk_size)
-    diffusion = GaussianDiffusion(model, vae=vae, text_encoder=text_encoder, **diffusion_options)
+    diffusion = process(model, vae=vae, text_encoder=text_encoder, **diffusion_options)
+    # A flow-matching fine-tune of a DDPM base has no use for the base's noise schedule.
+    if parts["scheduler"] is not None and process is GaussianDiffusion:
+        from diffusion.pretrained_video import read_scheduler, use_schedule
+
+        use_schedule(diffusion, read_scheduler(parts["scheduler"]))
     if text_encoder is not None and section.null_cond == "empty" and diffusion.cond_format == "tokens":
         diffusion.use_empty_caption_null()
     return diffusion

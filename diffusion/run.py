@@ -82,17 +82,18 @@ def build_diffusion(config: RunConfig, *, unet_config: Any = None) -> Any:
     from diffusion.flow import FlowMatching
     from diffusion.gaussian import GaussianDiffusion
 
-    if config.pretrained is not None:
-        from diffusion.pretrained import build_pretrained_diffusion
-
-        return build_pretrained_diffusion(config.pretrained, config.diffusion.to_dict())
-    net = unets.build(unet_config if unet_config is not None else config.unet.unet_config())
     options = config.diffusion.to_dict()
     flow = options.pop("process") == "flow"
     # Each process gets only its own options (those of the other are at their defaults).
     for key in GAUSSIAN_ONLY if flow else ("timestep_sampling", "shift"):
         options.pop(key)
-    return (FlowMatching if flow else GaussianDiffusion)(net, **options)
+    process = FlowMatching if flow else GaussianDiffusion
+    if config.pretrained is not None:
+        from diffusion.pretrained import build_pretrained_diffusion
+
+        return build_pretrained_diffusion(config.pretrained, options, process=process)
+    net = unets.build(unet_config if unet_config is not None else config.unet.unet_config())
+    return process(net, **options)
 
 
 def build_dataset(config: RunConfig) -> Any:

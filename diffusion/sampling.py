@@ -214,7 +214,7 @@ class SamplingMixin:
             )
         return sample_loop(
             sampler, model_fn, x, self.schedule, steps=steps, eta=eta, generator=generator, callback=callback,
-            spacing=options.get("spacing", "linspace"), karras=options.get("karras", False),
+            spacing=options.get("spacing", "linspace"), karras=options.get("karras"),
         )
 
     @staticmethod
@@ -242,7 +242,7 @@ class SamplingMixin:
         noise: Float[Tensor, "b c f h w"] | None = None,
         progress: bool = False,
         spacing: str = "linspace",
-        karras: bool = False,
+        karras: bool | None = None,
         scheduler: Any = None,
         guidance_rescale: Number = 0.0,
         batched_guidance: bool | None = None,
@@ -252,11 +252,12 @@ class SamplingMixin:
     ) -> Float[Tensor, "b c f h w"]:
         """Sample videos `(B, C, F, H, W)` in [0, 1] ([-1, 1] with `auto_normalize=False`).
 
-        `sampler` is any of `diffusion.samplers.available()` (default `'ddpm'`): `'ddpm'` runs all timesteps;
-        the others run `steps` (default: `ddim` all, the rest 50) on the timesteps chosen by
-        `spacing` ('linspace', 'leading', 'trailing'), or on Karras sigmas with `karras=True`
-        (not `ddim`). `eta` scales the fresh noise of `ddim`, `euler_ancestral` and
-        `dpmpp_2m_sde` (defaults 0, 1, 1). `scheduler`: a diffusers scheduler instance drives
+        `sampler` is any of `diffusion.samplers.available()` (default `'ddpm'`): `'ddpm'` runs
+        all timesteps; the others run `steps` (default: `ddim` all, the rest 50) on the
+        timesteps chosen by `spacing` ('linspace', 'leading', 'trailing'), or on Karras sigmas
+        with `karras=True` (not `ddim`; `karras=None`, the default, uses them for `heun` only).
+        `eta` scales the fresh noise of `ddim`, `euler_ancestral` and `dpmpp_2m_sde` (defaults
+        0, 1, 1). `scheduler`: a diffusers scheduler instance drives
         sampling instead (its prediction type must match the objective).
 
         With a `cond`, the batch size is the condition's; `guidance_rescale` in [0, 1]

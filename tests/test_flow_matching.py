@@ -137,6 +137,33 @@ def test_integer_times_are_quantiles_of_the_time_distribution():
     t = flow.times_from_index(torch.arange(1000))
     assert bool((t[1:] > t[:-1]).all()) and 0 < t[0].item() and t[-1].item() < 1
     assert t[499].item() < 0.5 < t[500].item()
-    # The empirical quantiles of drawn times match.
+    # The empirical deciles of drawn times match (seeded: the sample minimum, drawn[0], is
+    # too variable to compare, so the comparison starts at the first decile).
+    torch.manual_seed(0)
     drawn = flow.sample_times(20000, "cpu").sort().values
-    torch.testing.assert_close(drawn[::2000], t[::100], atol=0.02, rtol=0)
+    torch.testing.assert_close(drawn[2000::2000], t[100::100], atol=0.02, rtol=0)
+
+
+def test_flow_matching_runs_in_a_vae_latent_space():
+    """With `vae=`, the flow trains and samples on the latents; data in and samples out stay
+    pixel videos, and `encoded=True` takes cached latents."""
+    pytest.importorskip("diffusers")
+    from byo_models import tiny_unet2d, tiny_vae
+
+    from spacetime import inflate
+
+    torch.manual_seed(0)
+    flow = FlowMatching(inflate(tiny_unet2d()), image_size=16, num_frames=2, channels=3, vae=tiny_vae())
+    videos = torch.rand(2, 3, 2, 16, 16)
+    loss = flow(videos)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    latents = flow.encode_latents(videos)
+    assert latents.shape == (2, 4, 2, 8, 8)
+    torch.manual_seed(1)
+    from_latents = flow(latents, encoded=True, noise=torch.randn_like(latents), times=torch.full((2,), 0.5))
+    torch.manual_seed(1)
+    from_pixels = flow(videos, noise=torch.randn_like(latents), times=torch.full((2,), 0.5))
+    torch.testing.assert_close(from_latents, from_pixels)
+    samples = flow.sample(batch_size=2, steps=2)
+    assert samples.shape == (2, 3, 2, 16, 16) and float(samples.min()) >= 0.0 and float(samples.max()) <= 1.0
+    assert flow.interpolate(videos, videos, t=0.5, steps=2).shape == videos.shape

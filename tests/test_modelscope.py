@@ -150,3 +150,22 @@ def test_group_norm_silu_saves_less_and_has_the_same_gradients(wanted):
     assert torch.autograd.gradcheck(lambda a, w, b: _GroupNormSiLU.apply(a, w, b, 4, 1e-5), (x, weight, bias))
     out = _GroupNormSiLU.apply(x, weight, bias, 4, 1e-5)
     torch.testing.assert_close(out, torch.nn.functional.silu(torch.nn.functional.group_norm(x, 4, weight, bias)))
+
+
+def test_channels_last_input_with_frozen_early_layers_trains():
+    """A VAE's latents arrive channels-last, and temporal-only training freezes everything
+    before the first temporal layer: GroupNorm's CPU backward crashed on exactly that input
+    (torch 2.13), so the U-Nets take a contiguous copy first."""
+    import unets
+
+    for name in ("modelscope", "animatediff"):
+        torch.manual_seed(0)
+        model = unets.build(name, preset="debug")
+        for parameter in model.spatial_parameters():
+            parameter.requires_grad_(False)
+        frames = torch.randn(2 * 2, model.channels, 8, 8).to(memory_format=torch.channels_last)
+        x = frames.view(2, 2, model.channels, 8, 8).transpose(1, 2)
+        cond = torch.randn(2, 3, model.config.cond_dim)
+        model(x, torch.tensor([10, 500]), cond=cond).square().mean().backward()
+        grads = [p.grad for p in model.temporal_parameters()]
+        assert any(g is not None and bool(g.abs().sum() > 0) for g in grads), name

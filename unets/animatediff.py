@@ -270,6 +270,9 @@ class AnimateDiffUnet(UnetMixin, nn.Module):
         the null token with that probability (classifier-free guidance training)."""
         self.check_input(x, enable_time, self.channels)
         frame_cond = frame_cond_inputs("AnimateDiffUnet", self.config.frame_cond, x, cond_frames, cond_frame_mask)
+        # Channels-last input (a VAE's latents are) makes GroupNorm's CPU backward crash in
+        # torch 2.13 when the input needs no gradient, the rule in temporal-only training.
+        x = x.contiguous()
         batch = x.shape[0]
         enabled = time_enabled(x, enable_time)
         video = x.ndim == 5
@@ -281,7 +284,7 @@ class AnimateDiffUnet(UnetMixin, nn.Module):
             time = torch.full((batch,), float(time), device=x.device)
         time = time.expand(batch) if time.ndim == 0 else time
         emb = self.time_embedding(timestep_features(time, self.config.block_out_channels[0]).to(x.dtype))
-        ctx, keep = context_tokens(cond, cond_mask, null_cond_prob, x, dim=self.config.cond_dim)
+        ctx, keep = context_tokens(self, cond, cond_mask, null_cond_prob, x, dim=self.config.cond_dim)
         emb = emb.repeat_interleave(frames, dim=0)
         ctx = ctx.repeat_interleave(frames, dim=0)
         keep = None if keep is None else keep.repeat_interleave(frames, dim=0)

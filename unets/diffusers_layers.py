@@ -377,10 +377,11 @@ class FrameTransformer(nn.Module):
         return keep_time(enabled, frames, out, x)
 
 
-def context_tokens(cond: Tensor | None, cond_mask: Tensor | None, null_cond_prob: float | int, x: Tensor, *,
-                   dim: int) -> tuple[Tensor, Tensor | None]:
+def context_tokens(model: UnetMixin, cond: Tensor | None, cond_mask: Tensor | None, null_cond_prob: float | int,
+                   x: Tensor, *, dim: int) -> tuple[Tensor, Tensor | None]:
     """The text tokens `(B, L, dim)` for the cross-attentions and their keep mask `(B, 1, 1, L)`
-    (None = all kept). The null condition (`cond=None`, and samples dropped with probability
+    (None = all kept). `model` decides which samples drop their condition
+    (`cond_keep_mask`, which batched guidance overrides). The null condition (`cond=None`, and samples dropped with probability
     `null_cond_prob` for classifier-free guidance) is all-zero tokens: with bias-free key and
     value projections they give every query the same output whatever the prompt and length.
     The pretrained models guide with the empty prompt's tokens instead, passed as `cond`."""
@@ -404,7 +405,7 @@ def context_tokens(cond: Tensor | None, cond_mask: Tensor | None, null_cond_prob
         empty = ~cond_mask.any(dim=1, keepdim=True)
         cond = cond * cond_mask[..., None].to(cond.dtype)
         keep = (cond_mask | empty)[:, None, None, :]
-    kept = UnetMixin.cond_keep_mask(batch, float(null_cond_prob), x.device)
+    kept = model.cond_keep_mask(batch, float(null_cond_prob), x.device)
     if kept is not None:
         cond = cond * kept[:, None, None].to(cond.dtype)
         if keep is not None:

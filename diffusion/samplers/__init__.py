@@ -145,7 +145,7 @@ def sample_loop(
     steps: int | None = None,
     eta: float | int | None = None,
     spacing: str = "linspace",
-    karras: bool = False,
+    karras: bool | None = None,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
 ) -> Tensor:
@@ -156,8 +156,17 @@ def sample_loop(
     on the timesteps chosen by `spacing` (`linspace`, `leading`, `trailing`), or, with
     `karras=True` (sigma-space samplers only), on Karras et al.'s sigmas between the
     schedule's smallest and largest. `eta` scales the fresh noise of `ddim`,
-    `euler_ancestral` and `dpmpp_2m_sde` (defaults 0, 1, 1)."""
+    `euler_ancestral` and `dpmpp_2m_sde` (defaults 0, 1, 1). `karras=None` is each sampler's
+    default: Karras sigmas for `heun`, the timestep grid for the others."""
     check_sampler(sampler)
+    if karras is None:
+        # Heun's trapezoid assumes the slope changes linearly over a step. On a timestep grid
+        # the first step of a cosine schedule falls from sigma ~ 10^2..10^3 to ~ 5, where the
+        # slope does not, and the correction then amplifies the change in the clean-sample
+        # prediction by sigma / sigma_next (on the demo, direction 0% at 10 steps); Karras
+        # sigmas shrink geometrically at high noise. Euler and the exponential integrators
+        # (DDIM, DPM-Solver++) have no such term.
+        karras = sampler == "heun"
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
     num_timesteps = schedule.num_timesteps
