@@ -192,3 +192,16 @@ def test_temporal_super_resolution_keeps_the_given_frames():
         temporal_super_resolution(process, frames, 2, num_frames=9)
     with pytest.raises(ValueError, match="stride"):
         temporal_upsample_layout(frames, 0)
+
+
+def test_flow_matching_replaces_known_frames_too():
+    from diffusion import FlowMatching
+
+    torch.manual_seed(0)
+    net = unets.build("unet3d", preset="debug", frame_cond=True)
+    flow = FlowMatching(net, image_size=8, num_frames=4).eval()
+    videos = torch.rand(1, 3, 4, 8, 8)
+    mask = torch.tensor([[True, False, True, False]])
+    out = flow.sample(cond_frames=videos, cond_frame_mask=mask, replace_known=True, sampler="euler", steps=3)
+    expanded = mask[:, None, :, None, None].expand_as(videos)
+    torch.testing.assert_close(out[expanded], videos[expanded], rtol=0, atol=1e-5)
