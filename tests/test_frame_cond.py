@@ -169,3 +169,40 @@ def test_fill_missing_adds_zeros_only_where_all_are_absent():
     assert torch.count_nonzero(filled["frame_cond_in.weight"]) == 0
     partial = dict(state, **{"frame_cond_in.weight": model.frame_cond_in.weight.detach()})
     assert "frame_cond_in.bias" not in fill_missing(model, partial)
+
+
+def _cond_kwargs(model) -> dict:
+    # unet3d's debug preset is unconditional; the others' conditions are optional.
+    return {}
+
+
+def test_frame_rate_starts_at_zero_loads_old_weights_and_then_matters(name, tmp_path):
+    torch.manual_seed(4)
+    plain = _perturbed(unets.build(name, preset="debug"))
+    model = unets.build(name, preset="debug", frame_rate_cond=True).eval()
+    model.load_state_dict(plain.state_dict(), strict=True)
+    x, t = _inputs(plain)
+    with torch.no_grad():
+        expected = plain(x, t)
+        assert torch.equal(model(x, t, fps=8), expected)
+        assert torch.equal(model(x, t, fps=torch.tensor([4.0, 24.0])), expected)
+    folder = plain.save_pretrained(tmp_path / "plain")
+    loaded = unets.load_weights(unets.build(name, preset="debug", frame_rate_cond=True).eval(),
+                                unets.io.load_file(str(folder / "model.safetensors")))
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, fps=8), expected)
+    # Trained (moved off zero), different rates give different outputs; the hidden layer was
+    # not zeroed, so the output layer gets a gradient.
+    out = model(x, t, fps=torch.tensor([4.0, 24.0]))
+    out.square().mean().backward()
+    assert model.fps_embed.out_weight.grad is not None and model.fps_embed.out_weight.grad.abs().sum() > 0
+    _perturbed(model)
+    with torch.no_grad():
+        assert not torch.allclose(model(x, t, fps=4), model(x, t, fps=24))
+        assert torch.equal(model(x, t, fps=torch.tensor([4.0, 4.0])), model(x, t, fps=4))
+    with pytest.raises(ValueError, match="frame_rate_cond"):
+        plain(x, t, fps=8)
+    with pytest.raises(ValueError, match="positive"):
+        model(x, t, fps=0)
+    with pytest.raises(ValueError, match="positive"):
+        model(x, t, fps=torch.tensor([1.0, 2.0, 3.0]))

@@ -15,11 +15,17 @@ frames from there, as a fine-tuned image model learns its temporal layers (STYLE
 
 Without `cond_frames` a frame-conditioned U-Net sees zeros and an all-False mask: the
 unconditional case of the training masks (`diffusion.frame_masks`).
+
+Frame rate (`frame_rate_cond`, Make-A-Video conditions on fps, Sec. 3.3): `FrameRateEmbedding`
+embeds an `fps` input (any positive number per sample: frames per second, or a frame skip)
+and adds it to the timestep embedding; its output layer starts at zero, with the same
+loading rule. Without `fps` nothing is added.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,15 +34,22 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["FrameCondInput", "check_frame_cond_option", "fill_missing", "frame_cond_inputs"]
+__all__ = [
+    "FrameCondInput",
+    "FrameRateEmbedding",
+    "add_frame_rate",
+    "check_frame_cond_option",
+    "fill_missing",
+    "frame_cond_inputs",
+]
 
 _log = logging.getLogger(__name__)
 
 
-def check_frame_cond_option(value: Any) -> None:
-    """The `frame_cond` config option of every U-Net: a bool."""
+def check_frame_cond_option(value: Any, name: str = "frame_cond") -> None:
+    """The `frame_cond` / `frame_rate_cond` config options of every U-Net: bools."""
     if not isinstance(value, bool):
-        raise TypeError(f"frame_cond must be a bool, got {value!r}")
+        raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
 def frame_cond_inputs(
@@ -82,7 +95,24 @@ def frame_cond_inputs(
     return frames_5d, mask.to(x.device)
 
 
-class FrameCondInput(nn.Module):
+class _StartsAtZero(nn.Module):
+    """A module whose output is zero at initialisation and which a checkpoint from before it
+    may lack entirely: it then loads as its zero-output start (`start_at_zero`). Parameters
+    live on the module itself (no children), since `load_state_dict` asks each child about its
+    own keys."""
+
+    def start_at_zero(self) -> None:
+        raise NotImplementedError
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Tensor], prefix: str, *args: Any, **kwargs: Any) -> None:
+        if not any(key.startswith(prefix) for key in state_dict):
+            _log.info("no %s* weights in the checkpoint: %s starts at zero", prefix, type(self).__name__)
+            self.start_at_zero()
+            return
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
+
+
+class FrameCondInput(_StartsAtZero):
     """Zero-initialised projection of (known frames, mask) to `dim` features per frame, added
     to the output of a U-Net's input convolution (module docstring)."""
 
@@ -111,29 +141,71 @@ class FrameCondInput(nn.Module):
             return h + feats.to(h.dtype)
         raise ValueError(f"features of shape {tuple(h.shape)} do not fit {batch} samples of {num_frames} frames")
 
-    def _load_from_state_dict(self, state_dict: Mapping[str, Tensor], prefix: str, *args: Any, **kwargs: Any) -> None:
-        # A checkpoint from before frame conditioning has none of these weights: take them as
-        # the zeros they start from, so loading stays strict for every other key.
-        if not any(key.startswith(prefix) for key in state_dict):
-            _log.info("no %s* weights in the checkpoint: frame conditioning starts at zero", prefix)
-            with torch.no_grad():
-                for param in self.parameters():
-                    param.zero_()
-            return
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
+    def start_at_zero(self) -> None:
+        with torch.no_grad():
+            self.weight.zero_()
+            self.bias.zero_()
+
+
+class FrameRateEmbedding(_StartsAtZero):
+    """`fps` (B,) -> an `emb_dim` vector added to the timestep embedding: sinusoidal features
+    of log(fps) (rates from a fraction to hundreds spread over the frequencies), Linear, SiLU,
+    and a zero-initialised Linear. Only the last layer starts at zero: zeroing the hidden one
+    too would leave both without gradient."""
+
+    def __init__(self, emb_dim: int, features: int = 64):
+        super().__init__()
+        half = features // 2
+        self.register_buffer("freqs", torch.exp(torch.arange(half) * -(math.log(1000.0) / max(half - 1, 1))),
+                             persistent=False)
+        hidden = nn.Linear(features, emb_dim)
+        self.hidden_weight = nn.Parameter(hidden.weight.detach().clone())
+        self.hidden_bias = nn.Parameter(hidden.bias.detach().clone())
+        self.out_weight = nn.Parameter(torch.zeros(emb_dim, emb_dim))
+        self.out_bias = nn.Parameter(torch.zeros(emb_dim))
+
+    def start_at_zero(self) -> None:
+        with torch.no_grad():
+            self.out_weight.zero_()
+            self.out_bias.zero_()
+
+    def forward(self, fps: Tensor) -> Tensor:
+        angles = torch.log(fps.float())[:, None] * 100.0 * self.freqs[None]
+        feats = torch.cat((angles.sin(), angles.cos()), dim=-1).to(self.hidden_weight.dtype)
+        return F.linear(F.silu(F.linear(feats, self.hidden_weight, self.hidden_bias)), self.out_weight, self.out_bias)
+
+
+def add_frame_rate(module: FrameRateEmbedding | None, emb: Tensor | None, fps: Any, owner: str) -> Tensor | None:
+    """`emb` (B, E) plus the embedding of `fps` (a positive number or (B,) tensor of them);
+    `emb` unchanged when `fps` is None. `fps` to a U-Net without `frame_rate_cond` is an error."""
+    if fps is None:
+        return emb
+    if module is None or emb is None:
+        raise ValueError(
+            f"this {owner} was built without frame-rate conditioning (frame_rate_cond=False), got fps={fps!r}; "
+            "build it with frame_rate_cond=True"
+        )
+    batch = emb.shape[0]
+    if isinstance(fps, bool) or not isinstance(fps, (int, float, Tensor)):
+        raise TypeError(f"fps must be a positive number or a ({batch},) tensor, got {type(fps).__name__}")
+    rate = torch.as_tensor(fps, dtype=torch.float32, device=emb.device).reshape(-1)
+    if rate.shape[0] not in (1, batch) or not bool(torch.isfinite(rate).all() and (rate > 0).all()):
+        raise ValueError(f"fps must be positive and finite, a scalar or ({batch},) values, got {fps!r}")
+    return emb + module(rate.expand(batch)).to(emb.dtype)
 
 
 def fill_missing(model: nn.Module, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """`state_dict` plus zeros for every `FrameCondInput` of `model` that it has no weights
-    for at all (a checkpoint written before frame conditioning): for code that compares key
+    """`state_dict` plus the zero-output start of every `FrameCondInput` /
+    `FrameRateEmbedding` of `model` that it has no weights for at all (a checkpoint written before frame conditioning): for code that compares key
     sets before `load_state_dict`, such as `unets.io.load_weights`."""
     filled = dict(state_dict)
     for name, module in model.named_modules():
-        if not isinstance(module, FrameCondInput):
+        if not isinstance(module, _StartsAtZero):
             continue
         prefix = f"{name}." if name else ""
         if any(key.startswith(prefix) for key in filled):
             continue
+        module.start_at_zero()
         for key, value in module.state_dict().items():
-            filled[prefix + key] = torch.zeros_like(value)
+            filled[prefix + key] = value.detach().clone()
     return filled

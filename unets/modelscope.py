@@ -33,7 +33,13 @@ from spacetime.checks import check_int, check_number
 from spacetime.time import EnableTime, time_enabled
 from unets.base import UnetMixin
 from unets.config import UnetConfig, check_attn_backend
-from unets.frame_cond import FrameCondInput, check_frame_cond_option, frame_cond_inputs
+from unets.frame_cond import (
+    FrameCondInput,
+    FrameRateEmbedding,
+    add_frame_rate,
+    check_frame_cond_option,
+    frame_cond_inputs,
+)
 from unets.diffusers_layers import (
     CrossAttnTransformer,
     Downsample2D,
@@ -79,9 +85,11 @@ class ModelScopeUnetConfig(UnetConfig):
     sample_size: int | None = None
     attn_backend: str | None = None
     frame_cond: bool = False
+    frame_rate_cond: bool = False
 
     def validate(self) -> None:
         check_frame_cond_option(self.frame_cond)
+        check_frame_cond_option(self.frame_rate_cond, "frame_rate_cond")
         check_int("channels", self.channels, low=1)
         if self.out_channels is not None:
             check_int("out_channels", self.out_channels, low=1)
@@ -231,6 +239,7 @@ class ModelScopeUnet(UnetMixin, nn.Module):
         self.conv_in = nn.Conv2d(c.channels, widths[0], 3, padding=1)
         self.frame_cond_in = FrameCondInput(c.channels, widths[0]) if c.frame_cond else None
         self.time_embedding = TimestepEmbedding(widths[0], emb_dim)
+        self.fps_embed = FrameRateEmbedding(emb_dim) if c.frame_rate_cond else None
         self.transformer_in = FrameTransformer(widths[0], heads=8, dim_head=c.attention_head_dim,
                                                groups=c.norm_num_groups, backend=c.attn_backend)
         levels = len(widths)
@@ -293,6 +302,7 @@ class ModelScopeUnet(UnetMixin, nn.Module):
         enable_time: bool | Bool[Tensor, " b"] = True,
         cond_frames: Tensor | None = None,
         cond_frame_mask: Tensor | None = None,
+        fps: Tensor | float | int | None = None,
     ) -> Float[Tensor, "b c_out *frames h w"]:
         """`cond` `(B, L, cond_dim)` text tokens (a `(B, cond_dim)` vector is one token),
         `cond_mask` `(B, L)` True = attend; `null_cond_prob` replaces a sample's tokens by
@@ -315,6 +325,7 @@ class ModelScopeUnet(UnetMixin, nn.Module):
             time = torch.full((batch,), float(time), device=x.device)
         time = time.expand(batch) if time.ndim == 0 else time
         emb = self.time_embedding(timestep_features(time, self.config.block_out_channels[0]).to(x.dtype))
+        emb = add_frame_rate(self.fps_embed, emb, fps, "ModelScopeUnet")
         ctx, keep = context_tokens(self, cond, cond_mask, null_cond_prob, x, dim=self.config.cond_dim)
         emb = emb.repeat_interleave(frames, dim=0)
         ctx = ctx.repeat_interleave(frames, dim=0)

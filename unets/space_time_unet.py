@@ -38,7 +38,13 @@ from spacetime.position import FramePositionEmbedding
 from unets.base import UnetMixin
 from unets.blocks import POOLINGS, TextPool, TimestepEmbedding, check_block_name, get_block
 from unets.config import ConfigPart, UnetConfig, check_attn_backend
-from unets.frame_cond import FrameCondInput, check_frame_cond_option, frame_cond_inputs
+from unets.frame_cond import (
+    FrameCondInput,
+    FrameRateEmbedding,
+    add_frame_rate,
+    check_frame_cond_option,
+    frame_cond_inputs,
+)
 
 __all__ = ["PRESETS", "SpaceTimeBlocks", "SpaceTimeUnet", "SpaceTimeUnetConfig"]
 
@@ -86,6 +92,7 @@ class SpaceTimeUnetConfig(UnetConfig):
     cond_pool: str = "mean"
     blocks: SpaceTimeBlocks = dataclasses.field(default_factory=SpaceTimeBlocks)
     frame_cond: bool = False
+    frame_rate_cond: bool = False
 
     def validate(self) -> None:
         for key in ("dim", "channels", "attn_dim_head", "attn_heads", "ff_mult"):
@@ -121,6 +128,9 @@ class SpaceTimeUnetConfig(UnetConfig):
         if self.attn_backend is not None:
             check_attn_backend(self.attn_backend)
         check_frame_cond_option(self.frame_cond)
+        check_frame_cond_option(self.frame_rate_cond, "frame_rate_cond")
+        if self.frame_rate_cond and not self.condition_on_timestep and self.cond_dim is None:
+            raise ValueError("frame_rate_cond=True adds to the timestep embedding: it needs condition_on_timestep=True or cond_dim")
         if not isinstance(self.blocks, SpaceTimeBlocks):
             raise TypeError(f"blocks must be a SpaceTimeBlocks, got {type(self.blocks).__name__}")
 
@@ -202,6 +212,7 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
         # or their sum. Not to be confused with the video's time axis.
         emb_dim = dim * 4 if (condition_on_timestep or cond_dim is not None) else None
         self.time_embed = TimestepEmbedding(dim, emb_dim) if condition_on_timestep else None
+        self.fps_embed = FrameRateEmbedding(emb_dim) if config.frame_rate_cond else None
         if cond_dim is not None:
             self.cond_embed = nn.Sequential(nn.Linear(cond_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
             # One learned token stands for "no condition" (classifier-free guidance).
@@ -367,6 +378,7 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
         prob_focus_present: float = 0.0,
         cond_frames: Tensor | None = None,
         cond_frame_mask: Tensor | None = None,
+        fps: Tensor | float | int | None = None,
     ) -> Float[Tensor, "b c *frames h w"]:
         config = self.config
         self.reject_unsupported(focus_present_mask=focus_present_mask, prob_focus_present=prob_focus_present)
@@ -392,6 +404,10 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
             emb = cond_emb if emb is None else emb + cond_emb
         elif cond is not None or cond_mask is not None:
             raise ValueError("this SpaceTimeUnet was built without text conditioning (cond_dim=None); pass cond=None")
+        if fps is not None:
+            # Raises for a U-Net without frame_rate_cond before `emb` (None then) is read;
+            # with it, validate() made sure there is an embedding to add to.
+            emb = add_frame_rate(self.fps_embed, emb, fps, "SpaceTimeUnet")
 
         # The temporal down/upsamplers change the frame count, so one tensor cannot hold
         # samples with time on and off: run both paths and pick per sample (shape-static, so
