@@ -139,8 +139,8 @@ def known_frames(
     process's space (normalised, or the VAE's latents), mask (B, F) bool)`, checked against
     the batch size (None: any)."""
     if not isinstance(cond_frame_mask, Tensor) or cond_frame_mask.dtype != torch.bool or cond_frame_mask.ndim != 2:
-        got = f"{cond_frame_mask.dtype} {tuple(cond_frame_mask.shape)}" if isinstance(cond_frame_mask, Tensor) else type(
-            cond_frame_mask).__name__
+        got = (f"{cond_frame_mask.dtype} {tuple(cond_frame_mask.shape)}" if isinstance(cond_frame_mask, Tensor)
+               else type(cond_frame_mask).__name__)
         raise ValueError(f"cond_frame_mask must be a (B, F) bool tensor (True = frame given), got {got}")
     if not isinstance(cond_frames, Tensor) or cond_frames.ndim != 5:
         got = tuple(cond_frames.shape) if isinstance(cond_frames, Tensor) else type(cond_frames).__name__

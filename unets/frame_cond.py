@@ -10,8 +10,8 @@ Why added after the input conv rather than widening it: the projection starts at
 model built with `frame_cond=True` computes exactly what the same weights without it did,
 and a checkpoint written without frame conditioning loads into it unchanged (its missing
 projection is taken as the zero it would have been initialised to; see
-`FrameCondInput._load_from_state_dict` and `fill_missing`). The network learns to use the
-frames from there, as a fine-tuned image model learns its temporal layers (STYLE.md 12).
+`_StartsAtZero._load_from_state_dict` and `fill_missing`). The network learns to use the
+frames from there, as a fine-tuned image model learns its new temporal layers.
 
 Without `cond_frames` a frame-conditioned U-Net sees zeros and an all-False mask: the
 unconditional case of the training masks (`diffusion.frame_masks`).
@@ -89,7 +89,8 @@ def frame_cond_inputs(
     mask = cond_frame_mask.reshape(batch, 1) if x.ndim == 4 and cond_frame_mask.shape == (batch,) else cond_frame_mask
     if tuple(mask.shape) != (batch, frames):
         raise ValueError(
-            f"cond_frame_mask must have shape ({batch}, {frames}) (True = frame given), got {tuple(cond_frame_mask.shape)}"
+            f"cond_frame_mask must have shape ({batch}, {frames}) (True = frame given), "
+            f"got {tuple(cond_frame_mask.shape)}"
         )
     frames_5d = cond_frames if x.ndim == 5 else cond_frames[:, :, None]
     return frames_5d, mask.to(x.device)
@@ -196,8 +197,9 @@ def add_frame_rate(module: FrameRateEmbedding | None, emb: Tensor | None, fps: A
 
 def fill_missing(model: nn.Module, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """`state_dict` plus the zero-output start of every `FrameCondInput` /
-    `FrameRateEmbedding` of `model` that it has no weights for at all (a checkpoint written before frame conditioning): for code that compares key
-    sets before `load_state_dict`, such as `unets.io.load_weights`."""
+    `FrameRateEmbedding` of `model` that it has no weights for at all (a checkpoint written
+    before them), for code that compares key sets before `load_state_dict`, such as
+    `unets.io.load_weights`."""
     filled = dict(state_dict)
     for name, module in model.named_modules():
         if not isinstance(module, _StartsAtZero):
