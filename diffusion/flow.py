@@ -25,6 +25,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from diffusion.gaussian import Cond, GaussianDiffusion, Number, threshold_x0
+from diffusion.frame_masks import frame_kwargs, paste_known
 from diffusion.guidance import denoiser_kwargs, guided_output
 from spacetime.checks import check_choice, check_number
 
@@ -232,6 +233,7 @@ class FlowMatching(GaussianDiffusion):
         clip_denoised: bool = True,
         guidance_rescale: Number = 0.0,
         batched_guidance: bool | None = None,
+        frames: tuple[Tensor, Tensor, bool] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The guided velocity at `(x, t)` (`t` in [0, 1], `(B,)`) as `(x0, noise)`:
         `x0 = x - t v`, `noise = x + (1 - t) v`; with `clip_denoised` (and `t > 0`) `x0` is
@@ -239,6 +241,7 @@ class FlowMatching(GaussianDiffusion):
         v = guided_output(
             self.denoise_fn, x, t * TIME_SCALE, cond=cond, cond_mask=cond_mask, cond_scale=cond_scale,
             guidance_rescale=guidance_rescale, batched=batched_guidance,
+            extra=None if frames is None else frame_kwargs(frames[0], frames[1]),
         )
         self._check_prediction(v, x)
         tt = t.to(x.dtype).view((-1,) + (1,) * (x.ndim - 1))
@@ -246,14 +249,19 @@ class FlowMatching(GaussianDiffusion):
         if clip_denoised and bool((t > 0).all()):
             x0 = threshold_x0(x0, self.dynamic_thres_percentile if self.use_dynamic_thres else None)
             eps = (x - (1.0 - tt) * x0) / tt
+        if frames is not None and frames[2]:
+            # Known frames put back into x0 (diffusion.frame_masks); the noise follows from x.
+            x0 = paste_known(x0, frames[0], frames[1])
+            eps = x + (1.0 - tt) * (x - x0) / tt.clamp(min=1e-12)
         return x0, eps
 
     def _run_sampler(
         self, sampler: str, model_fn: ModelFn, x: Tensor, *, steps: int | None, eta: float | int | None,
         generator: torch.Generator | None, callback: Any, options: dict[str, Any],
     ) -> Tensor:
+        shared = ("guidance_rescale", "batched_guidance", "cond_frames", "cond_frame_mask", "replace_known")
         given = {key: value for key, value in options.items()
-                 if value not in (None, False, 0, 0.0, "linspace") and key not in ("guidance_rescale", "batched_guidance")}
+                 if key not in shared and value not in (None, False, 0, 0.0, "linspace")}
         if given or eta not in (None, 0, 0.0):
             raise ValueError(
                 f"FlowMatching samples with sampler and steps only; got {sorted(given) + (['eta'] if eta else [])}"

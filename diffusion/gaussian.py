@@ -25,6 +25,7 @@ from einops import rearrange
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
+from diffusion.frame_masks import training_frames
 from diffusion.guidance import denoiser_kwargs
 from diffusion.samplers import SAMPLERS
 # NonFiniteSampleError, threshold_x0 and _quantile_rows moved to diffusion.sampling; still importable here.
@@ -359,12 +360,20 @@ class GaussianDiffusion(SamplingMixin, nn.Module):
         noise: Float[Tensor, "b c f h w"] | Float[Tensor, "b c h w"] | None = None,
         times: Int[Tensor, " b"] | None = None,
         encoded: bool = False,
+        cond_frames: Tensor | None = None,
+        cond_frame_mask: Tensor | None = None,
+        frame_masks: Any = None,
     ) -> Float[Tensor, ""]:
         """The training loss for a batch of videos (or images) in [0, 1] (or [-1, 1] with
         `auto_normalize=False`). `times` fixes the timesteps (default: uniform), `noise` the
         noise; `null_cond_prob` overrides the constructor's condition-dropout rate. With a
         VAE, `encoded=True` says `videos` are already its latents (`encode_latents`), e.g.
-        read from the latent cache; `noise` always has the latents' shape."""
+        read from the latent cache; `noise` always has the latents' shape.
+
+        Known frames for a `frame_cond` U-Net: `cond_frames` (like `videos`) with
+        `cond_frame_mask` (B, F), or `frame_masks` (a `diffusion.frame_masks.FrameMasks`, or
+        True for the default one) to draw a mask per sample and show the batch its own
+        frames. The loss covers every frame (`diffusion.frame_masks`)."""
         x_start = self._start(videos, encoded)
         batch = videos.shape[0]
         if noise is not None and noise.shape != x_start.shape:
@@ -398,6 +407,8 @@ class GaussianDiffusion(SamplingMixin, nn.Module):
             focus_present_mask=focus_present_mask,
             prob_focus_present=prob_focus_present,
         )
+        if cond_frames is not None or cond_frame_mask is not None or frame_masks not in (None, False):
+            kwargs.update(training_frames(self, x_start, cond_frames, cond_frame_mask, frame_masks, encoded))
         prediction = self.denoise_fn(x_t, times, **kwargs)
         self._check_prediction(prediction, x_t)
 

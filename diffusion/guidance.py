@@ -66,6 +66,7 @@ def guided_output(
     enable_time: Any = True,
     guidance_rescale: float | int = 0.0,
     batched: bool | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Tensor:
     """The denoiser's output at `(x, t)` guided with `cond_scale` (and `guidance_rescale`).
 
@@ -75,6 +76,8 @@ def guided_output(
     a conditional call and an unconditional one (`null_cond_prob=1.`) are mixed here."""
     global _warned_no_cond
     kwargs = denoiser_kwargs(cond=cond, cond_mask=cond_mask, enable_time=enable_time)
+    # `extra`: inputs both halves share, such as known frames (`diffusion.frame_masks`).
+    kwargs.update(extra or {})
     if cond_scale == 1.0 or cond is None:
         if cond is None and cond_scale != 1.0 and not _warned_no_cond:
             logger.warning("cond_scale=%s ignored: guidance needs a condition and none was given", cond_scale)

@@ -17,6 +17,7 @@ from einops import rearrange
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from diffusion.frame_masks import frame_kwargs, known_frames, paste_known
 from diffusion.guidance import guided_output
 from diffusion.samplers import VPSigmas, check_sampler, ddpm_sample, progress_bar, sample_loop
 from diffusion.samplers.scheduler import scheduler_sample
@@ -79,20 +80,27 @@ class SamplingMixin:
         clip_denoised: bool = True,
         guidance_rescale: Number = 0.0,
         batched_guidance: bool | None = None,
+        frames: tuple[Tensor, Tensor, bool] | None = None,
     ) -> tuple[Float[Tensor, "b *dims"], Float[Tensor, "b *dims"]]:
         """The guided prediction at `(x, t)` as `(x0, eps)`, the one place where the
         objective is undone. With `clip_denoised`, `x0` is thresholded and `eps` re-derived
         from it so that every sampler sees a consistent pair. `t` may be fractional (a float
-        tensor): the noise level is then interpolated (`VPSigmas`)."""
+        tensor): the noise level is then interpolated (`VPSigmas`). `frames` = (known x0,
+        mask, replace): known frames for a frame-conditioned U-Net, pasted into `x0` when
+        `replace` (`diffusion.frame_masks`)."""
         prediction = guided_output(
             self.denoise_fn, x, t, cond=cond, cond_mask=cond_mask, cond_scale=cond_scale,
             guidance_rescale=guidance_rescale, batched=batched_guidance,
+            extra=None if frames is None else frame_kwargs(frames[0], frames[1]),
         )
         self._check_prediction(prediction, x)
         alpha, sigma = self._alpha_sigma(t, x)
         x0, eps = prediction_to_x0_eps(self.objective, prediction, x, alpha, sigma)
         if clip_denoised:
             x0 = threshold_x0(x0, self.dynamic_thres_percentile if self.use_dynamic_thres else None)
+            eps = eps_from_x0(x, x0, alpha, sigma)
+        if frames is not None and frames[2]:
+            x0 = paste_known(x0, frames[0], frames[1])
             eps = eps_from_x0(x, x0, alpha, sigma)
         return x0, eps
 
@@ -105,11 +113,12 @@ class SamplingMixin:
     def _model_fn(
         self, cond: Tensor | None, cond_mask: Tensor | None, cond_scale: float | int, clip_denoised: bool,
         guidance_rescale: float | int = 0.0, batched_guidance: bool | None = None,
+        frames: tuple[Tensor, Tensor, bool] | None = None,
     ) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
         def model_fn(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
             return self.model_predictions(
                 x, t, cond=cond, cond_mask=cond_mask, cond_scale=cond_scale, clip_denoised=clip_denoised,
-                guidance_rescale=guidance_rescale, batched_guidance=batched_guidance,
+                guidance_rescale=guidance_rescale, batched_guidance=batched_guidance, frames=frames,
             )
 
         return model_fn
@@ -160,14 +169,23 @@ class SamplingMixin:
         if cond is not None:
             # As in video-diffusion-pytorch: one sample per condition.
             batch_size = cond.shape[0]
+        known = None
+        if options.get("cond_frames") is not None or options.get("cond_frame_mask") is not None:
+            known = known_frames(self, options.get("cond_frames"), options.get("cond_frame_mask"),
+                                 None if cond is None else batch_size)
+            batch_size = known[0].shape[0]
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         shape = (batch_size, self.latent_channels, *frames, *self.latent_hw)
+        if known is not None and tuple(known[0].shape) != shape:
+            raise ValueError(f"cond_frames must give the sampled video's shape {shape}, got {tuple(known[0].shape)}")
         if clip_denoised is None:  # x0 thresholds are for pixels, not latents
             clip_denoised = self.vae is None
         x = self._initial_noise(shape, noise, generator)
+        replace = bool(options.get("replace_known", False))
         model_fn = self._model_fn(
-            cond, cond_mask, float(cond_scale), clip_denoised, float(rescale), options.get("batched_guidance")
+            cond, cond_mask, float(cond_scale), clip_denoised, float(rescale), options.get("batched_guidance"),
+            frames=None if known is None else (*known, replace),
         )
         name = "scheduler" if scheduler is not None else sampler
         bar, callback = progress_bar(name, self.num_timesteps, steps) if progress else (None, None)
@@ -178,6 +196,8 @@ class SamplingMixin:
             if bar is not None:
                 bar.close()
         self._check_finite(x)
+        if known is not None and replace:
+            x = paste_known(x, *known)
         if self.vae is not None:
             x = self.vae.decode(x).clamp(-1.0, 1.0)
         return self.unnormalize(x)
@@ -226,6 +246,9 @@ class SamplingMixin:
         scheduler: Any = None,
         guidance_rescale: Number = 0.0,
         batched_guidance: bool | None = None,
+        cond_frames: Tensor | None = None,
+        cond_frame_mask: Tensor | None = None,
+        replace_known: bool = False,
     ) -> Float[Tensor, "b c f h w"]:
         """Sample videos `(B, C, F, H, W)` in [0, 1] ([-1, 1] with `auto_normalize=False`).
 
@@ -243,12 +266,18 @@ class SamplingMixin:
         memory). `num_frames` overrides the training length; `noise` fixes the starting noise
         and `generator` every random draw. `clip_denoised` keeps each predicted clean sample in
         [-1, 1] (dynamically when `use_dynamic_thres`); by default on in pixel space, off in a
-        VAE's latent space."""
+        VAE's latent space.
+
+        `cond_frames` (B, C, F, H, W) in [0, 1] with `cond_frame_mask` (B, F) bool: frames
+        given to a `frame_cond` U-Net (the batch size is theirs); `replace_known` also puts
+        them back into every predicted clean video, so that they come back exactly
+        (`diffusion.frame_masks`)."""
         frames = self.num_frames if num_frames is None else num_frames
         if frames < 1:
             raise ValueError(f"num_frames must be positive, got {frames}")
         options = {"spacing": spacing, "karras": karras, "scheduler": scheduler,
-                   "guidance_rescale": guidance_rescale, "batched_guidance": batched_guidance}
+                   "guidance_rescale": guidance_rescale, "batched_guidance": batched_guidance,
+                   "cond_frames": cond_frames, "cond_frame_mask": cond_frame_mask, "replace_known": replace_known}
         return self._sample(
             (frames,), cond, cond_scale, batch_size, cond_mask=cond_mask, sampler=sampler, steps=steps, eta=eta,
             generator=generator, clip_denoised=clip_denoised, noise=noise, progress=progress, options=options,

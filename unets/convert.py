@@ -417,8 +417,11 @@ def save_diffusers(model: nn.Module, path: str | os.PathLike, *, part: str | Non
     from unets.animatediff import AnimateDiffUnet
     from unets.modelscope import ModelScopeUnet
 
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     c = model.config  # type: ignore[attr-defined]
+    if getattr(c, "frame_cond", False) or getattr(c, "frame_rate_cond", False):
+        raise ValueError("a frame_cond / frame_rate_cond model has inputs no diffusers class takes; "
+                         "save_diffusers needs both False")
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     if isinstance(model, ModelScopeUnet):
         if part not in (None, "unet"):
             raise ValueError(f"part={part!r}: a ModelScopeUnet is saved whole (part=None or 'unet')")

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from unets.frame_cond import fill_missing
 from unets.guards import BadFileError, check_memory, read_json, regular_file
 from unets.upgrade import METADATA_KEY, layout_version, upgrade_state_dict
 
@@ -79,6 +80,8 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], *, version:
     older layout of `model` (layout `version`, or any when None) is upgraded first
     (`unets.upgrade`); the names reported are those of the current layout."""
     state_dict = upgrade_state_dict(model, state_dict, version)
+    # Weights from before frame conditioning: its projection loads as the zeros it starts at.
+    state_dict = fill_missing(model, state_dict)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))

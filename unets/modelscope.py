@@ -30,6 +30,13 @@ from torch import Tensor, nn
 from spacetime.checks import check_int, check_number
 from spacetime.time import EnableTime, time_enabled
 from unets.config import UnetConfig, check_attn_backend
+from unets.frame_cond import (
+    FrameCondInput,
+    FrameRateEmbedding,
+    add_frame_rate,
+    check_frame_cond_option,
+    frame_cond_inputs,
+)
 from unets.diffusers_layers import (
     DiffusersLayoutUnet,
     CrossAttnTransformer,
@@ -75,8 +82,12 @@ class ModelScopeUnetConfig(UnetConfig):
     temporal_dropout: float | int = 0.1
     sample_size: int | None = None
     attn_backend: str | None = None
+    frame_cond: bool = False
+    frame_rate_cond: bool = False
 
     def validate(self) -> None:
+        check_frame_cond_option(self.frame_cond)
+        check_frame_cond_option(self.frame_rate_cond, "frame_rate_cond")
         check_int("channels", self.channels, low=1)
         if self.out_channels is not None:
             check_int("out_channels", self.out_channels, low=1)
@@ -224,7 +235,9 @@ class ModelScopeUnet(DiffusersLayoutUnet):
         emb_dim = widths[0] * 4
         self.channels = c.channels
         self.conv_in = nn.Conv2d(c.channels, widths[0], 3, padding=1)
+        self.frame_cond_in = FrameCondInput(c.channels, widths[0]) if c.frame_cond else None
         self.time_embedding = TimestepEmbedding(widths[0], emb_dim)
+        self.fps_embed = FrameRateEmbedding(emb_dim) if c.frame_rate_cond else None
         self.transformer_in = FrameTransformer(widths[0], heads=8, dim_head=c.attention_head_dim,
                                                groups=c.norm_num_groups, backend=c.attn_backend)
         self.build_stages(_Stage, _MidStage, emb_dim)
@@ -242,11 +255,15 @@ class ModelScopeUnet(DiffusersLayoutUnet):
         *,
         cond_mask: Bool[Tensor, "b l"] | None = None,
         enable_time: bool | Bool[Tensor, " b"] = True,
+        cond_frames: Tensor | None = None,
+        cond_frame_mask: Tensor | None = None,
+        fps: Tensor | float | int | None = None,
     ) -> Float[Tensor, "b c_out *frames h w"]:
         """`cond` `(B, L, cond_dim)` text tokens (a `(B, cond_dim)` vector is one token),
         `cond_mask` `(B, L)` True = attend; `null_cond_prob` replaces a sample's tokens by
         the null token with that probability (classifier-free guidance training)."""
         self.check_input(x, enable_time, self.channels)
+        frame_cond = frame_cond_inputs("ModelScopeUnet", self.config.frame_cond, x, cond_frames, cond_frame_mask)
         # Channels-last input (a VAE's latents are) makes GroupNorm's CPU backward crash in
         # torch 2.13 when the input needs no gradient, the rule in temporal-only training.
         x = x.contiguous()
@@ -263,12 +280,15 @@ class ModelScopeUnet(DiffusersLayoutUnet):
             time = torch.full((batch,), float(time), device=x.device)
         time = time.expand(batch) if time.ndim == 0 else time
         emb = self.time_embedding(timestep_features(time, self.config.block_out_channels[0]).to(x.dtype))
+        emb = add_frame_rate(self.fps_embed, emb, fps, "ModelScopeUnet")
         ctx, keep = context_tokens(self, cond, cond_mask, null_cond_prob, x, dim=self.config.cond_dim)
         emb = emb.repeat_interleave(frames, dim=0)
         ctx = ctx.repeat_interleave(frames, dim=0)
         keep = None if keep is None else keep.repeat_interleave(frames, dim=0)
 
         h = self.conv_in(rearrange(x, "b c f h w -> (b f) c h w"))
+        if self.frame_cond_in is not None and frame_cond is not None:
+            h = self.frame_cond_in(h, frame_cond)
         h = self.checkpointed(self.transformer_in, h, frames, enabled)
         skips = [h]
         for stage in self.down_blocks:

@@ -16,6 +16,8 @@ Added here (all optional, off by default):
   after the input convolution, so the network knows which frame comes first even at the
   noisiest steps (relative position biases and temporal convolutions do not tell it);
 - block kinds chosen by registry name (`blocks`), e.g. full 3D convs (`conv="conv3d"`);
+- conditioning frames (`frame_cond`): known frames and their mask through a zero-initialised
+  projection added after the input convolution (`unets.frame_cond`);
 - per-block gradient checkpointing, and no copies of the skip tensors.
 
 An image `(B, C, H, W)` is one frame with time off; `enable_time=False` on a video runs every
@@ -36,6 +38,13 @@ from spacetime.position import FramePositionEmbedding
 from unets.base import UnetMixin
 from unets.blocks import POOLINGS, TextPool, TimestepEmbedding, check_block_name, get_block
 from unets.config import ConfigPart, UnetConfig, check_attn_backend
+from unets.frame_cond import (
+    FrameCondInput,
+    FrameRateEmbedding,
+    add_frame_rate,
+    check_frame_cond_option,
+    frame_cond_inputs,
+)
 
 __all__ = ["PRESETS", "SpaceTimeBlocks", "SpaceTimeUnet", "SpaceTimeUnetConfig"]
 
@@ -82,6 +91,8 @@ class SpaceTimeUnetConfig(UnetConfig):
     frame_pos_emb: bool = False
     cond_pool: str = "mean"
     blocks: SpaceTimeBlocks = dataclasses.field(default_factory=SpaceTimeBlocks)
+    frame_cond: bool = False
+    frame_rate_cond: bool = False
 
     def validate(self) -> None:
         for key in ("dim", "channels", "attn_dim_head", "attn_heads", "ff_mult"):
@@ -116,6 +127,10 @@ class SpaceTimeUnetConfig(UnetConfig):
             raise ValueError(f"cond_dim must be None or a positive int, got {self.cond_dim!r}")
         if self.attn_backend is not None:
             check_attn_backend(self.attn_backend)
+        check_frame_cond_option(self.frame_cond)
+        check_frame_cond_option(self.frame_rate_cond, "frame_rate_cond")
+        if self.frame_rate_cond and not self.condition_on_timestep and self.cond_dim is None:
+            raise ValueError("frame_rate_cond=True adds to the timestep embedding: it needs condition_on_timestep=True or cond_dim")
         if not isinstance(self.blocks, SpaceTimeBlocks):
             raise TypeError(f"blocks must be a SpaceTimeBlocks, got {type(self.blocks).__name__}")
 
@@ -197,6 +212,7 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
         # or their sum. Not to be confused with the video's time axis.
         emb_dim = dim * 4 if (condition_on_timestep or cond_dim is not None) else None
         self.time_embed = TimestepEmbedding(dim, emb_dim) if condition_on_timestep else None
+        self.fps_embed = FrameRateEmbedding(emb_dim) if config.frame_rate_cond else None
         if cond_dim is not None:
             self.cond_embed = nn.Sequential(nn.Linear(cond_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
             # One learned token stands for "no condition" (classifier-free guidance).
@@ -227,6 +243,7 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
 
         self.conv_in = conv(channels, dim, 7, temporal_kernel_size=3)
         self.frame_pos = FramePositionEmbedding(dim) if config.frame_pos_emb else None
+        self.frame_cond_in = FrameCondInput(channels, dim) if config.frame_cond else None
         self.downs = nn.ModuleList()
         self.ups = nn.ModuleList()
         levels = zip(dims[:-1], dims[1:], config.self_attns, config.temporal_compression, config.resnet_block_depths)
@@ -309,10 +326,13 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
         enable_time: bool | Tensor,
         context: Tensor | None,
         context_mask: Tensor | None,
+        frame_cond: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         ck = self.checkpointed
         attn_kw = dict(context=context, context_mask=context_mask) if context is not None else {}
         x = self.conv_in(x, enable_time=enable_time)
+        if self.frame_cond_in is not None and frame_cond is not None:
+            x = self.frame_cond_in(x, frame_cond)
         if self.frame_pos is not None:
             x = self.frame_pos(x, enable_time)
         # No clones: nothing below writes into a skip tensor in place.
@@ -356,10 +376,14 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
         null_cond_prob: float = 0.0,
         focus_present_mask: Tensor | None = None,
         prob_focus_present: float = 0.0,
+        cond_frames: Tensor | None = None,
+        cond_frame_mask: Tensor | None = None,
+        fps: Tensor | float | int | None = None,
     ) -> Float[Tensor, "b c *frames h w"]:
         config = self.config
         self.reject_unsupported(focus_present_mask=focus_present_mask, prob_focus_present=prob_focus_present)
         self.check_input(x, enable_time, config.channels)
+        frame_cond = frame_cond_inputs("SpaceTimeUnet", config.frame_cond, x, cond_frames, cond_frame_mask)
         batch = x.shape[0]
 
         emb = None
@@ -380,12 +404,16 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
             emb = cond_emb if emb is None else emb + cond_emb
         elif cond is not None or cond_mask is not None:
             raise ValueError("this SpaceTimeUnet was built without text conditioning (cond_dim=None); pass cond=None")
+        if fps is not None:
+            # Raises for a U-Net without frame_rate_cond before `emb` (None then) is read;
+            # with it, validate() made sure there is an embedding to add to.
+            emb = add_frame_rate(self.fps_embed, emb, fps, "SpaceTimeUnet")
 
         # The temporal down/upsamplers change the frame count, so one tensor cannot hold
         # samples with time on and off: run both paths and pick per sample (shape-static, so
         # it compiles; twice the cost, only for per-sample masks with temporal compression).
         if isinstance(enable_time, Tensor) and x.ndim == 5 and self.frame_multiple > 1:
-            with_time = self._run_levels(x, emb, True, context, context_mask)
-            without_time = self._run_levels(x, emb, False, context, context_mask)
+            with_time = self._run_levels(x, emb, True, context, context_mask, frame_cond)
+            without_time = self._run_levels(x, emb, False, context, context_mask, frame_cond)
             return torch.where(enable_time.view(-1, 1, 1, 1, 1), with_time, without_time)
-        return self._run_levels(x, emb, enable_time, context, context_mask)
+        return self._run_levels(x, emb, enable_time, context, context_mask, frame_cond)

@@ -50,6 +50,13 @@ from spacetime.time import EnableTime, select_time, time_enabled
 from unets.base import UnetMixin
 from unets.blocks import ResnetBlock, TimestepEmbedding, masked_mean
 from unets.config import UnetConfig, check_attn_backend
+from unets.frame_cond import (
+    FrameCondInput,
+    FrameRateEmbedding,
+    add_frame_rate,
+    check_frame_cond_option,
+    frame_cond_inputs,
+)
 from unets.upgrade import load_state_dict_pre_hook
 
 __all__ = ["PRESETS", "TEXT_ENCODER_DIM", "Unet3D", "Unet3DConfig"]
@@ -102,9 +109,13 @@ class Unet3DConfig(UnetConfig):
     text_cross_attn: bool = False
     attn_backend: str | None = None
     max_time_distance: int = 32
+    frame_cond: bool = False
+    frame_rate_cond: bool = False
 
     def validate(self) -> None:
         super().validate()
+        check_frame_cond_option(self.frame_cond)
+        check_frame_cond_option(self.frame_rate_cond, "frame_rate_cond")
         positive = {
             "dim": self.dim, "channels": self.channels, "attn_heads": self.attn_heads,
             "attn_dim_head": self.attn_dim_head, "resnet_groups": self.resnet_groups,
@@ -350,10 +361,12 @@ class Unet3D(UnetMixin, nn.Module):
         pad = init_kernel_size // 2
         self.init_conv = nn.Conv3d(channels, init_dim, (1, init_kernel_size, init_kernel_size), padding=(0, pad, pad))
         self.init_temporal_attn = temporal_attn(init_dim)
+        self.frame_cond_in = FrameCondInput(channels, init_dim) if cfg.frame_cond else None
 
         # Conditioning: timestep embedding (Sec. 2), concatenated with the pooled condition.
         time_dim = dim * 4
         self.time_mlp = nn.Sequential(TimestepEmbedding(dim, time_dim), nn.Linear(time_dim, time_dim))
+        self.fps_embed = FrameRateEmbedding(time_dim) if cfg.frame_rate_cond else None
         self.null_cond_emb = nn.Parameter(torch.randn(1, self.cond_dim)) if self.has_cond else None
         emb_dim = time_dim + (self.cond_dim or 0)
         context_dim = self.cond_dim if text_cross_attn else None
@@ -420,11 +433,16 @@ class Unet3D(UnetMixin, nn.Module):
         *,
         cond_mask: Bool[Tensor, "b l"] | None = None,
         enable_time: bool | Bool[Tensor, " b"] = True,
+        cond_frames: Tensor | None = None,
+        cond_frame_mask: Tensor | None = None,
+        fps: Tensor | float | int | None = None,
     ) -> Float[Tensor, "b c_out *frames h w"]:
         """`focus_present_mask` `(B,)` (True = attend to the present only) or, when None,
         `prob_focus_present` draws it per sample; a focused sample, like one with
-        `enable_time` False, gets no mixing across its frames at all."""
+        `enable_time` False, gets no mixing across its frames at all. `cond_frames` /
+        `cond_frame_mask`: known frames (`frame_cond=True`, see `unets.frame_cond`)."""
         self.check_input(x, enable_time, self.channels)
+        frame_cond = frame_cond_inputs("Unet3D", self.config.frame_cond, x, cond_frames, cond_frame_mask)
         batch = x.shape[0]
         enabled = self._time_mixing(x, enable_time, focus_present_mask, prob_focus_present)
         is_image = x.ndim == 4
@@ -432,12 +450,15 @@ class Unet3D(UnetMixin, nn.Module):
             x = rearrange(x, "b c h w -> b c 1 h w")
 
         emb = self.time_mlp(self._timesteps(time, batch, x.device))
+        emb = add_frame_rate(self.fps_embed, emb, fps, "Unet3D")
         pooled, ctx = self._condition(cond, cond_mask, null_cond_prob, batch, x.device)
         if pooled is not None:
             emb = torch.cat((emb, pooled.to(emb.dtype)), dim=-1)
         pos_bias = self.time_rel_pos_bias(x.shape[2])
 
         x = self.init_conv(x)
+        if self.frame_cond_in is not None and frame_cond is not None:
+            x = self.frame_cond_in(x, frame_cond)
         x = self.checkpointed(self.init_temporal_attn, x, pos_bias, enabled)
         first = x
 
