@@ -134,10 +134,6 @@ class PretrainedVideoUnet(nn.Module):
             keep = self.model.cond_keep_mask(batch, float(null_cond_prob), x.device)
             if keep is not None:
                 cond, cond_mask = self._with_null(cond, cond_mask, ~keep)
-        # A VAE's latents come channels-last; on CPU (torch 2.13) GroupNorm's backward then
-        # crashes when its input needs no gradient, which is the rule in temporal-only
-        # training (everything before the first temporal layer is frozen).
-        x = x.contiguous()
         return self.model(x, t, cond=cond, cond_mask=cond_mask, enable_time=enable_time, **kwargs)
 
 

@@ -215,7 +215,30 @@ def _weights_signature(folder: Path) -> str:
     return ";".join(parts)
 
 
-class HFTextEncoder(TextEncoder):
+class _ModelTextEncoder(TextEncoder):
+    """An encoder around one transformers `model`: its width `_dim`, its `_fingerprint` and
+    its device are set by the subclass's constructor."""
+
+    model: Any
+    device: torch.device
+    _dim: int
+    _fingerprint: str
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def to(self, device: torch.device | str) -> _ModelTextEncoder:
+        self.model.to(device)
+        self.device = torch.device(device)
+        return self
+
+
+class HFTextEncoder(_ModelTextEncoder):
     """Any transformers text encoder saved in a local directory: BERT-like, T5 encoder, CLIP text.
 
     kind: 'auto' reads `config.json` (`model_type` t5/mt5/umt5 -> T5 encoder, clip /
@@ -311,19 +334,6 @@ class HFTextEncoder(TextEncoder):
             return positions
         return 512
 
-    @property
-    def dim(self) -> int:
-        return self._dim
-
-    @property
-    def fingerprint(self) -> str:
-        return self._fingerprint
-
-    def to(self, device: torch.device | str) -> HFTextEncoder:
-        self.model.to(device)
-        self.device = torch.device(device)
-        return self
-
     def _warn_if_truncated(self, texts: list[str]) -> None:
         if self._warned_truncation:
             return
@@ -370,7 +380,7 @@ class HFTextEncoder(TextEncoder):
         return out.to(device) if device is not None else out
 
 
-class CLIPTextEncoder(TextEncoder):
+class CLIPTextEncoder(_ModelTextEncoder):
     """The CLIP text tower of a Stable Diffusion 1.x style base, from local folders.
 
     `path`: a pipeline folder holding `text_encoder/` and `tokenizer/`, or a `text_encoder/`
@@ -425,19 +435,6 @@ class CLIPTextEncoder(TextEncoder):
             [type(self).__name__, str(encoder_dir.resolve()), str(tokenizer_dir.resolve()),
              f"max_length={self.max_length}", str(dtype), _weights_signature(encoder_dir)]
         )
-
-    @property
-    def dim(self) -> int:
-        return self._dim
-
-    @property
-    def fingerprint(self) -> str:
-        return self._fingerprint
-
-    def to(self, device: torch.device | str) -> CLIPTextEncoder:
-        self.model.to(device)
-        self.device = torch.device(device)
-        return self
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str], *, device: torch.device | str | None = None) -> TextEmbedding:

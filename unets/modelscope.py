@@ -22,20 +22,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-import torch
-from einops import rearrange
-from jaxtyping import Bool, Float, Real
 from torch import Tensor, nn
 
 from spacetime.checks import check_int, check_number
-from spacetime.time import EnableTime, time_enabled
+from spacetime.time import EnableTime
 from unets.config import UnetConfig, check_attn_backend
 from unets.frame_cond import (
     FrameCondInput,
     FrameRateEmbedding,
-    add_frame_rate,
     check_frame_cond_option,
-    frame_cond_inputs,
 )
 from unets.diffusers_layers import (
     DiffusersLayoutUnet,
@@ -46,9 +41,6 @@ from unets.diffusers_layers import (
     TemporalConvStack,
     TimestepEmbedding,
     Upsample2D,
-    context_tokens,
-    norm_silu,
-    timestep_features,
 )
 
 __all__ = ["PRESETS", "ModelScopeUnet", "ModelScopeUnetConfig"]
@@ -242,69 +234,6 @@ class ModelScopeUnet(DiffusersLayoutUnet):
                                                groups=c.norm_num_groups, backend=c.attn_backend)
         self.build_stages(_Stage, _MidStage, emb_dim)
 
-    # --- the common surface -------------------------------------------------------------
-
-    # --- forward ------------------------------------------------------------------------
-
-    def forward(
-        self,
-        x: Float[Tensor, "b c *frames h w"],
-        time: Real[Tensor, " b"] | Real[Tensor, ""] | float | int,
-        cond: Float[Tensor, "b l d"] | Float[Tensor, "b d"] | None = None,
-        null_cond_prob: float | int = 0.0,
-        *,
-        cond_mask: Bool[Tensor, "b l"] | None = None,
-        enable_time: bool | Bool[Tensor, " b"] = True,
-        cond_frames: Tensor | None = None,
-        cond_frame_mask: Tensor | None = None,
-        fps: Tensor | float | int | None = None,
-    ) -> Float[Tensor, "b c_out *frames h w"]:
-        """`cond` `(B, L, cond_dim)` text tokens (a `(B, cond_dim)` vector is one token),
-        `cond_mask` `(B, L)` True = attend; `null_cond_prob` replaces a sample's tokens by
-        the null token with that probability (classifier-free guidance training)."""
-        self.check_input(x, enable_time, self.channels)
-        frame_cond = frame_cond_inputs("ModelScopeUnet", self.config.frame_cond, x, cond_frames, cond_frame_mask)
-        # Channels-last input (a VAE's latents are) makes GroupNorm's CPU backward crash in
-        # torch 2.13 when the input needs no gradient, the rule in temporal-only training.
-        x = x.contiguous()
-        batch = x.shape[0]
-        enabled = time_enabled(x, enable_time)
-        if x.ndim == 4:
-            x = rearrange(x, "b c h w -> b c 1 h w")
-            video = False
-        else:
-            video = True
-        frames = x.shape[2]
-
-        if not isinstance(time, Tensor):
-            time = torch.full((batch,), float(time), device=x.device)
-        time = time.expand(batch) if time.ndim == 0 else time
-        emb = self.time_embedding(timestep_features(time, self.config.block_out_channels[0]).to(x.dtype))
-        emb = add_frame_rate(self.fps_embed, emb, fps, "ModelScopeUnet")
-        ctx, keep = context_tokens(self, cond, cond_mask, null_cond_prob, x, dim=self.config.cond_dim)
-        emb = emb.repeat_interleave(frames, dim=0)
-        ctx = ctx.repeat_interleave(frames, dim=0)
-        keep = None if keep is None else keep.repeat_interleave(frames, dim=0)
-
-        h = self.conv_in(rearrange(x, "b c f h w -> (b f) c h w"))
-        if self.frame_cond_in is not None and frame_cond is not None:
-            h = self.frame_cond_in(h, frame_cond)
-        h = self.checkpointed(self.transformer_in, h, frames, enabled)
-        skips = [h]
-        for stage in self.down_blocks:
-            for i in range(len(stage.resnets)):
-                h = self.checkpointed(stage.layer, i, h, emb, ctx, keep, frames, enabled)
-                skips.append(h)
-            if stage.downsamplers is not None:
-                h = stage.downsamplers[0](h)
-                skips.append(h)
-        h = self.checkpointed(self.mid_block, h, emb, ctx, keep, frames, enabled)
-        for stage in self.up_blocks:
-            for i in range(len(stage.resnets)):
-                h = torch.cat((h, skips.pop()), dim=1)
-                h = self.checkpointed(stage.layer, i, h, emb, ctx, keep, frames, enabled)
-            if stage.upsamplers is not None:
-                h = stage.upsamplers[0](h, tuple(skips[-1].shape[-2:]))
-        h = self.conv_out(norm_silu(self.conv_norm_out, h))
-        out = rearrange(h, "(b f) c h w -> b c f h w", f=frames)
-        return out if video else out[:, :, 0]
+    def after_conv_in(self, h: Tensor, frames: int, enabled: EnableTime) -> Tensor:
+        # ModelScope's `transformer_in`: a temporal transformer on the input features.
+        return self.checkpointed(self.transformer_in, h, frames, enabled)
