@@ -299,6 +299,7 @@ class DataConfig(Section):
     digit_size: int | None = None
     speed: float | None = None
     seed: int | None = None
+    subpixel: bool | None = None  # MovingDigits(subpixel=): fractional positions, bilinear
     # folder (diffusion.data.VideoFolder)
     folder: str | None = None
     frame_mode: str | None = None
@@ -309,7 +310,7 @@ class DataConfig(Section):
     max_source_frames: int | None = None
 
     KIND_KEYS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "moving-digits": ("num_videos", "digit_size", "speed", "seed"),
+        "moving-digits": ("num_videos", "digit_size", "speed", "seed", "subpixel"),
         "folder": ("folder", "frame_mode", "window", "captions", "probe", "decode_timeout", "max_source_frames"),
     }
 
@@ -329,6 +330,7 @@ class DataConfig(Section):
             _number("data.speed", self.speed, 0, low_open=True)
         if self.seed is not None:
             _int("data.seed", self.seed, 0, MAX_SEED)
+        _bool("data.subpixel", self.subpixel, optional=True)
         if self.kind == "folder" and not self.folder:
             raise ConfigError("data.folder is required with data.kind=folder (a folder of videos)")
         _string("data.folder", self.folder, optional=True)
