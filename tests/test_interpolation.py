@@ -166,7 +166,9 @@ def test_scores_of_the_true_frames_are_perfect_and_beat_blending():
     truth = coarse.at_frame_rate(4).videos()
     # diagonal motion: blending two shifted digits is not a shifted digit
     assert any(k >= 4 for k in coarse.direction_labels)
-    results = interpolation_scores(_Oracle(truth), truth, 4, batch_size=4)
+    diagonal = torch.tensor([k >= 4 for k in coarse.direction_labels])
+    results = interpolation_scores(_Oracle(truth), truth, 4, batch_size=4,
+                                   groups={"diagonal": diagonal, "none": torch.zeros(6, dtype=torch.bool)})
     assert results["model_psnr"]["per_video"] == [MAX_PSNR] * 6
     assert results["in_between_frames"] == 12 and results["frames"] == 17
     assert results["linear_psnr"]["mean"] < MAX_PSNR and results["gain_db"]["mean"] > 0
@@ -174,6 +176,10 @@ def test_scores_of_the_true_frames_are_perfect_and_beat_blending():
     low, high = results["model_psnr"]["interval"]
     assert low == high == MAX_PSNR
     assert "gain over blending" in interpolation_table(results)
+    # groups: empty ones left out; blending is exact on horizontal / vertical sub-pixel motion
+    assert list(results["groups"]) == ["diagonal"] and results["groups"]["diagonal"]["num_videos"] == int(diagonal.sum())
+    straight = [p for p, d in zip(results["linear_psnr"]["per_video"], diagonal.tolist()) if not d]
+    assert all(p == MAX_PSNR for p in straight)
 
 
 def test_pooled_psnr_of_equal_errors_is_the_psnr():
@@ -205,6 +211,7 @@ def test_eval_interp_writes_scores(tiny_interp_run, tmp_path, capsys):
     assert len(results["model_psnr"]["per_video"]) == 3 and results["data_seed"] != 0
     assert all(0 < v <= MAX_PSNR for v in results["model_psnr"]["per_video"])
     assert "linear blending PSNR" in capsys.readouterr().out
+    assert set(results["groups"]) <= {"horizontal or vertical", "diagonal"}
 
 
 @pytest.mark.parametrize(
