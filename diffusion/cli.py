@@ -414,10 +414,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from diffusion import checkpoint as ckpt
     from diffusion.evaluate import evaluate_folder, results_table
 
+    if (args.folder is None) == (args.interp is None):
+        raise UsageError("give a FOLDER of samples to score, or --interp RUN to score a frame-interpolation run "
+                         f"(not both); got folder={args.folder!r}, --interp={args.interp!r}")
+    if args.interp is not None:
+        return _eval_interpolation(args)
     results = evaluate_folder(args.folder)
     out = Path(args.out) if args.out else Path(args.folder) / "eval.json"
     ckpt.atomic_write_text(out, json.dumps(results, indent=2) + "\n")
     _say(results_table(results))
+    _say(f"\nwrote {out}")
+    return 0
+
+
+def _eval_interpolation(args: argparse.Namespace) -> int:
+    from diffusion import checkpoint as ckpt
+    from diffusion.evaluate_interp import evaluate_interpolation_run, interpolation_table
+
+    results = evaluate_interpolation_run(
+        args.interp, num_videos=args.num_videos, stride=args.stride, seed=args.seed, sampler=args.sampler,
+        steps=args.steps, batch_size=args.batch_size, device=_device(args.device),
+        **({} if args.data_seed is None else {"data_seed": args.data_seed}))
+    out = Path(args.out) if args.out else Path(results["run"]) / "eval-interp.json"
+    ckpt.atomic_write_text(out, json.dumps(results, indent=2) + "\n")
+    _say(interpolation_table(results))
     _say(f"\nwrote {out}")
     return 0
 
@@ -554,10 +574,22 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", default="auto")
     sample.set_defaults(func=cmd_sample)
 
-    evaluate = commands.add_parser("eval", help="score moving-digits samples",
-                                   description="Direction and digit accuracy of moving-digits videos against their captions.")
-    evaluate.add_argument("folder", help="folder of videos with NAME.txt captions")
-    evaluate.add_argument("--out", help="JSON results (default: FOLDER/eval.json)")
+    evaluate = commands.add_parser(
+        "eval", help="score moving-digits samples or a frame-interpolation run",
+        description="Direction and digit accuracy of moving-digits videos against their captions; with --interp "
+                    "RUN, a frame-interpolation run's PSNR on held-out moving digits against linear blending.")
+    evaluate.add_argument("folder", nargs="?", help="folder of videos with NAME.txt captions")
+    evaluate.add_argument("--out", help="JSON results (default: FOLDER/eval.json, RUN/eval-interp.json)")
+    evaluate.add_argument("--interp", metavar="RUN", help="frame-interpolation run folder (or checkpoint) to score")
+    evaluate.add_argument("--num-videos", type=_positive_int, default=32, help="--interp: held-out videos")
+    evaluate.add_argument("--stride", type=_positive_int, default=4, help="--interp: every STRIDE-th frame given")
+    evaluate.add_argument("--data-seed", type=_seed,
+                          help="--interp: seed of the held-out videos (default 1000003; not the run's data.seed)")
+    evaluate.add_argument("--seed", type=_seed, default=0, help="--interp: sampling seed")
+    evaluate.add_argument("--sampler", choices=sampler_names(), help="--interp: default the run's sample.sampler")
+    evaluate.add_argument("--steps", type=_positive_int, help="--interp: default the run's sample.steps")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=16, help="--interp: videos sampled at once")
+    evaluate.add_argument("--device", default="auto")
     evaluate.set_defaults(func=cmd_eval)
 
     data = commands.add_parser("data", help="write a data set to disk", description="Write a data set as gif + txt pairs.")

@@ -201,9 +201,12 @@ class TrainerConfig(Section):
     save_model_every: int | None = None
     trainable: str = "auto"  # diffusion.lora.select_trainable
     latent_cache_dir: str | None = None  # diffusion.latent_cache
+    # Known-frame training masks (diffusion.frame_masks.FrameMasks fields; true = defaults).
+    frame_masks: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         from diffusion.distributed import PARALLEL_MODES
+        from diffusion.frame_masks import frame_masks_option
 
         t = "trainer."
         for name, low in (("train_batch_size", 1), ("train_num_steps", 0), ("gradient_accumulate_every", 1),
@@ -246,6 +249,7 @@ class TrainerConfig(Section):
         _number(t + "max_seconds", self.max_seconds, 0)
         _choice(t + "trainable", self.trainable, ("auto", "temporal", "all"))
         _string(t + "latent_cache_dir", self.latent_cache_dir, optional=True)
+        self.frame_masks = _checked(frame_masks_option, t + "frame_masks", self.frame_masks)
 
 
 # `sample()` arguments a trainer sets itself for its grids (the batch and its conditions).
@@ -295,6 +299,7 @@ class DataConfig(Section):
     digit_size: int | None = None
     speed: float | None = None
     seed: int | None = None
+    subpixel: bool | None = None  # MovingDigits(subpixel=): fractional positions, bilinear
     # folder (diffusion.data.VideoFolder)
     folder: str | None = None
     frame_mode: str | None = None
@@ -305,7 +310,7 @@ class DataConfig(Section):
     max_source_frames: int | None = None
 
     KIND_KEYS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "moving-digits": ("num_videos", "digit_size", "speed", "seed"),
+        "moving-digits": ("num_videos", "digit_size", "speed", "seed", "subpixel"),
         "folder": ("folder", "frame_mode", "window", "captions", "probe", "decode_timeout", "max_source_frames"),
     }
 
@@ -325,6 +330,7 @@ class DataConfig(Section):
             _number("data.speed", self.speed, 0, low_open=True)
         if self.seed is not None:
             _int("data.seed", self.seed, 0, MAX_SEED)
+        _bool("data.subpixel", self.subpixel, optional=True)
         if self.kind == "folder" and not self.folder:
             raise ConfigError("data.folder is required with data.kind=folder (a folder of videos)")
         _string("data.folder", self.folder, optional=True)
@@ -447,6 +453,11 @@ class RunConfig:
                 "set only diffusion.num_frames"
             )
         _check_unet_and_memory(self)
+        if t.frame_masks is not None and not getattr(self.unet.unet_config(), "frame_cond", False):
+            raise ConfigError(
+                f"trainer.frame_masks shows the U-Net some of each video's frames: it needs model.frame_cond: true "
+                f"(the {self.unet.name} U-Net is built with frame_cond false)"
+            )
         if t.sample_kwargs:
             check_sample_kwargs("trainer.sample_kwargs", t.sample_kwargs, timesteps=d.timesteps)
         steps = self.sample.steps

@@ -25,7 +25,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from diffusion.gaussian import Cond, GaussianDiffusion, Number, threshold_x0
-from diffusion.frame_masks import frame_kwargs, paste_known
+from diffusion.frame_masks import denoiser_extra, paste_known, training_frames
 from diffusion.guidance import denoiser_kwargs, guided_output
 from spacetime.checks import check_choice, check_number
 
@@ -181,11 +181,17 @@ class FlowMatching(GaussianDiffusion):
         noise: Tensor | None = None,
         times: Tensor | None = None,
         encoded: bool = False,
+        cond_frames: Tensor | None = None,
+        cond_frame_mask: Tensor | None = None,
+        frame_masks: Any = None,
+        fps: Any = None,
     ) -> Float[Tensor, ""]:
         """The flow-matching loss `|v_pred - (noise - x0)|` for videos (or images) in [0, 1]
         (Lipman et al. 2022, eq. 23). `times` fixes `t`: floats in [0, 1], or integer
         quantile indices (`times_from_index`); default: drawn. With a VAE the flow runs on its
-        latents (`encoded=True`: `videos` are latents already, as in GaussianDiffusion)."""
+        latents (`encoded=True`: `videos` are latents already, as in GaussianDiffusion). Known
+        frames (`cond_frames` / `cond_frame_mask`, or drawn `frame_masks`) and `fps` as in
+        `GaussianDiffusion.forward`."""
         x_start = self._start(videos, encoded)
         batch = videos.shape[0]
         if noise is not None and noise.shape != x_start.shape:
@@ -215,6 +221,10 @@ class FlowMatching(GaussianDiffusion):
             cond=cond, cond_mask=cond_mask, null_cond_prob=drop_prob if cond is not None else 0.0,
             enable_time=enable_time, focus_present_mask=focus_present_mask, prob_focus_present=prob_focus_present,
         )
+        if cond_frames is not None or cond_frame_mask is not None or frame_masks not in (None, False):
+            kwargs.update(training_frames(self, x_start, cond_frames, cond_frame_mask, frame_masks, encoded))
+        if fps is not None:
+            kwargs["fps"] = fps
         prediction = self.denoise_fn(x_t, times * TIME_SCALE, **kwargs)
         self._check_prediction(prediction, x_t)
         loss = self._elementwise_loss(prediction, noise - x_start)
@@ -234,6 +244,7 @@ class FlowMatching(GaussianDiffusion):
         guidance_rescale: Number = 0.0,
         batched_guidance: bool | None = None,
         frames: tuple[Tensor, Tensor, bool] | None = None,
+        fps: Any = None,
     ) -> tuple[Tensor, Tensor]:
         """The guided velocity at `(x, t)` (`t` in [0, 1], `(B,)`) as `(x0, noise)`:
         `x0 = x - t v`, `noise = x + (1 - t) v`; with `clip_denoised` (and `t > 0`) `x0` is
@@ -241,7 +252,7 @@ class FlowMatching(GaussianDiffusion):
         v = guided_output(
             self.denoise_fn, x, t * TIME_SCALE, cond=cond, cond_mask=cond_mask, cond_scale=cond_scale,
             guidance_rescale=guidance_rescale, batched=batched_guidance,
-            extra=None if frames is None else frame_kwargs(frames[0], frames[1]),
+            extra=denoiser_extra(frames, fps),
         )
         self._check_prediction(v, x)
         tt = t.to(x.dtype).view((-1,) + (1,) * (x.ndim - 1))
@@ -259,7 +270,7 @@ class FlowMatching(GaussianDiffusion):
         self, sampler: str, model_fn: ModelFn, x: Tensor, *, steps: int | None, eta: float | int | None,
         generator: torch.Generator | None, callback: Any, options: dict[str, Any],
     ) -> Tensor:
-        shared = ("guidance_rescale", "batched_guidance", "cond_frames", "cond_frame_mask", "replace_known")
+        shared = ("guidance_rescale", "batched_guidance", "cond_frames", "cond_frame_mask", "replace_known", "fps")
         given = {key: value for key, value in options.items()
                  if key not in shared and value not in (None, False, 0, 0.0, "linspace")}
         if given or eta not in (None, 0, 0.0):

@@ -24,27 +24,36 @@ on x0): the sampler's state then carries them, and they come back exactly.
 from __future__ import annotations
 
 import dataclasses
+import logging
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from spacetime.checks import check_int, check_number
+from spacetime.checks import check_int, check_number, did_you_mean
 
 __all__ = [
     "STRATEGIES",
     "FrameMasks",
+    "denoiser_extra",
     "draw_frame_masks",
     "first_frame_mask",
+    "frame_kwargs",
+    "frame_masks_option",
     "future_mask",
+    "grid_frame_rate",
     "interpolation_mask",
     "known_frames",
+    "masks_from_option",
     "paste_known",
-    "frame_kwargs",
     "temporal_super_resolution",
     "temporal_upsample_layout",
+    "training_frame_inputs",
     "training_frames",
 ]
+
+_log = logging.getLogger(__name__)
 
 STRATEGIES = ("future", "interpolate", "first_frame", "unconditional")
 
@@ -103,6 +112,51 @@ class FrameMasks:
     @property
     def probabilities(self) -> Tensor:
         return torch.tensor([float(getattr(self, name)) for name in STRATEGIES])
+
+
+FRAME_MASK_KEYS = tuple(f.name for f in dataclasses.fields(FrameMasks))
+
+
+def frame_masks_option(where: str, value: Any) -> dict[str, Any] | None:
+    """A run config's `frame_masks` value as the full `FrameMasks` fields (plain lists), or
+    None: null / false for none, true for the defaults, a mapping of some fields (the rest
+    default) or a `FrameMasks`. Errors name `where` and the key (`trainer.frame_masks.strides`)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        value = {}
+    elif isinstance(value, FrameMasks):
+        value = dataclasses.asdict(value)
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            f"{where} must be a mapping of {', '.join(FRAME_MASK_KEYS)}, true (the defaults) or null, got {value!r}"
+        )
+    for key in value:
+        if key not in FRAME_MASK_KEYS:
+            raise ValueError(f"unknown {where} key {key!r}{did_you_mean(str(key), FRAME_MASK_KEYS)}; "
+                             f"allowed keys: {', '.join(FRAME_MASK_KEYS)}")
+    options = {**dataclasses.asdict(FrameMasks()), **value} if value else dataclasses.asdict(FrameMasks())
+    for name in STRATEGIES:
+        given = options[name]
+        if isinstance(given, bool) or not isinstance(given, (int, float)):
+            raise TypeError(f"{where}.{name} must be a probability (a number in [0, 1]), got {given!r}")
+        check_number(f"{where}.{name}", float(given), low=0.0, high=1.0)
+    for name in ("context_frames", "strides"):
+        given = options[name]
+        if isinstance(given, (str, bytes)) or not isinstance(given, (list, tuple)):
+            raise TypeError(f"{where}.{name} must be a list of ints, got {given!r}")
+        for index, entry in enumerate(given):
+            check_int(f"{where}.{name}[{index}]", entry, low=1)
+    try:
+        masks = masks_from_option(options)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{where}: {err}") from None
+    return {key: list(v) if isinstance(v, tuple) else v for key, v in dataclasses.asdict(masks).items()}
+
+
+def masks_from_option(options: Mapping[str, Any]) -> FrameMasks:
+    """The `FrameMasks` of a `frame_masks_option` dict (lists as tuples)."""
+    return FrameMasks(**{key: tuple(v) if isinstance(v, list) else v for key, v in options.items()})
 
 
 def draw_frame_masks(
@@ -172,6 +226,15 @@ def frame_kwargs(known: Tensor, mask: Tensor) -> dict[str, Tensor]:
     return {"cond_frames": known * mask[:, None, :, None, None].to(known.dtype), "cond_frame_mask": mask}
 
 
+def denoiser_extra(frames: tuple[Tensor, Tensor, bool] | None, fps: Any = None) -> dict[str, Any] | None:
+    """The U-Net inputs a sampler passes at every step besides the text condition: known
+    frames `(x0, mask, replace)` and the frame rate `fps` (None: not given)."""
+    extra = {} if frames is None else frame_kwargs(frames[0], frames[1])
+    if fps is not None:
+        extra["fps"] = fps
+    return extra or None
+
+
 def paste_known(x0: Tensor, known: Tensor, mask: Tensor) -> Tensor:
     """`x0` with the given frames replaced by `known` (both `(B, C, F, H, W)`)."""
     return torch.where(mask[:, None, :, None, None], known.to(x0.dtype), x0)
@@ -238,3 +301,44 @@ def temporal_super_resolution(
         cond_frames=video, cond_frame_mask=mask, num_frames=video.shape[2], batch_size=video.shape[0],
         replace_known=replace_known, **sample_options,
     )
+
+
+def _unet_option(process: Any, name: str) -> bool | None:
+    """The `frame_cond` / `frame_rate_cond` setting of the process's U-Net, None when the
+    denoiser has no such config (a plain module)."""
+    config = getattr(getattr(process, "denoise_fn", None), "config", None)
+    value = getattr(config, name, None)
+    return value if isinstance(value, bool) else None
+
+
+def training_frame_inputs(process: Any, dataset: Any, frame_masks: Any) -> dict[str, Any]:
+    """The keyword arguments a trainer adds to every video step of `process`: `frame_masks`
+    (a `FrameMasks`, from a `frame_masks_option` dict, a `FrameMasks` or True) and, for a U-Net
+    with `frame_rate_cond`, `fps` = the data set's `frame_rate` (`MovingDigits`: frames per
+    pixel travelled, 1 / speed). A data set without one trains without `fps`, with a warning."""
+    out: dict[str, Any] = {}
+    options = frame_masks_option("frame_masks", frame_masks)
+    if options is not None:
+        if _unet_option(process, "frame_cond") is False:
+            raise ValueError(
+                "frame_masks shows the U-Net some of each video's frames: build it with frame_cond=True "
+                "(this one has frame_cond=False)"
+            )
+        out["frame_masks"] = masks_from_option(options)
+    if _unet_option(process, "frame_rate_cond"):
+        rate = getattr(dataset, "frame_rate", None)
+        if rate is None:
+            _log.warning("the U-Net has frame_rate_cond but the %s data set gives no frame_rate: training without "
+                         "fps", type(dataset).__name__)
+        else:
+            check_number("the data set's frame_rate", float(rate), low=0.0, low_open=True)
+            out["fps"] = float(rate)
+    return out
+
+
+def grid_frame_rate(inputs: Mapping[str, Any], sample_kwargs: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A trainer's `sample_kwargs` for its sample grids, with the training frame rate as
+    `fps` unless they set one."""
+    if "fps" not in inputs:
+        return None if sample_kwargs is None else dict(sample_kwargs)
+    return {"fps": inputs["fps"], **(sample_kwargs or {})}

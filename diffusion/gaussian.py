@@ -363,6 +363,7 @@ class GaussianDiffusion(SamplingMixin, nn.Module):
         cond_frames: Tensor | None = None,
         cond_frame_mask: Tensor | None = None,
         frame_masks: Any = None,
+        fps: Any = None,
     ) -> Float[Tensor, ""]:
         """The training loss for a batch of videos (or images) in [0, 1] (or [-1, 1] with
         `auto_normalize=False`). `times` fixes the timesteps (default: uniform), `noise` the
@@ -373,7 +374,8 @@ class GaussianDiffusion(SamplingMixin, nn.Module):
         Known frames for a `frame_cond` U-Net: `cond_frames` (like `videos`) with
         `cond_frame_mask` (B, F), or `frame_masks` (a `diffusion.frame_masks.FrameMasks`, or
         True for the default one) to draw a mask per sample and show the batch its own
-        frames. The loss covers every frame (`diffusion.frame_masks`)."""
+        frames. The loss covers every frame (`diffusion.frame_masks`). `fps`: the frame rate
+        for a `frame_rate_cond` U-Net (a positive number or (B,) values)."""
         x_start = self._start(videos, encoded)
         batch = videos.shape[0]
         if noise is not None and noise.shape != x_start.shape:
@@ -409,6 +411,8 @@ class GaussianDiffusion(SamplingMixin, nn.Module):
         )
         if cond_frames is not None or cond_frame_mask is not None or frame_masks not in (None, False):
             kwargs.update(training_frames(self, x_start, cond_frames, cond_frame_mask, frame_masks, encoded))
+        if fps is not None:
+            kwargs["fps"] = fps
         prediction = self.denoise_fn(x_t, times, **kwargs)
         self._check_prediction(prediction, x_t)
 

@@ -13,6 +13,14 @@ along each moving axis (diagonals move on both), and the start is drawn so that 
 path stays inside the frame. Only when the path cannot fit (a long video, a fast digit)
 does the digit bounce off the edges; its caption then names the initial direction.
 
+`subpixel=True` renders the digit at its exact fractional position (a bilinear shift: each
+pixel of the digit spread over the four canvas pixels it overlaps), so a digit moving 0.25 px
+per frame glides instead of jumping one pixel every fourth frame; at whole-pixel positions it
+is exactly the default rendering. `at_frame_rate(k)` gives the same videos at k times the
+frame rate (speed / k, k * (F - 1) + 1 frames): every k-th frame is the original's, which is
+the ground truth of frame interpolation (`diffusion.evaluate_interp`). `frame_rate` is what a
+`frame_rate_cond` U-Net is given: frames per pixel travelled, 1 / speed.
+
 Everything is a function of `seed`: the same arguments give the same videos, in memory
 (`MovingDigits`) or on disk (`write_moving_digits`, gif + txt pairs that `VideoFolder`
 reads).
@@ -106,6 +114,21 @@ def _bounce(position: np.ndarray, room: int) -> np.ndarray:
     return np.where(wrapped > room, period - wrapped, wrapped)
 
 
+def _paste_subpixel(frame: np.ndarray, template: np.ndarray, x: float, y: float) -> None:
+    """Add `template` to `frame` with its top-left corner at the fractional `(x, y)`: the
+    bilinear shift, each template pixel split over the four pixels it overlaps in the
+    proportions of the overlap. Mass and the intensity centroid move exactly with (x, y);
+    whole-pixel positions give the template itself. Weights below 1e-9 (float error of a
+    position meant to be whole) are skipped, so nothing is written past the canvas."""
+    x0, y0 = int(np.floor(x + 1e-9)), int(np.floor(y + 1e-9))
+    fx, fy = max(x - x0, 0.0), max(y - y0, 0.0)
+    size = template.shape[0]
+    for dy, wy in ((0, 1.0 - fy), (1, fy)):
+        for dx, wx in ((0, 1.0 - fx), (1, fx)):
+            if wx * wy > 1e-9:
+                frame[y0 + dy : y0 + dy + size, x0 + dx : x0 + dx + size] += np.float32(wx * wy) * template
+
+
 class MovingDigits(Dataset):
     """In-memory moving digits (see the module docstring); videos are rendered on access.
 
@@ -127,6 +150,7 @@ class MovingDigits(Dataset):
         seed: int = 0,
         text_encoder: Any = None,
         text_embedding: str = "pooled",
+        subpixel: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("num_videos", num_videos), ("image_size", image_size),
@@ -145,6 +169,8 @@ class MovingDigits(Dataset):
             raise ValueError(f"speed must be positive (pixels per frame), got {speed}")
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
+        if not isinstance(subpixel, bool):
+            raise TypeError(f"subpixel must be a bool, got {subpixel!r}")
         check_choice("text_embedding", text_embedding, TEXT_EMBEDDINGS)
         self.num_videos = num_videos
         self.image_size = image_size
@@ -153,6 +179,8 @@ class MovingDigits(Dataset):
         self.speed = float(speed)
         self.channels = channels
         self.seed = seed
+        self.subpixel = subpixel
+        self.text_embedding = text_embedding
 
         images, labels = load_sklearn_digits()
         # bilinear upsampling keeps the soft strokes of the 8x8 originals
@@ -168,7 +196,9 @@ class MovingDigits(Dataset):
             [by_digit[d][rng.integers(0, len(by_digit[d]))] for d in self.digit_labels]
         )
         room = image_size - digit_size
-        travel = self.speed * (num_frames - 1)
+        # Rounded so that at_frame_rate's path (speed / k over k times the frames) has the same
+        # length to the bit, and so the same starts.
+        travel = round(self.speed * (num_frames - 1), 9)
         self.bounces = travel > room
         if self.bounces:
             logger.info(
@@ -198,13 +228,38 @@ class MovingDigits(Dataset):
     def __len__(self) -> int:
         return self.num_videos
 
-    def positions(self, index: int) -> np.ndarray:
-        """Top-left corner `(x, y)` of the digit in every frame, `(F, 2)` integers."""
+    @property
+    def frame_rate(self) -> float:
+        """Frames per pixel travelled (1 / speed): the `fps` of a `frame_rate_cond` U-Net
+        (`diffusion.frame_masks.training_frame_inputs`). The 1 px/frame videos have 1, the
+        same motion at four times the frame rate 4."""
+        return 1.0 / self.speed
+
+    def at_frame_rate(self, factor: int) -> MovingDigits:
+        """The same videos at `factor` times the frame rate: speed / factor over
+        factor * (F - 1) + 1 frames, sub-pixel rendered, same digits, directions and starts.
+        Frame `factor * i` is frame `i` of this data set's videos (exactly when this one is
+        sub-pixel rendered too or its positions are whole pixels, as with a whole `speed`)."""
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"factor must be an int >= 1, got {factor!r}")
+        # The starts depend only on the seed and the path length, which are unchanged.
+        return MovingDigits(
+            self.num_videos, image_size=self.image_size, num_frames=factor * (self.num_frames - 1) + 1,
+            digit_size=self.digit_size, speed=self.speed / factor, channels=self.channels, seed=self.seed,
+            subpixel=True,
+        )
+
+    def exact_positions(self, index: int) -> np.ndarray:
+        """Top-left corner `(x, y)` of the digit in every frame, `(F, 2)` floats."""
         step = np.array(DIRECTIONS[DIRECTION_NAMES[self.direction_labels[index]]], dtype=np.float64)
         times = np.arange(self.num_frames, dtype=np.float64)[:, None]
         path = self.starts[index] + self.speed * step * times
-        path = _bounce(path, self.image_size - self.digit_size)
-        return np.rint(path).astype(np.int64)
+        return _bounce(path, self.image_size - self.digit_size)
+
+    def positions(self, index: int) -> np.ndarray:
+        """Top-left corner `(x, y)` of the digit in every frame, `(F, 2)` integers (rounded;
+        `exact_positions` has the fractional ones `subpixel=True` renders)."""
+        return np.rint(self.exact_positions(index)).astype(np.int64)
 
     def render(self, index: int) -> Float[Tensor, "c f h w"]:
         """The video of item `index`."""
@@ -214,8 +269,12 @@ class MovingDigits(Dataset):
         template = self._templates[self.image_indices[index]]
         frames = np.zeros((self.num_frames, self.image_size, self.image_size), dtype=np.float32)
         size = self.digit_size
-        for frame, (x, y) in zip(frames, self.positions(index)):
-            frame[y : y + size, x : x + size] = template
+        if self.subpixel:
+            for frame, (x, y) in zip(frames, self.exact_positions(index)):
+                _paste_subpixel(frame, template, x, y)
+        else:
+            for frame, (x, y) in zip(frames, self.positions(index)):
+                frame[y : y + size, x : x + size] = template
         return repeat(torch.from_numpy(frames), "f h w -> c f h w", c=self.channels).contiguous()
 
     def __getitem__(self, index: int) -> dict[str, Any]:

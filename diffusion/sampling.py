@@ -17,7 +17,7 @@ from einops import rearrange
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from diffusion.frame_masks import frame_kwargs, known_frames, paste_known
+from diffusion.frame_masks import denoiser_extra, known_frames, paste_known
 from diffusion.guidance import guided_output
 from diffusion.samplers import VPSigmas, check_sampler, ddpm_sample, progress_bar, sample_loop
 from diffusion.samplers.scheduler import scheduler_sample
@@ -81,17 +81,17 @@ class SamplingMixin:
         guidance_rescale: Number = 0.0,
         batched_guidance: bool | None = None,
         frames: tuple[Tensor, Tensor, bool] | None = None,
+        fps: Any = None,
     ) -> tuple[Float[Tensor, "b *dims"], Float[Tensor, "b *dims"]]:
         """The guided prediction at `(x, t)` as `(x0, eps)`, the one place where the
         objective is undone. With `clip_denoised`, `x0` is thresholded and `eps` re-derived
         from it so that every sampler sees a consistent pair. `t` may be fractional (a float
         tensor): the noise level is then interpolated (`VPSigmas`). `frames` = (known x0,
         mask, replace): known frames for a frame-conditioned U-Net, pasted into `x0` when
-        `replace` (`diffusion.frame_masks`)."""
+        `replace` (`diffusion.frame_masks`); `fps` for a `frame_rate_cond` U-Net."""
         prediction = guided_output(
             self.denoise_fn, x, t, cond=cond, cond_mask=cond_mask, cond_scale=cond_scale,
-            guidance_rescale=guidance_rescale, batched=batched_guidance,
-            extra=None if frames is None else frame_kwargs(frames[0], frames[1]),
+            guidance_rescale=guidance_rescale, batched=batched_guidance, extra=denoiser_extra(frames, fps),
         )
         self._check_prediction(prediction, x)
         alpha, sigma = self._alpha_sigma(t, x)
@@ -114,11 +114,12 @@ class SamplingMixin:
         self, cond: Tensor | None, cond_mask: Tensor | None, cond_scale: float | int, clip_denoised: bool,
         guidance_rescale: float | int = 0.0, batched_guidance: bool | None = None,
         frames: tuple[Tensor, Tensor, bool] | None = None,
+        fps: Any = None,
     ) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
         def model_fn(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
             return self.model_predictions(
                 x, t, cond=cond, cond_mask=cond_mask, cond_scale=cond_scale, clip_denoised=clip_denoised,
-                guidance_rescale=guidance_rescale, batched_guidance=batched_guidance, frames=frames,
+                guidance_rescale=guidance_rescale, batched_guidance=batched_guidance, frames=frames, fps=fps,
             )
 
         return model_fn
@@ -185,7 +186,7 @@ class SamplingMixin:
         replace = bool(options.get("replace_known", False))
         model_fn = self._model_fn(
             cond, cond_mask, float(cond_scale), clip_denoised, float(rescale), options.get("batched_guidance"),
-            frames=None if known is None else (*known, replace),
+            frames=None if known is None else (*known, replace), fps=options.get("fps"),
         )
         name = "scheduler" if scheduler is not None else sampler
         bar, callback = progress_bar(name, self.num_timesteps, steps) if progress else (None, None)
@@ -249,6 +250,7 @@ class SamplingMixin:
         cond_frames: Tensor | None = None,
         cond_frame_mask: Tensor | None = None,
         replace_known: bool = False,
+        fps: Any = None,
     ) -> Float[Tensor, "b c f h w"]:
         """Sample videos `(B, C, F, H, W)` in [0, 1] ([-1, 1] with `auto_normalize=False`).
 
@@ -271,13 +273,15 @@ class SamplingMixin:
         `cond_frames` (B, C, F, H, W) in [0, 1] with `cond_frame_mask` (B, F) bool: frames
         given to a `frame_cond` U-Net (the batch size is theirs); `replace_known` also puts
         them back into every predicted clean video, so that they come back exactly
-        (`diffusion.frame_masks`)."""
+        (`diffusion.frame_masks`). `fps`: the frame rate (a positive number or (B,) values)
+        for a U-Net with `frame_rate_cond=True`."""
         frames = self.num_frames if num_frames is None else num_frames
         if frames < 1:
             raise ValueError(f"num_frames must be positive, got {frames}")
         options = {"spacing": spacing, "karras": karras, "scheduler": scheduler,
                    "guidance_rescale": guidance_rescale, "batched_guidance": batched_guidance,
-                   "cond_frames": cond_frames, "cond_frame_mask": cond_frame_mask, "replace_known": replace_known}
+                   "cond_frames": cond_frames, "cond_frame_mask": cond_frame_mask, "replace_known": replace_known,
+                   "fps": fps}
         return self._sample(
             (frames,), cond, cond_scale, batch_size, cond_mask=cond_mask, sampler=sampler, steps=steps, eta=eta,
             generator=generator, clip_denoised=clip_denoised, noise=noise, progress=progress, options=options,

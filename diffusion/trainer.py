@@ -43,6 +43,7 @@ from diffusion.budget import LR_SCHEDULES, TimeBudget, lr_factor
 from diffusion.config import TrainerConfig, check_sample_kwargs
 from diffusion.data import folder_dataset
 from diffusion.ema import EMA
+from diffusion.frame_masks import grid_frame_rate, training_frame_inputs
 from diffusion.interrupts import DeferredInterrupt, progress_bar
 from diffusion.metrics import MetricsLog
 from diffusion.samples import SampleGrid, conditions_on_captions, sampling_model
@@ -105,6 +106,10 @@ class Trainer:
         encodes them (each distinct caption once; `text_cache_dir` keeps them on disk too).
     cond_scale, sample_captions, sample_kwargs: for sample grids (`diffusion.samples`).
     image_phase_steps: the first N steps train on single frames (images, time disabled).
+    frame_masks: known-frame training (`diffusion.frame_masks`): a `FrameMasks`, its fields
+        as a mapping, or True for the defaults; each step shows every sample some of its own
+        frames. Needs a U-Net with `frame_cond=True`. A U-Net with `frame_rate_cond=True` is
+        also given the data set's `frame_rate` (`fps=`) every step and in its sample grids.
     image_ratio: afterwards, this fraction of each batch is frames drawn independently from
         their video with time disabled (Ho et al. 2022, "Video Diffusion Models", sec. 3).
     resume: continue from the run's latest checkpoint; a run whose checkpoint folders are
@@ -130,7 +135,7 @@ class Trainer:
         resume: bool = False, progress: bool | None = None, log_every: int = 1, write_mp4: bool = True,
         fps: Number = 8.0, parallel: str = "auto", find_unused_parameters: bool = True,
         max_seconds: Number = 0.0, save_model_every: int | None = None, trainable: str = "auto",
-        latent_cache_dir: str | os.PathLike | None = None,
+        latent_cache_dir: str | os.PathLike | None = None, frame_masks: Any = None,
     ):
         options = {name: value for name, value in locals().items()
                    if name not in ("self", "diffusion_model", "folder", "dataset", "device", "resume", "progress")}
@@ -166,6 +171,8 @@ class Trainer:
         self.ds = dataset if dataset is not None else folder_dataset(self.model, folder)
         if len(self.ds) == 0:
             raise ValueError("need at least 1 video to train on, the data set is empty")
+        # Per-step inputs beyond the batch: drawn known-frame masks and the data's frame rate.
+        self.frame_inputs = training_frame_inputs(self.model, self.ds, config.frame_masks)
 
         self.batch_size = config.train_batch_size
         self.local_batch_size = self.batch_size // self.world_size
@@ -223,7 +230,7 @@ class Trainer:
         self.samples = SampleGrid(
             self.results_folder, self.ds, rows=config.num_sample_rows, batch_size=self.batch_size, seed=self.seed,
             conditional=self.condition_on_captions, captions=config.sample_captions, cond_scale=config.cond_scale,
-            sample_kwargs=config.sample_kwargs, fps=config.fps, write_mp4=config.write_mp4, device=self.device,
+            sample_kwargs=grid_frame_rate(self.frame_inputs, config.sample_kwargs), fps=config.fps, write_mp4=config.write_mp4, device=self.device,
             autocast=self._autocast,
         )
         if config.sample_kwargs:
@@ -449,7 +456,7 @@ class Trainer:
         if log_fn is not None and not callable(log_fn):
             raise TypeError(f"log_fn must be callable, got {type(log_fn).__name__}")
         config = self.config
-        train_kwargs: dict[str, Any] = {}
+        train_kwargs: dict[str, Any] = dict(self.frame_inputs)
         if prob_focus_present:
             train_kwargs["prob_focus_present"] = prob_focus_present
         if focus_present_mask is not None:
