@@ -419,6 +419,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          f"(not both); got folder={args.folder!r}, --interp={args.interp!r}")
     if args.interp is not None:
         return _eval_interpolation(args)
+    if args.speed is not None or args.frames is not None:
+        raise UsageError(f"--speed and --frames go with --interp RUN; got --speed={args.speed}, --frames={args.frames}")
     results = evaluate_folder(args.folder)
     out = Path(args.out) if args.out else Path(args.folder) / "eval.json"
     ckpt.atomic_write_text(out, json.dumps(results, indent=2) + "\n")
@@ -433,8 +435,8 @@ def _eval_interpolation(args: argparse.Namespace) -> int:
 
     results = evaluate_interpolation_run(
         args.interp, num_videos=args.num_videos, stride=args.stride, seed=args.seed, sampler=args.sampler,
-        steps=args.steps, batch_size=args.batch_size, device=_device(args.device),
-        **({} if args.data_seed is None else {"data_seed": args.data_seed}))
+        steps=args.steps, batch_size=args.batch_size, device=_device(args.device), speed=args.speed,
+        num_frames=args.frames, **({} if args.data_seed is None else {"data_seed": args.data_seed}))
     out = Path(args.out) if args.out else Path(results["run"]) / "eval-interp.json"
     ckpt.atomic_write_text(out, json.dumps(results, indent=2) + "\n")
     _say(interpolation_table(results))
@@ -589,6 +591,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--sampler", choices=sampler_names(), help="--interp: default the run's sample.sampler")
     evaluate.add_argument("--steps", type=_positive_int, help="--interp: default the run's sample.steps")
     evaluate.add_argument("--batch-size", type=_positive_int, default=16, help="--interp: videos sampled at once")
+    evaluate.add_argument("--speed", type=_non_negative_float, metavar="S",
+                          help="--interp: every video at S px per output frame, so given frames are STRIDE * S px "
+                               "apart (default: the run's data.speed / data.speeds)")
+    evaluate.add_argument("--frames", type=_positive_int, metavar="T",
+                          help="--interp: frames per video, STRIDE * (F - 1) + 1 (default: the run's num_frames)")
     evaluate.add_argument("--device", default="auto")
     evaluate.set_defaults(func=cmd_eval)
 
