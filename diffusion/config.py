@@ -336,7 +336,8 @@ class DataConfig(Section):
             for index, value in enumerate(self.speeds):
                 _number(f"data.speeds[{index}]", value, 0, low_open=True)
             if self.speed is not None:
-                raise ConfigError(f"give data.speed (one for all videos) or data.speeds (drawn per video), not both; "
+                raise ConfigError(f"give data.speed (one for all videos) or data.speeds (drawn per video), not both "
+                                  f"(unset one: --set data.speed=null); "
                                   f"got speed={self.speed!r}, speeds={self.speeds!r}")
             self.speeds = list(self.speeds)
         if self.seed is not None:
