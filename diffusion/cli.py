@@ -419,8 +419,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          f"(not both); got folder={args.folder!r}, --interp={args.interp!r}")
     if args.interp is not None:
         return _eval_interpolation(args)
-    if args.speed is not None or args.frames is not None:
-        raise UsageError(f"--speed and --frames go with --interp RUN; got --speed={args.speed}, --frames={args.frames}")
+    if args.speed is not None or args.frames is not None or args.window is not None:
+        raise UsageError(f"--speed, --frames and --window go with --interp RUN; got --speed={args.speed}, "
+                         f"--frames={args.frames}, --window={args.window}")
     results = evaluate_folder(args.folder)
     out = Path(args.out) if args.out else Path(args.folder) / "eval.json"
     ckpt.atomic_write_text(out, json.dumps(results, indent=2) + "\n")
@@ -436,7 +437,7 @@ def _eval_interpolation(args: argparse.Namespace) -> int:
     results = evaluate_interpolation_run(
         args.interp, num_videos=args.num_videos, stride=args.stride, seed=args.seed, sampler=args.sampler,
         steps=args.steps, batch_size=args.batch_size, device=_device(args.device), speed=args.speed,
-        num_frames=args.frames, **({} if args.data_seed is None else {"data_seed": args.data_seed}))
+        num_frames=args.frames, window=args.window, **({} if args.data_seed is None else {"data_seed": args.data_seed}))
     out = Path(args.out) if args.out else Path(results["run"]) / "eval-interp.json"
     ckpt.atomic_write_text(out, json.dumps(results, indent=2) + "\n")
     _say(interpolation_table(results))
@@ -594,6 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--speed", type=_non_negative_float, metavar="S",
                           help="--interp: every video at S px per output frame, so given frames are STRIDE * S px "
                                "apart (default: the run's data.speed / data.speeds)")
+    evaluate.add_argument("--window", type=_positive_int, metavar="K",
+                          help="--interp: sample the stage on K given frames at a time, neighbours sharing one "
+                               "(default: all at once)")
     evaluate.add_argument("--frames", type=_positive_int, metavar="T",
                           help="--interp: frames per video, STRIDE * (F - 1) + 1 (default: the run's num_frames)")
     evaluate.add_argument("--device", default="auto")

@@ -39,6 +39,7 @@ __all__ = [
     "linear_blend",
     "pooled_gain",
     "psnr_per_video",
+    "windowed_interpolation",
 ]
 
 # A perfect prediction has infinite PSNR; capped so that means and JSON stay finite.
@@ -119,6 +120,24 @@ def pooled_gain(model_psnr: Tensor, linear_psnr: Tensor, *, resamples: int = 200
     return out
 
 
+def windowed_interpolation(process: Any, given: Tensor, stride: int, window: int | None = None,
+                           **sample_options: Any) -> Tensor:
+    """`temporal_super_resolution` of `given` (B, C, F, H, W) in windows of `window` given
+    frames, consecutive windows sharing one given frame (None: all F at once). A stage
+    trained on short clips (the interpolation preset: 3 given frames) is then sampled at the
+    length it was trained on; the shared frame is a given one, so the pieces join exactly."""
+    if window is None or window >= given.shape[2]:
+        return temporal_super_resolution(process, given, stride, **sample_options)
+    check_int("window", window, low=2)
+    pieces, start = [], 0
+    while start < given.shape[2] - 1:
+        end = min(start + window, given.shape[2])
+        filled = temporal_super_resolution(process, given[:, :, start:end], stride, **sample_options)
+        pieces.append(filled if not pieces else filled[:, :, 1:])
+        start = end - 1
+    return torch.cat(pieces, dim=2)
+
+
 def interpolation_scores(
     process: Any,
     truth: Tensor,
@@ -127,6 +146,7 @@ def interpolation_scores(
     batch_size: int = 16,
     seed: int = 0,
     groups: dict[str, Tensor] | None = None,
+    window: int | None = None,
     **sample_options: Any,
 ) -> dict[str, Any]:
     """Score `process` as a frame-interpolation stage on ground-truth videos `truth`
@@ -135,7 +155,8 @@ def interpolation_scores(
     linear blending. `sample_options` go to `process.sample` (`sampler`, `steps`, `fps`...).
     Returns `model_psnr`, `linear_psnr` and `gain_db` (model minus blending, paired), each
     with `mean`, `interval` (95%) and `per_video`; `pooled` (`pooled_gain`); the counts; and
-    for each of `groups` (name -> (B,) bool, the videos in it) its `pooled_gain`."""
+    for each of `groups` (name -> (B,) bool, the videos in it) its `pooled_gain`. `window`:
+    given frames per call of the stage (`windowed_interpolation`; None: all at once)."""
     _check_video("truth", truth)
     _check_layout(truth.shape[2], stride)
     check_int("batch_size", batch_size, low=1)
@@ -145,8 +166,8 @@ def interpolation_scores(
     model, linear = [], []
     for start in range(0, truth.shape[0], batch_size):
         chunk = truth[start : start + batch_size].to(device)
-        sampled = temporal_super_resolution(process, chunk[:, :, ::stride], stride, generator=generator,
-                                            **sample_options)
+        sampled = windowed_interpolation(process, chunk[:, :, ::stride], stride, window, generator=generator,
+                                         **sample_options)
         model.append(psnr_per_video(sampled.clamp(0, 1), chunk, between).cpu())
         linear.append(psnr_per_video(linear_blend(chunk, stride), chunk, between).cpu())
         logger.info("interpolation: scored %d of %d videos", min(start + batch_size, truth.shape[0]), truth.shape[0])
@@ -154,6 +175,7 @@ def interpolation_scores(
     return {
         "num_videos": int(truth.shape[0]),
         "stride": stride,
+        "window": window,
         "frames": int(truth.shape[2]),
         "in_between_frames": int(between.sum()),
         "model_psnr": _summary(model_psnr),
@@ -179,6 +201,7 @@ def evaluate_interpolation_run(
     device: Any = "cpu",
     speed: float | int | None = None,
     num_frames: int | None = None,
+    window: int | None = None,
 ) -> dict[str, Any]:
     """`interpolation_scores` of a training run (folder or checkpoint) on `num_videos`
     held-out moving digits: the run's own data settings (size, digit size, speed or speeds,
@@ -189,7 +212,9 @@ def evaluate_interpolation_run(
     are `stride * speed` px apart: at 0.25 and stride 4 they are the cascade's base frames,
     1 px apart, where linear blending is near-exact; at 1.0 they are 4 px apart. `num_frames`
     (stride * (F - 1) + 1) overrides the run's video length, e.g. 29 for a run trained on
-    9-frame clips. Results are also split by motion kind and, with mixed speeds, by spacing."""
+    9-frame clips. `window` samples the stage on that many given frames at a time
+    (`windowed_interpolation`). Results are also split by motion kind and, with mixed speeds,
+    by spacing."""
     from diffusion.moving_digits import DIRECTION_NAMES, DIRECTIONS, MovingDigits
     from diffusion.run import open_run
 
@@ -234,7 +259,7 @@ def evaluate_interpolation_run(
             for kind, rows in kinds.items():
                 groups[f"{value:g} px apart, {kind}"] = (spacing == value) & rows
     results = interpolation_scores(process, videos.videos(), stride, batch_size=batch_size, seed=seed,
-                                   groups=groups, **options)
+                                   groups=groups, window=window, **options)
     results.update({"run": str(loaded.run_dir), "checkpoint": str(loaded.checkpoint), "data_seed": data_seed,
                     "sampler": options["sampler"], "steps": options["steps"], "speed": videos.speed,
                     "speeds": None if videos.speeds is None else list(videos.speeds)})
@@ -256,9 +281,10 @@ def interpolation_table(results: dict[str, Any]) -> str:
         pace = f" at speeds {', '.join(f'{v:g}' for v in results['speeds'])} px/frame (one per video)"
     else:
         pace = ""
+    windows = f" (sampled {results['window']} given frames at a time)" if results.get("window") else ""
     lines = [
         f"{results['num_videos']} held-out videos of {results['frames']} frames{pace}, every {results['stride']}th "
-        f"given; PSNR in dB over the {results['in_between_frames']} frames in between of each",
+        f"given{windows}; PSNR in dB over the {results['in_between_frames']} frames in between of each",
         "",
         "| | mean (95% interval) |",
         "|---|---|",

@@ -235,9 +235,10 @@ def test_eval_interp_errors_are_one_line(tiny_interp_run, tmp_path, capsys, argv
 def test_eval_interp_at_one_speed_and_length(tiny_interp_run, tmp_path, capsys):
     out = tmp_path / "scores.json"
     assert run_cli("eval", "--interp", str(tiny_interp_run), "--stride", "3", "--num-videos", "2", "--steps", "2",
-                   "--speed", "1", "--frames", "7", "--out", str(out)) == 0
+                   "--speed", "1", "--frames", "7", "--window", "2", "--out", str(out)) == 0
     results = json.loads(out.read_text())
     assert results["speed"] == 1.0 and results["speeds"] is None and results["frames"] == 7
+    assert results["window"] == 2
     assert results["in_between_frames"] == 4
     assert "at 1 px/frame (3 px between given frames)" in capsys.readouterr().out
 
@@ -269,7 +270,7 @@ def test_eval_speed_must_be_a_number(tmp_path, capsys):
 def test_eval_speed_needs_interp(tmp_path, capsys):
     assert run_cli("eval", str(tmp_path), "--speed", "1") == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--speed and --frames go with --interp RUN" in err
+    assert err.count("\n") == 1 and "--speed, --frames and --window go with --interp RUN" in err
 
 
 def test_interp_preset_is_valid_and_trains(tmp_path):

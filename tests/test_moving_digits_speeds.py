@@ -143,3 +143,29 @@ def test_true_frames_score_perfect_and_blending_fails_at_wide_spacing():
     results = interpolation_scores(Oracle(), truth, 4, batch_size=12, groups={"4 px apart": wide})
     assert results["model_psnr"]["per_video"] == [MAX_PSNR] * 12
     assert results["groups"]["4 px apart"]["gain_db"]["value"] > 3.0
+
+
+class _Blender:
+    """A stand-in stage that blends its given frames linearly and records the lengths asked."""
+
+    betas = torch.zeros(1)
+
+    def __init__(self, stride: int):
+        self.stride, self.lengths = stride, []
+
+    def sample(self, *, cond_frames, cond_frame_mask, num_frames, batch_size, **options):
+        self.lengths.append(num_frames)
+        return linear_blend(cond_frames, self.stride)
+
+
+@pytest.mark.parametrize(("window", "lengths"), [(None, [29]), (3, [9, 9, 9, 5]), (2, [5] * 7), (8, [29]), (5, [17, 13])])
+def test_windowed_interpolation_joins_windows_on_a_shared_given_frame(window, lengths):
+    from diffusion.evaluate_interp import windowed_interpolation
+
+    given = torch.rand(2, 1, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    stage = _Blender(4)
+    out = windowed_interpolation(stage, given, 4, window)
+    assert stage.lengths == lengths and out.shape == (2, 1, 29, 4, 4)
+    # blending is local to each pair of given frames, so windows change nothing
+    expected = linear_blend(torch.zeros(2, 1, 29, 4, 4).index_copy(2, torch.arange(0, 29, 4), given), 4)
+    assert torch.allclose(out, expected, atol=1e-6) and torch.equal(out[:, :, ::4], given)
