@@ -414,10 +414,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from diffusion import checkpoint as ckpt
     from diffusion.evaluate import evaluate_folder, results_table
 
+    if (args.folder is None) == (args.sr is None):
+        raise UsageError("give a FOLDER of samples to score, or --sr RUN to score a super-resolution run (not both)")
+    if args.sr is not None:
+        return _eval_super_resolution(args)
     results = evaluate_folder(args.folder)
     out = Path(args.out) if args.out else Path(args.folder) / "eval.json"
     ckpt.atomic_write_text(out, json.dumps(results, indent=2) + "\n")
     _say(results_table(results))
+    _say(f"\nwrote {out}")
+    return 0
+
+
+def _eval_super_resolution(args: argparse.Namespace) -> int:
+    """`spacetime eval --sr RUN`: PSNR / SSIM of the stage and of bicubic on held-out digits."""
+    from diffusion import checkpoint as ckpt
+    from diffusion.evaluate_sr import evaluate_sr_run, sr_results_table
+
+    results = evaluate_sr_run(
+        args.sr, num_videos=args.num_videos, seed=args.seed, weights=args.weights, device=_device(args.device),
+        batch_size=args.batch_size, sampler=args.sampler, steps=args.steps, noise_level=args.noise_level,
+        back_projection=args.back_projection)
+    out = Path(args.out) if args.out else Path(results["run"]) / "eval_sr.json"
+    ckpt.atomic_write_text(out, json.dumps(results, indent=2) + "\n")
+    _say(f"held-out moving digits: data seed {results['data_seed']} (training: {results['train_data_seed']})")
+    _say(sr_results_table(results))
     _say(f"\nwrote {out}")
     return 0
 
@@ -554,10 +575,25 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", default="auto")
     sample.set_defaults(func=cmd_sample)
 
-    evaluate = commands.add_parser("eval", help="score moving-digits samples",
-                                   description="Direction and digit accuracy of moving-digits videos against their captions.")
-    evaluate.add_argument("folder", help="folder of videos with NAME.txt captions")
-    evaluate.add_argument("--out", help="JSON results (default: FOLDER/eval.json)")
+    evaluate = commands.add_parser("eval", help="score moving-digits samples or a super-resolution run",
+                                   description="Direction and digit accuracy of moving-digits videos against their "
+                                               "captions; with --sr, PSNR and SSIM of a super-resolution run and of "
+                                               "bicubic upsampling on held-out moving digits.")
+    evaluate.add_argument("folder", nargs="?", help="folder of videos with NAME.txt captions")
+    evaluate.add_argument("--out", help="JSON results (default: FOLDER/eval.json, or RUN/eval_sr.json)")
+    evaluate.add_argument("--sr", metavar="RUN", help="a super-resolution training run (or checkpoint) to score")
+    evaluate.add_argument("--num-videos", type=_positive_int, default=32, help="held-out videos (--sr; default 32)")
+    evaluate.add_argument("--seed", type=_seed,
+                          help="data seed of the held-out videos (--sr; default: the training seed + 1000003)")
+    evaluate.add_argument("--sampler", choices=sampler_names(), help="--sr: default the run's sample.sampler")
+    evaluate.add_argument("--steps", type=_positive_int, help="--sr: default the run's sample.steps")
+    evaluate.add_argument("--noise-level", type=_non_negative_float,
+                          help="--sr: augmentation level of the condition (default the run's sample_noise_level)")
+    evaluate.add_argument("--back-projection", type=int, default=0, metavar="N",
+                          help="--sr: N steps of back-projection onto the low-res input (default 0)")
+    evaluate.add_argument("--batch-size", type=_positive_int, help="--sr: videos at once (default sample.batch_size)")
+    evaluate.add_argument("--weights", choices=("ema", "model"), default="ema", help="--sr: EMA (default) or raw weights")
+    evaluate.add_argument("--device", default="auto")
     evaluate.set_defaults(func=cmd_eval)
 
     data = commands.add_parser("data", help="write a data set to disk", description="Write a data set as gif + txt pairs.")
