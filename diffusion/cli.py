@@ -432,7 +432,8 @@ def _eval_super_resolution(args: argparse.Namespace) -> int:
     from diffusion.evaluate_sr import evaluate_sr_run, sr_results_table
 
     results = evaluate_sr_run(
-        args.sr, num_videos=args.num_videos, seed=args.seed, weights=args.weights, device=_device(args.device),
+        args.sr, num_videos=args.num_videos, seed=args.seed, num_frames=args.num_frames, weights=args.weights,
+        device=_device(args.device),
         batch_size=args.batch_size, sampler=args.sampler, steps=args.steps, noise_level=args.noise_level,
         back_projection=args.back_projection)
     out = Path(args.out) if args.out else Path(results["run"]) / "eval_sr.json"
@@ -585,6 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--num-videos", type=_positive_int, default=32, help="held-out videos (--sr; default 32)")
     evaluate.add_argument("--seed", type=_seed,
                           help="data seed of the held-out videos (--sr; default: the training seed + 1000003)")
+    evaluate.add_argument("--num-frames", type=_positive_int, help="--sr: frames per video (default the run's)")
     evaluate.add_argument("--sampler", choices=sampler_names(), help="--sr: default the run's sample.sampler")
     evaluate.add_argument("--steps", type=_positive_int, help="--sr: default the run's sample.steps")
     evaluate.add_argument("--noise-level", type=_non_negative_float,

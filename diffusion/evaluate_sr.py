@@ -34,6 +34,7 @@ from einops import rearrange
 from torch import Tensor
 
 from diffusion.evaluate import mean_interval
+from diffusion.super_resolution import back_project
 from spacetime.checks import check_int, check_number
 
 logger = logging.getLogger(__name__)
@@ -104,10 +105,13 @@ def ssim(
     return index.flatten(1).mean(dim=1).view(batch, -1).mean(dim=1).float()
 
 
-def held_out_digits(config: Any, num_videos: int, *, seed: int | None = None) -> tuple[Tensor, int]:
+def held_out_digits(
+    config: Any, num_videos: int, *, seed: int | None = None, num_frames: int | None = None
+) -> tuple[Tensor, int]:
     """`(videos (N, C, F, H, W), seed)`: moving digits drawn like the run's training data
     (`config`: a `RunConfig` with `data.kind: moving-digits`) but from another seed, by
-    default the training seed plus `HELD_OUT_SEED_OFFSET`."""
+    default the training seed plus `HELD_OUT_SEED_OFFSET`; `num_frames` (default: the
+    run's) for longer videos than the stage trained on."""
     from diffusion.moving_digits import MovingDigits
 
     if config.data.kind != "moving-digits":
@@ -119,7 +123,8 @@ def held_out_digits(config: Any, num_videos: int, *, seed: int | None = None) ->
     if seed == train_seed:
         raise ValueError(f"seed={seed} is the training data's seed; held-out videos need another")
     d = config.diffusion
-    data = MovingDigits(num_videos, image_size=d.image_size, num_frames=d.num_frames, channels=d.channels,
+    frames = d.num_frames if num_frames is None else num_frames
+    data = MovingDigits(num_videos, image_size=d.image_size, num_frames=frames, channels=d.channels,
                         seed=seed, **options)
     return torch.stack([data[i]["video"] for i in range(num_videos)]), seed
 
@@ -143,7 +148,9 @@ def evaluate_super_resolution(
     high-resolution `videos` (N, C, F, H, W) in [0, 1]: PSNR, SSIM and consistency (module
     docstring), each with its mean, 95% interval and per-video values, plus the PSNR and SSIM
     gains over bicubic with paired intervals. `sample_kwargs` go to `stage.sample`
-    (`sampler`, `steps`, `noise_level`, `back_projection` ...)."""
+    (`sampler`, `steps`, `noise_level`, `back_projection` ...). With `back_projection` the
+    bicubic videos back-projected as many steps are scored too ("bicubic_back_projected"):
+    classical iterative back-projection, the fair baseline for that option."""
     check_int("batch_size", batch_size, low=1)
     device = stage.process.betas.device
     outputs, baselines, lows = [], [], []
@@ -157,7 +164,12 @@ def evaluate_super_resolution(
     sr, bicubic, low = torch.cat(outputs), torch.cat(baselines), torch.cat(lows)
     results: dict[str, Any] = {"num_videos": int(videos.shape[0])}
     per_video: dict[str, dict[str, Tensor]] = {}
-    for name, out in (("sr", sr), ("bicubic", bicubic)):
+    methods = [("sr", sr), ("bicubic", bicubic)]
+    steps = sample_kwargs.get("back_projection") or 0
+    if steps:
+        methods.append(("bicubic_back_projected", back_project(bicubic, low, steps=steps, downsample=stage.downsample_mode,
+                                                               upsample=stage.upsample_mode)))
+    for name, out in methods:
         per_video[name] = {
             "psnr": psnr(out, truth),
             "ssim": ssim(out, truth),
@@ -177,6 +189,7 @@ def evaluate_sr_run(
     *,
     num_videos: int = 32,
     seed: int | None = None,
+    num_frames: int | None = None,
     weights: str = "ema",
     device: Any = "cpu",
     batch_size: int | None = None,
@@ -186,7 +199,7 @@ def evaluate_sr_run(
     back_projection: int = 0,
 ) -> dict[str, Any]:
     """`evaluate_super_resolution` of a super-resolution run folder (or checkpoint) on
-    `num_videos` held-out moving digits (`held_out_digits`); sampler, steps and batch size
+    `num_videos` held-out moving digits (`held_out_digits`, `num_frames` per video); sampler, steps and batch size
     default to the run's `sample` section, the noise level to its `sample_noise_level`. The
     results also name the run, the checkpoint, both data seeds and the sampling options."""
     from diffusion.run import open_run
@@ -196,7 +209,7 @@ def evaluate_sr_run(
     run = open_run(path, weights, device=device)
     if not isinstance(run.diffusion, SuperResolution):
         raise ValueError(f"{path} is not a super-resolution run (its config has no super_resolution section)")
-    videos, data_seed = held_out_digits(run.config, num_videos, seed=seed)
+    videos, data_seed = held_out_digits(run.config, num_videos, seed=seed, num_frames=num_frames)
     defaults = run.config.sample
     options = {"sampler": sampler or defaults.sampler, "steps": steps or defaults.steps, "noise_level": noise_level,
                "back_projection": back_projection}
@@ -204,6 +217,7 @@ def evaluate_sr_run(
     results = evaluate_super_resolution(run.diffusion, videos, batch_size=batch_size or defaults.batch_size,
                                         generator=generator, **options)
     results.update(run=str(run.run_dir), checkpoint=str(run.checkpoint), data_seed=data_seed,
+                   num_frames=int(videos.shape[2]),
                    train_data_seed=run.config.data.seed or 0, **options)
     return results
 
@@ -214,9 +228,12 @@ def sr_results_table(results: dict[str, Any]) -> str:
         low, high = entry["interval"]
         return f"{entry['mean']:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
-    lines = [f"{results['num_videos']} held-out videos; mean [95% interval]",
+    frames = f" of {results['num_frames']} frames" if "num_frames" in results else ""
+    lines = [f"{results['num_videos']} held-out videos{frames}; mean [95% interval]",
              f"{'':<10} {'PSNR (dB)':<24} {'SSIM':<26} {'consistency PSNR (dB)':<24}"]
-    for name, label in (("sr", "SR"), ("bicubic", "bicubic")):
+    for name, label in (("sr", "SR"), ("bicubic", "bicubic"), ("bicubic_back_projected", "bicubic+BP")):
+        if name not in results:
+            continue
         r = results[name]
         lines.append(f"{label:<10} {cell(r['psnr'], 2):<24} {cell(r['ssim'], 4):<26} {cell(r['consistency_psnr'], 2):<24}")
     lines.append(f"{'SR gain':<10} {cell(results['psnr_gain'], 2):<24} {cell(results['ssim_gain'], 4):<26}")

@@ -298,6 +298,9 @@ def test_evaluation_scores_bicubic_against_itself_exactly():
     assert results["num_videos"] == 3
     low, high = results["psnr_gain"]["interval"]
     assert low <= results["psnr_gain"]["mean"] <= high
+    assert "bicubic_back_projected" not in results
+    projected = evaluate_super_resolution(stage, videos, batch_size=3, sampler="ddim", steps=2, back_projection=3)
+    assert projected["bicubic_back_projected"]["consistency_psnr"]["mean"] > results["bicubic"]["consistency_psnr"]["mean"]
 
 
 # --- run config, training, load_run, CLI -----------------------------------------------------
@@ -371,12 +374,13 @@ def test_debug_training_run_loads_as_the_stage(sr_run):
 def test_eval_cli_scores_the_run_on_held_out_digits(sr_run, tmp_path, capsys):
     out = tmp_path / "sr.json"
     code = main(["--threads", "1", "-q", "eval", "--sr", str(sr_run), "--num-videos", "3", "--steps", "2",
-                 "--out", str(out)])
+                 "--num-frames", "5", "--out", str(out)])
     text = capsys.readouterr().out
     assert code == 0 and "bicubic" in text and "SR gain" in text
     results = json.loads(out.read_text())
     assert results["data_seed"] != results["train_data_seed"]
     assert len(results["sr"]["psnr"]["values"]) == 3 and results["sr"]["ssim"]["mean"] <= 1
+    assert results["num_frames"] == 5 and "of 5 frames" in text
     config = RunConfig.from_dict(json.loads((sr_run / "config.json").read_text()))
     videos, seed = held_out_digits(config, 3)
     assert seed == results["data_seed"] and videos.shape == (3, 1, 4, 16, 16)
