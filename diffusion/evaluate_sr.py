@@ -39,8 +39,8 @@ from spacetime.checks import check_int, check_number
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HELD_OUT_SEED_OFFSET", "evaluate_sr_run", "evaluate_super_resolution", "gaussian_window", "held_out_digits", "psnr",
-           "sr_results_table", "ssim"]
+__all__ = ["HELD_OUT_SEED_OFFSET", "evaluate_sr_run", "evaluate_super_resolution", "gaussian_window",
+           "held_out_digits", "psnr", "sr_results_table", "ssim"]
 
 # Held-out moving digits are drawn with the training data's seed plus this offset.
 HELD_OUT_SEED_OFFSET = 1_000_003
@@ -115,7 +115,9 @@ def held_out_digits(
     from diffusion.moving_digits import MovingDigits
 
     if config.data.kind != "moving-digits":
-        raise ValueError(f"held-out ground truth needs a moving-digits run, this one trains on data.kind={config.data.kind!r}")
+        raise ValueError(
+            f"held-out ground truth needs a moving-digits run, this one trains on data.kind={config.data.kind!r}"
+        )
     options = config.data.given()
     options.pop("num_videos", None)
     train_seed = options.pop("seed", 0)
@@ -167,8 +169,9 @@ def evaluate_super_resolution(
     methods = [("sr", sr), ("bicubic", bicubic)]
     steps = sample_kwargs.get("back_projection") or 0
     if steps:
-        methods.append(("bicubic_back_projected", back_project(bicubic, low, steps=steps, downsample=stage.downsample_mode,
-                                                               upsample=stage.upsample_mode)))
+        projected = back_project(bicubic, low, steps=steps, downsample=stage.downsample_mode,
+                                 upsample=stage.upsample_mode)
+        methods.append(("bicubic_back_projected", projected))
     for name, out in methods:
         per_video[name] = {
             "psnr": psnr(out, truth),
@@ -235,6 +238,7 @@ def sr_results_table(results: dict[str, Any]) -> str:
         if name not in results:
             continue
         r = results[name]
-        lines.append(f"{label:<10} {cell(r['psnr'], 2):<24} {cell(r['ssim'], 4):<26} {cell(r['consistency_psnr'], 2):<24}")
+        lines.append(f"{label:<10} {cell(r['psnr'], 2):<24} {cell(r['ssim'], 4):<26} "
+                     f"{cell(r['consistency_psnr'], 2):<24}")
     lines.append(f"{'SR gain':<10} {cell(results['psnr_gain'], 2):<24} {cell(results['ssim_gain'], 4):<26}")
     return "\n".join(lines)

@@ -281,11 +281,15 @@ class SuperResolution(nn.Module):
         `eta`, `generator` and the other keywords are the process's `sample` arguments
         (`batch_size`, if given, must be the number of low-res videos)."""
         if lowres is None:
-            raise ValueError("a super-resolution stage samples from low-resolution videos: pass lowres (B, C, F, h, w)")
+            raise ValueError("a super-resolution stage samples from low-resolution videos: pass lowres (B, C, F, h, w) "
+                             "to SuperResolution.sample (load_run(RUN).sample(lowres), or a cascade)")
         self._check_lowres(lowres)
         batch = lowres.shape[0]
         if batch_size is not None and batch_size != batch:
             raise ValueError(f"batch_size={batch_size} differs from the {batch} low-res videos given")
+        if cond is not None and not self.process.is_conditional:
+            raise ValueError("this super-resolution stage is unconditional (its U-Net takes no condition); "
+                             "pass cond=None (a cascade gives captions only to stages with is_conditional)")
         if isinstance(cond, (Tensor, list, tuple)) and len(cond) != batch:
             raise ValueError(f"cond has {len(cond)} entries for {batch} low-res videos; give one condition each")
         level = self.sample_noise_level if noise_level is None else noise_level

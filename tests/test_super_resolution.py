@@ -16,7 +16,13 @@ import unets
 from diffusion import FlowMatching, GaussianDiffusion, SuperResolution, load_run
 from diffusion.cli import main
 from diffusion.config import ConfigError, RunConfig
-from diffusion.evaluate_sr import evaluate_super_resolution, gaussian_window, held_out_digits, psnr, ssim
+from diffusion.evaluate_sr import (
+    evaluate_super_resolution,
+    gaussian_window,
+    held_out_digits,
+    psnr,
+    ssim,
+)
 from diffusion.presets import get_preset
 from diffusion.super_resolution import back_project, resize_video
 
@@ -248,6 +254,10 @@ def test_stage_errors():
         stage.sample(batch_size=2)
     with pytest.raises(ValueError, match="batch_size=3 differs"):
         stage.sample(torch.rand(2, 1, 2, 8, 8), batch_size=3)
+    with pytest.raises(ValueError, match="unconditional"):
+        stage.sample(torch.rand(2, 1, 2, 8, 8), cond=["a", "b"])
+    with pytest.raises(ValueError, match="2 entries for 1 low-res"):
+        _stage(cond_dim=8).sample(torch.rand(1, 1, 2, 8, 8), cond=torch.randn(2, 8))
 
 
 # --- metrics -----------------------------------------------------------------------------------
@@ -300,7 +310,8 @@ def test_evaluation_scores_bicubic_against_itself_exactly():
     assert low <= results["psnr_gain"]["mean"] <= high
     assert "bicubic_back_projected" not in results
     projected = evaluate_super_resolution(stage, videos, batch_size=3, sampler="ddim", steps=2, back_projection=3)
-    assert projected["bicubic_back_projected"]["consistency_psnr"]["mean"] > results["bicubic"]["consistency_psnr"]["mean"]
+    consistency = projected["bicubic_back_projected"]["consistency_psnr"]["mean"]
+    assert consistency > results["bicubic"]["consistency_psnr"]["mean"]
 
 
 # --- run config, training, load_run, CLI -----------------------------------------------------
@@ -321,7 +332,8 @@ def _sr_config(**sections) -> dict:
 @pytest.mark.parametrize(
     "change, fragment",
     [
-        ({"super_resolution": {"lowres_size": 16}}, "super_resolution.lowres_size must be below diffusion.image_size=16"),
+        ({"super_resolution": {"lowres_size": 16}},
+         "super_resolution.lowres_size must be below diffusion.image_size=16"),
         ({"super_resolution": {"noise_aug": 2}}, "super_resolution.noise_aug"),
         ({"super_resolution": {"nosie_aug": 0.1}}, "did you mean 'noise_aug'"),
         ({"super_resolution": {"upsample": "cubic"}}, "super_resolution.upsample"),
@@ -333,6 +345,15 @@ def test_config_errors_name_the_key(change, fragment):
         RunConfig.from_dict(_sr_config(**change))
 
 
+def test_resume_refuses_a_changed_super_resolution_section():
+    from diffusion.run import resume_conflicts
+
+    saved = RunConfig.from_dict(_sr_config())
+    assert resume_conflicts(saved, RunConfig.from_dict(_sr_config())) == []
+    changed = resume_conflicts(saved, RunConfig.from_dict(_sr_config(super_resolution={"noise_aug": 0.5})))
+    assert len(changed) == 1 and changed[0].startswith("super_resolution (")
+
+
 def test_config_sets_the_unet_option_and_round_trips():
     config = RunConfig.from_dict(_sr_config())
     assert config.unet.model["lowres_cond"] is True
@@ -342,6 +363,9 @@ def test_config_sets_the_unet_option_and_round_trips():
     missing["super_resolution"] = {"noise_aug": 0.1}
     with pytest.raises(ConfigError, match="super_resolution.lowres_size is required"):
         RunConfig.from_dict(missing)
+    with pytest.raises(ConfigError, match="not a pretrained base"):
+        RunConfig.from_dict({"pretrained": {"folder": "unused"}, "diffusion": {"image_size": 32, "num_frames": 8},
+                             "super_resolution": {"lowres_size": 16}})
     preset = RunConfig.from_dict(get_preset("moving-digits-sr"))
     assert preset.super_resolution.lowres_size == 16 and preset.diffusion.image_size == 32
     assert preset.unet.model.get("cond_dim") is None  # no captions (presets.py says why)
