@@ -476,7 +476,6 @@ class RunConfig:
 
             if data.get("super_resolution") is not None:
                 raise ConfigError("super_resolution needs a U-Net of this library (unet:), not a pretrained base")
-
             return pretrained_run(cls, data)
         return cls(
             unet=UnetSection(name=data.get("unet"), preset=data.get("unet_preset"), model=data.get("model") or {}),
