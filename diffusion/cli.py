@@ -414,30 +414,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from diffusion import checkpoint as ckpt
     from diffusion.evaluate import evaluate_folder, results_table
 
-    if (args.folder is None) == (args.interp is None):
-        raise UsageError("give a FOLDER of samples to score, or --interp RUN to score a frame-interpolation run "
-                         f"(not both); got folder={args.folder!r}, --interp={args.interp!r}")
+    stages = [name for name, value in (("--interp", args.interp), ("--sr", args.sr)) if value is not None]
+    if (args.folder is not None) + len(stages) != 1:
+        given = ([f"FOLDER {args.folder!r}"] if args.folder is not None else []) + stages
+        raise UsageError("give one of (not both): a FOLDER of samples to score, --interp RUN (a frame-interpolation "
+                         f"run) or --sr RUN (a super-resolution run); got {', '.join(given) or 'none'}")
     if args.interp is not None:
-        return _eval_interpolation(args)
+        from diffusion.cli_stages import eval_interpolation
+
+        return eval_interpolation(args)
+    if args.sr is not None:
+        from diffusion.cli_stages import eval_super_resolution
+
+        return eval_super_resolution(args)
     results = evaluate_folder(args.folder)
     out = Path(args.out) if args.out else Path(args.folder) / "eval.json"
     ckpt.atomic_write_text(out, json.dumps(results, indent=2) + "\n")
     _say(results_table(results))
-    _say(f"\nwrote {out}")
-    return 0
-
-
-def _eval_interpolation(args: argparse.Namespace) -> int:
-    from diffusion import checkpoint as ckpt
-    from diffusion.evaluate_interp import evaluate_interpolation_run, interpolation_table
-
-    results = evaluate_interpolation_run(
-        args.interp, num_videos=args.num_videos, stride=args.stride, seed=args.seed, sampler=args.sampler,
-        steps=args.steps, batch_size=args.batch_size, device=_device(args.device),
-        **({} if args.data_seed is None else {"data_seed": args.data_seed}))
-    out = Path(args.out) if args.out else Path(results["run"]) / "eval-interp.json"
-    ckpt.atomic_write_text(out, json.dumps(results, indent=2) + "\n")
-    _say(interpolation_table(results))
     _say(f"\nwrote {out}")
     return 0
 
@@ -497,6 +490,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
     return value
 
 
@@ -575,20 +578,28 @@ def build_parser() -> argparse.ArgumentParser:
     sample.set_defaults(func=cmd_sample)
 
     evaluate = commands.add_parser(
-        "eval", help="score moving-digits samples or a frame-interpolation run",
+        "eval", help="score moving-digits samples, a frame-interpolation run or a super-resolution run",
         description="Direction and digit accuracy of moving-digits videos against their captions; with --interp "
-                    "RUN, a frame-interpolation run's PSNR on held-out moving digits against linear blending.")
+                    "RUN, a frame-interpolation run's PSNR on held-out moving digits against linear blending; with "
+                    "--sr RUN, PSNR and SSIM of a super-resolution run and of bicubic upsampling.")
     evaluate.add_argument("folder", nargs="?", help="folder of videos with NAME.txt captions")
-    evaluate.add_argument("--out", help="JSON results (default: FOLDER/eval.json, RUN/eval-interp.json)")
+    evaluate.add_argument("--out", help="JSON results (default: FOLDER/eval.json, RUN/eval-interp.json, RUN/eval_sr.json)")
     evaluate.add_argument("--interp", metavar="RUN", help="frame-interpolation run folder (or checkpoint) to score")
-    evaluate.add_argument("--num-videos", type=_positive_int, default=32, help="--interp: held-out videos")
+    evaluate.add_argument("--sr", metavar="RUN", help="super-resolution run folder (or checkpoint) to score")
+    evaluate.add_argument("--num-videos", type=_positive_int, default=32, help="--interp / --sr: held-out videos")
     evaluate.add_argument("--stride", type=_positive_int, default=4, help="--interp: every STRIDE-th frame given")
     evaluate.add_argument("--data-seed", type=_seed,
-                          help="--interp: seed of the held-out videos (default 1000003; not the run's data.seed)")
-    evaluate.add_argument("--seed", type=_seed, default=0, help="--interp: sampling seed")
-    evaluate.add_argument("--sampler", choices=sampler_names(), help="--interp: default the run's sample.sampler")
-    evaluate.add_argument("--steps", type=_positive_int, help="--interp: default the run's sample.steps")
-    evaluate.add_argument("--batch-size", type=_positive_int, default=16, help="--interp: videos sampled at once")
+                          help="--interp / --sr: seed of the held-out videos (default: not the run's data.seed)")
+    evaluate.add_argument("--seed", type=_seed, help="--interp / --sr: sampling seed (default 0 / the run's)")
+    evaluate.add_argument("--num-frames", type=_positive_int, help="--sr: frames per video (default the run's)")
+    evaluate.add_argument("--sampler", choices=sampler_names(), help="--interp / --sr: default the run's sample.sampler")
+    evaluate.add_argument("--steps", type=_positive_int, help="--interp / --sr: default the run's sample.steps")
+    evaluate.add_argument("--noise-level", type=_non_negative_float,
+                          help="--sr: augmentation level of the condition (default the run's sample_noise_level)")
+    evaluate.add_argument("--back-projection", type=_non_negative_int, default=0, metavar="N",
+                          help="--sr: N steps of back-projection onto the low-res input (default 0)")
+    evaluate.add_argument("--batch-size", type=_positive_int, help="--interp / --sr: videos sampled at once")
+    evaluate.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA (default) or raw weights")
     evaluate.add_argument("--device", default="auto")
     evaluate.set_defaults(func=cmd_eval)
 

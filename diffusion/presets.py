@@ -6,7 +6,8 @@ embedded moving-digits data on a CPU within a wall-clock budget, sampled with DD
 classifier-free guidance; `moving-digits-flow` trains it as a rectified flow
 (`diffusion.FlowMatching`). `moving-digits-long` is the same recipe with a 40-minute
 training budget; `moving-digits-interp` is the frame-interpolation stage (29 frames from
-every 4th given); `debug` is a tiny run for tests.
+every 4th given) and `moving-digits-sr` the spatial super-resolution stage (16 px -> 32 px,
+`diffusion.SuperResolution`) of a cascade; `debug` is a tiny run for tests.
 """
 
 from __future__ import annotations
@@ -130,6 +131,55 @@ _flow["diffusion"].update({"process": "flow", "timestep_sampling": "logit_normal
 _flow["trainer"]["sample_kwargs"] = {"sampler": "euler", "steps": 25}
 _flow["sample"].update({"sampler": "euler", "steps": 50})
 del _flow, _key
+
+# --- moving-digits-sr: the spatial super-resolution stage (diffusion.SuperResolution) ---
+# 16 px -> 32 px moving digits (digit_size 16, 2 px per frame, 8 frames), the sizes a cascade
+# gives it. No captions: the low-res video already shows the digit and its motion, so text
+# would add nothing the condition lacks, and an unconditional stage loads no text encoder and
+# serves any caption of the base. No attention either: SR is local (the upsampled condition
+# is aligned with the output pixel for pixel); the temporal convolutions keep the frames
+# consistent, and with no temporal down-sampling the U-Net takes any frame count (the 29
+# frames of an interpolated video). Objective x0 with an L2 loss: the closest a diffusion
+# loss comes to regressing the high-res pixels, which is what PSNR rewards.
+PRESETS["moving-digits-sr"] = {
+    "unet": "space_time_unet",
+    "model": {
+        "dim": 16,
+        "dim_mult": [1, 2],
+        "self_attns": [False, False],
+        "temporal_compression": [False, False],
+        "resnet_block_depths": [1, 1],
+        "attn_heads": 2,
+        "attn_dim_head": 16,
+        "ff_mult": 2,
+        "lowres_cond": True,
+    },
+    "diffusion": {"image_size": 32, "num_frames": 8, "channels": 1, "timesteps": 1000, "beta_schedule": "cosine",
+                  "objective": "x0", "loss_type": "l2"},
+    "super_resolution": {"lowres_size": 16, "downsample": "bicubic", "upsample": "bicubic", "noise_aug": 0.2,
+                         "sample_noise_level": 0.05},
+    "trainer": {
+        "train_num_steps": 4000,
+        "max_seconds": 540.0,
+        "train_batch_size": 8,
+        "gradient_accumulate_every": 1,
+        "train_lr": 2e-3,
+        "warmup_steps": 50,
+        "lr_schedule": "cosine",
+        "min_lr_ratio": 0.05,
+        "max_grad_norm": 1.0,
+        "ema_decay": 0.99,
+        "step_start_ema": 50,
+        "update_ema_every": 1,
+        "save_and_sample_every": 1000,
+        "num_sample_rows": 2,
+        "sample_kwargs": {"sampler": "ddim", "steps": 10},
+        "log_every": 10,
+        "write_mp4": False,
+    },
+    "data": {"kind": "moving-digits", "num_videos": 4000, "digit_size": 16, "speed": 2.0, "seed": 0},
+    "sample": {"sampler": "ddim", "steps": 10, "batch_size": 16, "seed": 0},
+}
 
 
 def available_presets() -> list[str]:

@@ -36,6 +36,7 @@ from spacetime.params import mark_temporal
 from spacetime.time import EnableTime, time_enabled
 from unets.base import UnetMixin
 from unets.frame_cond import add_frame_rate, frame_cond_inputs
+from unets.lowres_cond import add_lowres_features, add_noise_level, lowres_cond_inputs
 
 __all__ = [
     "CrossAttnTransformer",
@@ -471,12 +472,15 @@ class DiffusersLayoutUnet(UnetMixin, nn.Module):
         cond_frames: Tensor | None = None,
         cond_frame_mask: Tensor | None = None,
         fps: Tensor | float | int | None = None,
+        lowres_cond: Tensor | None = None,
+        lowres_noise_level: Tensor | float | int | None = None,
     ) -> Float[Tensor, "b c_out *frames h w"]:
         """`cond` `(B, L, cond_dim)` text tokens (a `(B, cond_dim)` vector is one token),
         `cond_mask` `(B, L)` True = attend; `null_cond_prob` replaces a sample's tokens by
         the null token with that probability (classifier-free guidance training)."""
         self.check_input(x, enable_time, self.channels)
         frame_cond = frame_cond_inputs(type(self).__name__, self.config.frame_cond, x, cond_frames, cond_frame_mask)
+        lowres = lowres_cond_inputs(type(self).__name__, self.config.lowres_cond, x, lowres_cond, lowres_noise_level)
         # Channels-last input (a VAE's latents are) makes GroupNorm's CPU backward crash in
         # torch 2.13 when the input needs no gradient, the rule in temporal-only training.
         x = x.contiguous()
@@ -494,6 +498,7 @@ class DiffusersLayoutUnet(UnetMixin, nn.Module):
         time = time.expand(batch) if time.ndim == 0 else time
         emb = self.time_embedding(timestep_features(time, self.config.block_out_channels[0]).to(x.dtype))
         emb = add_frame_rate(self.fps_embed, emb, fps, type(self).__name__)
+        emb = add_noise_level(self.lowres, emb, lowres)
         ctx, keep = context_tokens(self, cond, cond_mask, null_cond_prob, x, dim=self.config.cond_dim)
         emb = emb.repeat_interleave(frames, dim=0)
         ctx = ctx.repeat_interleave(frames, dim=0)
@@ -502,6 +507,7 @@ class DiffusersLayoutUnet(UnetMixin, nn.Module):
         h = self.conv_in(rearrange(x, "b c f h w -> (b f) c h w"))
         if self.frame_cond_in is not None and frame_cond is not None:
             h = self.frame_cond_in(h, frame_cond)
+        h = add_lowres_features(self.lowres, h, lowres)
         h = self.after_conv_in(h, frames, enabled)
         skips = [h]
         for stage in self.down_blocks:
