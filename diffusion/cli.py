@@ -299,12 +299,28 @@ def _read_prompts(args: argparse.Namespace, config: RunConfig) -> list[str]:
     return prompts
 
 
+def prepare_sample_folder(out: Path, overwrite: bool) -> None:
+    """Create `out`; earlier sample files in it are an error unless `overwrite` (then removed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    stale = [p for p in out.iterdir() if _SAMPLE_FILE.match(p.name)]
+    if stale and not overwrite:
+        raise UsageError(f"{out} already holds {len(stale)} sample files; pass --overwrite to replace them")
+    for path in stale:
+        path.unlink()
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from diffusion import checkpoint as ckpt
     from diffusion import media
 
+    if args.cascade is not None:
+        from diffusion.cli_stages import sample_cascade
+
+        return sample_cascade(args)
+    if args.stage_option:
+        raise UsageError("--stage-option goes with --cascade")
     if args.pretrained is not None:
         run = _open_pretrained(args)
     else:
@@ -344,12 +360,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     stems = sample_stems(prompts, count) if conditional else [f"{i:03d}-sample" for i in range(count)]
 
     out = Path(args.out) if args.out else run.run_dir / "samples"
-    out.mkdir(parents=True, exist_ok=True)
-    stale = [p for p in out.iterdir() if _SAMPLE_FILE.match(p.name)]
-    if stale and not args.overwrite:
-        raise UsageError(f"{out} already holds {len(stale)} sample files; pass --overwrite to replace them")
-    for path in stale:
-        path.unlink()
+    prepare_sample_folder(out, args.overwrite)
 
     generator = torch.Generator().manual_seed(options.seed)
     sampling_seconds, sampler_steps = 0.0, 0
@@ -483,34 +494,24 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _int_argument(low: int, high: int | None, what: str) -> Any:
+    """An argparse type: an int in [low, high], else "must be WHAT, got ..."."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 2**63 - 1], got {value}")
-    return value
+_positive_int = _int_argument(1, None, "a positive integer")
+_non_negative_int = _int_argument(0, None, "a non-negative integer")
+_seed = _int_argument(0, MAX_SEED, "an integer in [0, 2**63 - 1]")
 
 
 def _non_negative_float(text: str) -> float:
@@ -558,6 +559,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--pretrained", metavar="DIR",
                         help="a local diffusers text-to-video pipeline folder (unet/, vae/, text_encoder/, "
                              "tokenizer/, scheduler/) instead of --checkpoint")
+    sample.add_argument("--cascade", metavar="base=DIR[,interp=DIR][,sr=DIR]",
+                        help="sample a cascade of runs: base -> frame interpolation -> super-resolution")
+    sample.add_argument("--stage-option", action="append", metavar="STAGE.KEY=VALUE",
+                        help="--cascade: one stage's sampler / steps / cond_scale / eta / noise_level / back_projection")
     sample.add_argument("--num-frames", type=_positive_int, help="frames per video (--pretrained; default 16)")
     sample.add_argument("--image-size", type=_positive_int,
                         help="pixels per side (--pretrained; default the U-Net's sample_size times the VAE's factor)")

@@ -42,3 +42,77 @@ def eval_super_resolution(args: argparse.Namespace) -> int:
     _say(sr_results_table(results))
     _say(f"\nwrote {out}")
     return 0
+
+
+def sample_cascade(args: argparse.Namespace) -> int:
+    """`spacetime sample --cascade base=DIR,interp=DIR,sr=DIR`: each stage from its run, with the
+    run's `sample:` defaults, then `--sampler / --steps / --cond-scale / --eta` for every stage,
+    then `--stage-option STAGE.KEY=VALUE` for one."""
+    import time
+
+    import torch
+
+    from diffusion import checkpoint as ckpt
+    from diffusion import media
+    from diffusion.cascade import Cascade, parse_cascade_spec, parse_stage_option
+    from diffusion.cli import UsageError, _read_prompts, prepare_sample_folder, sample_stems
+    from diffusion.run import CONFIG_NAME, find_checkpoint, read_run_config
+
+    if args.checkpoint is not None or args.pretrained is not None:
+        raise UsageError("--cascade names every stage's run itself; leave out --checkpoint and --pretrained")
+    if args.num_frames is not None or args.image_size is not None:
+        raise UsageError("--num-frames and --image-size go with --pretrained; a cascade samples at its stages' sizes")
+    try:
+        folders = parse_cascade_spec(args.cascade)
+        changes = [parse_stage_option(text) for text in args.stage_option or []]
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    for name, folder in folders.items():
+        if not Path(folder).exists():
+            raise UsageError(f"--cascade {name}={folder} does not exist")
+    common = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps), ("cond_scale", args.cond_scale),
+                                ("eta", args.eta)) if v is not None}
+    options: dict[str, dict] = {name: dict(common) for name in folders}
+    for stage, key, value in changes:
+        if stage not in folders:
+            raise UsageError(f"--stage-option {stage}.{key}: the cascade has no {stage} stage (stages: "
+                             f"{', '.join(folders)})")
+        options[stage][key] = value
+    cascade = Cascade.from_runs(**folders, weights=args.weights, device=_device(args.device), options=options)
+
+    base_config = read_run_config(find_checkpoint(folders["base"])[0] / CONFIG_NAME)
+    defaults = base_config.sample
+    count = args.num_samples or defaults.num_samples
+    batch = args.batch_size or defaults.batch_size
+    seed = defaults.seed if args.seed is None else args.seed
+    conditional = cascade.is_conditional
+    if not conditional and (args.prompt or args.prompts_file):
+        raise UsageError("no stage of this cascade takes a caption: leave out --prompt / --prompts-file")
+    prompts = _read_prompts(args, base_config) if conditional else []
+    if conditional and not prompts:
+        raise UsageError("this cascade is text-conditioned: give --prompt TEXT or --prompts-file FILE")
+    captions = [p for p in prompts for _ in range(count)] if conditional else [""] * count
+    stems = sample_stems(prompts, count) if conditional else [f"{i:03d}-sample" for i in range(count)]
+
+    out = Path(args.out) if args.out else Path(folders["base"]) / "cascade-samples"
+    prepare_sample_folder(out, args.overwrite)
+
+    stages = " -> ".join(f"{name} ({o.sampler}, {o.steps or 'default'} steps)" for name, o in cascade.options.items())
+    _say(f"cascade: {stages}; {len(captions)} videos of {cascade.num_frames} frames at "
+         f"{cascade.image_hw[0]}x{cascade.image_hw[1]}")
+    generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    for first in range(0, len(captions), batch):
+        chunk = captions[first : first + batch]
+        with torch.no_grad():
+            videos = cascade.sample(chunk if conditional else None, batch_size=None if conditional else len(chunk),
+                                    generator=generator)
+        if not torch.isfinite(videos).all():
+            raise ValueError("cascade sampling gave non-finite values (NaN or inf); nothing written for this batch")
+        for video, caption, stem in zip(videos.float().clamp(0, 1).cpu(), chunk, stems[first : first + batch]):
+            media.write_gif(video, out / f"{stem}.gif", fps=defaults.fps)
+            if conditional:
+                ckpt.atomic_write_text(out / f"{stem}.txt", caption + "\n")
+    _say(f"wrote {len(captions)} cascade samples (gif + txt) to {out} in {time.perf_counter() - start:.0f} s")
+    return 0
+
