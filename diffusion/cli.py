@@ -49,6 +49,7 @@ from diffusion.config import (
     check_sample_kwargs,
     sampler_names,
 )
+from diffusion import cli_long as long_video_cli
 from diffusion.config_io import apply_overrides, load_config_file, merge
 from diffusion.run import (
     CONFIG_NAME,
@@ -311,7 +312,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if args.checkpoint is None:
             raise UsageError("give --checkpoint RUN (a training run) or --pretrained DIR (a diffusers pipeline folder)")
         if args.num_frames is not None or args.image_size is not None:
-            raise UsageError("--num-frames and --image-size go with --pretrained; a run samples at its own size")
+            raise UsageError("--num-frames and --image-size go with --pretrained; a run samples at its own size "
+                             "(longer videos: --frames N)")
         if not Path(args.checkpoint).exists():
             raise UsageError(f"--checkpoint {args.checkpoint} does not exist")
         run = open_run(args.checkpoint, args.weights, device=_device(args.device))
@@ -333,6 +335,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UsageError(f"--steps must be at most the run's diffusion.timesteps={diffusion.num_timesteps}, "
                          f"got {options.steps}")
 
+    long_options = long_video_cli.sample_options(args, diffusion)
     conditional = diffusion.cond_format is not None
     if not conditional and (args.prompt or args.prompts_file):
         raise UsageError("this model is unconditional (no cond_dim): it takes no prompts")
@@ -367,7 +370,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             kwargs["batch_size"] = len(chunk)
         with torch.no_grad():
             began = time.perf_counter()
-            videos = diffusion.sample(**kwargs).float()
+            videos = long_video_cli.sample_videos(diffusion, kwargs, long_options).float()
             sampling_seconds += time.perf_counter() - began
             sampler_steps += options.steps
         if not torch.isfinite(videos).all():
@@ -414,10 +417,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from diffusion import checkpoint as ckpt
     from diffusion.evaluate import evaluate_folder, results_table
 
-    results = evaluate_folder(args.folder)
     out = Path(args.out) if args.out else Path(args.folder) / "eval.json"
+    # Long videos: per-window scores with --window (diffusion.cli_long).
+    scored = long_video_cli.evaluate(args)
+    if scored is not None:
+        results, table = scored
+    else:
+        results = evaluate_folder(args.folder)
+        table = results_table(results)
     ckpt.atomic_write_text(out, json.dumps(results, indent=2) + "\n")
-    _say(results_table(results))
+    _say(table)
     _say(f"\nwrote {out}")
     return 0
 
@@ -552,12 +561,14 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", help="output folder (default: RUN/samples)")
     sample.add_argument("--overwrite", action="store_true", help="replace earlier samples in --out")
     sample.add_argument("--device", default="auto")
+    long_video_cli.add_sample_arguments(sample)
     sample.set_defaults(func=cmd_sample)
 
     evaluate = commands.add_parser("eval", help="score moving-digits samples",
                                    description="Direction and digit accuracy of moving-digits videos against their captions.")
     evaluate.add_argument("folder", help="folder of videos with NAME.txt captions")
     evaluate.add_argument("--out", help="JSON results (default: FOLDER/eval.json)")
+    long_video_cli.add_eval_arguments(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
     data = commands.add_parser("data", help="write a data set to disk", description="Write a data set as gif + txt pairs.")
