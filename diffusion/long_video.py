@@ -344,6 +344,7 @@ def sample_long(
     stride: int | None = None,
     weights: str = "triangular",
     noise_reschedule: bool = True,
+    extend_cond: bool = True,
     sampler: str | None = None,
     steps: int | None = None,
     generator: torch.Generator | None = None,
@@ -353,7 +354,9 @@ def sample_long(
 
     Up to the trained length (`process.num_frames`) this is `process.sample`. Beyond it,
     `method="extend"` samples a first window without known frames and `extend`s it
-    (`context`); `method="window"` samples the whole length through a `WindowedDenoiser`
+    (`context`); with `extend_cond=False` only the first window follows `cond`, the later ones
+    continue the known frames without it (a caption that names the *initial* motion, as
+    moving digits' do, no longer describes it after a bounce). `method="window"` samples the whole length through a `WindowedDenoiser`
     (`window`, `stride`, `weights`), from FreeNoise's rescheduled noise unless
     `noise_reschedule=False`. The batch size is `cond`'s when a condition is given."""
     check_choice("method", method, LONG_METHODS)
@@ -374,6 +377,8 @@ def sample_long(
                 "has frame_cond=False: use method 'window' (sliding windows) instead"
             )
         first = process.sample(cond=cond, cond_mask=cond_mask, batch_size=batch, num_frames=trained, **common)
+        if not extend_cond:
+            cond = cond_mask = None
         return extend(process, first, num_frames, context=context, cond=cond, cond_mask=cond_mask, **common)
     with windowed(process, window, stride, weights) as wrapper:
         noise = None
