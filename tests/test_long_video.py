@@ -352,3 +352,41 @@ class _no_exit:
 
     def __exit__(self, *exc):
         return False
+
+
+# --- benchmark scripts ---------------------------------------------------------------------------
+
+
+def test_long_video_benchmark_quick(tmp_path):
+    from benchmarks import long_video as long_bench
+
+    argv = ["--quick", "--cases", "short,window,window-no-free-noise,extend,extend-first-cond", "--out", str(tmp_path)]
+    assert long_bench.main(argv) == 0
+    (report,) = tmp_path.glob("*-long-video.json")
+    rows = json.loads(report.read_text())["rows"]
+    assert [row["case"] for row in rows] == list(long_bench.CASES)
+    assert [row["frames"] for row in rows] == [4, 9, 9, 9, 9]
+    assert all(0.0 <= row["direction_accuracy"] <= 1.0 for row in rows)
+
+
+def test_bouncing_crops_follow_the_bounce_law():
+    from benchmarks.train_extend import BouncingCrops
+
+    data = BouncingCrops(40, num_frames=8, image_size=16, digit_size=8, speed=1.0)
+    videos = torch.stack([data[i]["video"] for i in range(len(data))])
+    assert videos.shape == (40, 1, 8, 16, 16)
+    results = evaluate_long_videos(videos, data.captions, window=8)
+    assert results["direction_accuracy"] == 1.0 and results["shape_consistency"] > 0.999
+
+
+def test_train_extend_quick(tmp_path):
+    from benchmarks import train_extend
+    from diffusion.run import load_run
+
+    threads = torch.get_num_threads()
+    try:
+        assert train_extend.main(["--quick", "--bouncing", "--out", str(tmp_path / "run")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    process = load_run(tmp_path / "run")
+    assert process.denoise_fn.config.frame_cond is True
