@@ -16,7 +16,7 @@ Each case samples `--num-samples` videos for the run's captions (cycled) with on
 guidance, and scores them with `diffusion.evaluate_long.evaluate_long_videos`: direction
 accuracy per window of the trained length under the bounce law, shape consistency within
 windows and against the first frame, with 95% intervals, and the scores per window position.
-Writes `<hardware>-<date>-long-video.{json,md}` into `--out` and prints the Markdown.
+Writes `<hardware>-<date>-long-video[-TAG].{json,md}` into `--out` and prints the Markdown.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(common.RESULTS_DIR))
+    parser.add_argument("--tag", default="", help="suffix of the report's name (long-video-TAG)")
     parser.add_argument("--quick", action="store_true", help="tiny untrained frame_cond model, 2 videos, 2 steps")
     args = parser.parse_args(argv)
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -165,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         *tables,
         "## Environment\n\n" + common.environment_markdown(env),
     ]) + "\n"
-    stem = common.output_stem(Path(args.out), "long-video", device)
+    stem = common.output_stem(Path(args.out), "long-video" + (f"-{args.tag}" if args.tag else ""), device)
     common.write_json({"rows": rows, "details": details, "environment": env, "command": command},
                       stem.with_suffix(".json"))
     stem.with_suffix(".md").write_text(report, encoding="utf-8")
