@@ -101,10 +101,10 @@ def run_case(case: str, process: Any, captions: list[str], args: argparse.Namesp
     frames = process.num_frames if case == "short" else args.frames
     options: dict[str, Any] = {}
     if case.startswith("window"):
-        options = dict(method="window", stride=args.stride, weights=args.weights,
-                       noise_reschedule=case == "window")
+        options = {"method": "window", "stride": args.stride, "weights": args.weights,
+                   "noise_reschedule": case == "window"}
     elif case.startswith("extend"):
-        options = dict(method="extend", context=args.context, extend_cond=case == "extend")
+        options = {"method": "extend", "context": args.context, "extend_cond": case == "extend"}
     videos, seconds = [], 0.0
     for first in range(0, len(captions), args.batch_size):
         chunk = captions[first : first + args.batch_size]

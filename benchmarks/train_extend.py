@@ -65,7 +65,12 @@ class BouncingCrops(Dataset):
     long-video metric (`diffusion.evaluate_long`) holds the videos to."""
 
     def __init__(self, num_videos: int, *, num_frames: int, long_frames: int = 32, seed: int = 0, **digits: Any):
-        from diffusion.moving_digits import DIRECTION_NAMES, DIRECTIONS, MovingDigits, make_caption
+        from diffusion.moving_digits import (
+            DIRECTION_NAMES,
+            DIRECTIONS,
+            MovingDigits,
+            make_caption,
+        )
 
         self.videos = MovingDigits(num_videos, num_frames=long_frames, seed=seed, **digits)
         self.num_frames = num_frames
@@ -113,7 +118,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from diffusion import checkpoint as ckpt
     from diffusion.config import RunConfig, normalise
     from diffusion.frame_masks import FrameMasks
-    from diffusion.run import CONFIG_NAME, build_dataset, build_diffusion, latest_checkpoint
+    from diffusion.run import (
+        CONFIG_NAME,
+        build_dataset,
+        build_diffusion,
+        latest_checkpoint,
+    )
     from diffusion.trainer import Trainer
 
     out = Path(args.out)

@@ -40,6 +40,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from diffusion import cli_long as long_video_cli
 from diffusion.config import (
     MAX_SEED,
     ConfigError,
@@ -49,7 +50,6 @@ from diffusion.config import (
     check_sample_kwargs,
     sampler_names,
 )
-from diffusion import cli_long as long_video_cli
 from diffusion.config_io import apply_overrides, load_config_file, merge
 from diffusion.run import (
     CONFIG_NAME,

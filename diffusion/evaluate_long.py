@@ -45,7 +45,13 @@ from torch import Tensor
 
 from diffusion import media
 from diffusion.data import find_videos, read_caption
-from diffusion.evaluate import DEFAULT_THRESHOLD, _BY_ANGLE, centroids, digit_features, mean_interval
+from diffusion.evaluate import (
+    _BY_ANGLE,
+    DEFAULT_THRESHOLD,
+    centroids,
+    digit_features,
+    mean_interval,
+)
 from diffusion.moving_digits import DIRECTION_NAMES, DIRECTIONS, parse_caption
 from spacetime.checks import check_int, check_number
 
@@ -310,11 +316,11 @@ def long_results_table(results: dict[str, Any]) -> str:
         "",
         "| metric | value (95% interval) | chance |",
         "|---|---:|---:|",
-        f"| direction accuracy (per window, bounce law) | "
-        f"{cell(results['direction_accuracy'], intervals['direction_accuracy'], True)} | "
-        f"{results['chance']['direction']:.1%} |",
-        f"| shape consistency (within windows) | "
-        f"{cell(results['shape_consistency'], intervals['shape_consistency'], False)} | |",
+        (f"| direction accuracy (per window, bounce law) | "
+         f"{cell(results['direction_accuracy'], intervals['direction_accuracy'], True)} | "
+         f"{results['chance']['direction']:.1%} |"),
+        (f"| shape consistency (within windows) | "
+         f"{cell(results['shape_consistency'], intervals['shape_consistency'], False)} | |"),
         f"| shape drift (against frame 0) | {cell(results['shape_drift'], intervals['shape_drift'], False)} | |",
         "",
         "| window start | direction accuracy | shape consistency | shape drift |",

@@ -288,7 +288,7 @@ def test_unfolding_straightens_a_bouncing_path():
 
 def test_a_digit_that_turns_back_mid_frame_is_wrong_there():
     video = torch.zeros(1, 16, 16, 16)
-    xs = list(range(0, 6)) + list(range(6, -4, -1))[1:11]  # right, then back left from x=5 (no edge)
+    xs = list(range(6)) + list(range(6, -4, -1))[1:11]  # right, then back left from x=5 (no edge)
     for frame, x in enumerate(xs[:16]):
         video[0, frame, 4:10, max(x, 0) + 1 : max(x, 0) + 6] = 1.0
     rows = window_scores(video, "the digit 1 moving right", 6, 5)
