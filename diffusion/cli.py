@@ -40,6 +40,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from diffusion import cli_long as long_video_cli
+from diffusion import cli_stages as stages_cli
 from diffusion.config import (
     MAX_SEED,
     ConfigError,
@@ -327,7 +329,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if args.checkpoint is None:
             raise UsageError("give --checkpoint RUN (a training run) or --pretrained DIR (a diffusers pipeline folder)")
         if args.num_frames is not None or args.image_size is not None:
-            raise UsageError("--num-frames and --image-size go with --pretrained; a run samples at its own size")
+            raise UsageError("--num-frames and --image-size go with --pretrained; a run samples at its own size "
+                             "(longer videos: --frames N)")
         if not Path(args.checkpoint).exists():
             raise UsageError(f"--checkpoint {args.checkpoint} does not exist")
         run = open_run(args.checkpoint, args.weights, device=_device(args.device))
@@ -349,6 +352,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UsageError(f"--steps must be at most the run's diffusion.timesteps={diffusion.num_timesteps}, "
                          f"got {options.steps}")
 
+    long_options = long_video_cli.sample_options(args, diffusion)
     conditional = diffusion.cond_format is not None
     if not conditional and (args.prompt or args.prompts_file):
         raise UsageError("this model is unconditional (no cond_dim): it takes no prompts")
@@ -378,7 +382,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             kwargs["batch_size"] = len(chunk)
         with torch.no_grad():
             began = time.perf_counter()
-            videos = diffusion.sample(**kwargs).float()
+            videos = long_video_cli.sample_videos(diffusion, kwargs, long_options).float()
             sampling_seconds += time.perf_counter() - began
             sampler_steps += options.steps
         if not torch.isfinite(videos).all():
@@ -438,10 +442,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from diffusion.cli_stages import eval_super_resolution
 
         return eval_super_resolution(args)
-    results = evaluate_folder(args.folder)
     out = Path(args.out) if args.out else Path(args.folder) / "eval.json"
+    # Long videos: per-window scores with --window (diffusion.cli_long).
+    scored = long_video_cli.evaluate(args)
+    if scored is not None:
+        results, table = scored
+    else:
+        results = evaluate_folder(args.folder)
+        table = results_table(results)
     ckpt.atomic_write_text(out, json.dumps(results, indent=2) + "\n")
-    _say(results_table(results))
+    _say(table)
     _say(f"\nwrote {out}")
     return 0
 
@@ -559,10 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--pretrained", metavar="DIR",
                         help="a local diffusers text-to-video pipeline folder (unet/, vae/, text_encoder/, "
                              "tokenizer/, scheduler/) instead of --checkpoint")
-    sample.add_argument("--cascade", metavar="base=DIR[,interp=DIR][,sr=DIR]",
-                        help="sample a cascade of runs: base -> frame interpolation -> super-resolution")
-    sample.add_argument("--stage-option", action="append", metavar="STAGE.KEY=VALUE",
-                        help="--cascade: one stage's sampler / steps / cond_scale / eta / noise_level / back_projection")
+    stages_cli.add_sample_arguments(sample)
     sample.add_argument("--num-frames", type=_positive_int, help="frames per video (--pretrained; default 16)")
     sample.add_argument("--image-size", type=_positive_int,
                         help="pixels per side (--pretrained; default the U-Net's sample_size times the VAE's factor)")
@@ -580,31 +587,18 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", help="output folder (default: RUN/samples)")
     sample.add_argument("--overwrite", action="store_true", help="replace earlier samples in --out")
     sample.add_argument("--device", default="auto")
+    long_video_cli.add_sample_arguments(sample)
     sample.set_defaults(func=cmd_sample)
 
     evaluate = commands.add_parser(
-        "eval", help="score moving-digits samples, a frame-interpolation run or a super-resolution run",
+        "eval", help="score moving-digits samples (--window: long videos), a frame-interpolation or super-resolution run",
         description="Direction and digit accuracy of moving-digits videos against their captions; with --interp "
                     "RUN, a frame-interpolation run's PSNR on held-out moving digits against linear blending; with "
                     "--sr RUN, PSNR and SSIM of a super-resolution run and of bicubic upsampling.")
     evaluate.add_argument("folder", nargs="?", help="folder of videos with NAME.txt captions")
     evaluate.add_argument("--out", help="JSON results (default: FOLDER/eval.json, RUN/eval-interp.json, RUN/eval_sr.json)")
-    evaluate.add_argument("--interp", metavar="RUN", help="frame-interpolation run folder (or checkpoint) to score")
-    evaluate.add_argument("--sr", metavar="RUN", help="super-resolution run folder (or checkpoint) to score")
-    evaluate.add_argument("--num-videos", type=_positive_int, default=32, help="--interp / --sr: held-out videos")
-    evaluate.add_argument("--stride", type=_positive_int, default=4, help="--interp: every STRIDE-th frame given")
-    evaluate.add_argument("--data-seed", type=_seed,
-                          help="--interp / --sr: seed of the held-out videos (default: not the run's data.seed)")
-    evaluate.add_argument("--seed", type=_seed, help="--interp / --sr: sampling seed (default 0 / the run's)")
-    evaluate.add_argument("--num-frames", type=_positive_int, help="--sr: frames per video (default the run's)")
-    evaluate.add_argument("--sampler", choices=sampler_names(), help="--interp / --sr: default the run's sample.sampler")
-    evaluate.add_argument("--steps", type=_positive_int, help="--interp / --sr: default the run's sample.steps")
-    evaluate.add_argument("--noise-level", type=_non_negative_float,
-                          help="--sr: augmentation level of the condition (default the run's sample_noise_level)")
-    evaluate.add_argument("--back-projection", type=_non_negative_int, default=0, metavar="N",
-                          help="--sr: N steps of back-projection onto the low-res input (default 0)")
-    evaluate.add_argument("--batch-size", type=_positive_int, help="--interp / --sr: videos sampled at once")
-    evaluate.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA (default) or raw weights")
+    stages_cli.add_eval_arguments(evaluate)
+    long_video_cli.add_eval_arguments(evaluate)
     evaluate.add_argument("--device", default="auto")
     evaluate.set_defaults(func=cmd_eval)
 

@@ -1,6 +1,7 @@
 """The command line's cascade-stage commands: `spacetime eval --interp RUN` / `--sr RUN` (a
 stage scored on held-out moving digits) and `spacetime sample --cascade base=DIR,...`.
-Kept out of `diffusion/cli.py` so that the core commands stay readable; the parser lives there."""
+Their options and handlers are kept out of `diffusion/cli.py` so that the core commands stay
+readable; `build_parser` there calls `add_sample_arguments` / `add_eval_arguments`."""
 
 from __future__ import annotations
 
@@ -8,12 +9,42 @@ import argparse
 import json
 from pathlib import Path
 
-from diffusion.cli import _device, _say
+
+def add_sample_arguments(sample: argparse.ArgumentParser) -> None:
+    """`spacetime sample --cascade ... [--stage-option STAGE.KEY=VALUE]`."""
+    sample.add_argument("--cascade", metavar="base=DIR[,interp=DIR][,sr=DIR]",
+                        help="sample a cascade of runs: base -> frame interpolation -> super-resolution")
+    sample.add_argument("--stage-option", action="append", metavar="STAGE.KEY=VALUE",
+                        help="--cascade: one stage's sampler / steps / cond_scale / eta / noise_level / back_projection")
+
+
+def add_eval_arguments(evaluate: argparse.ArgumentParser) -> None:
+    """`spacetime eval --interp RUN` / `--sr RUN` and their options."""
+    from diffusion.cli import _non_negative_float, _non_negative_int, _positive_int, _seed
+    from diffusion.config import sampler_names
+
+    evaluate.add_argument("--interp", metavar="RUN", help="frame-interpolation run folder (or checkpoint) to score")
+    evaluate.add_argument("--sr", metavar="RUN", help="super-resolution run folder (or checkpoint) to score")
+    evaluate.add_argument("--num-videos", type=_positive_int, default=32, help="--interp / --sr: held-out videos")
+    evaluate.add_argument("--stride", type=_positive_int, default=4, help="--interp: every STRIDE-th frame given")
+    evaluate.add_argument("--data-seed", type=_seed,
+                          help="--interp / --sr: seed of the held-out videos (default: not the run's data.seed)")
+    evaluate.add_argument("--seed", type=_seed, help="--interp / --sr: sampling seed (default 0 / the run's)")
+    evaluate.add_argument("--num-frames", type=_positive_int, help="--sr: frames per video (default the run's)")
+    evaluate.add_argument("--sampler", choices=sampler_names(), help="--interp / --sr: default the run's sample.sampler")
+    evaluate.add_argument("--steps", type=_positive_int, help="--interp / --sr: default the run's sample.steps")
+    evaluate.add_argument("--noise-level", type=_non_negative_float,
+                          help="--sr: augmentation level of the condition (default the run's sample_noise_level)")
+    evaluate.add_argument("--back-projection", type=_non_negative_int, default=0, metavar="N",
+                          help="--sr: N steps of back-projection onto the low-res input (default 0)")
+    evaluate.add_argument("--batch-size", type=_positive_int, help="--interp / --sr: videos sampled at once")
+    evaluate.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA (default) or raw weights")
 
 
 def eval_interpolation(args: argparse.Namespace) -> int:
     """`spacetime eval --interp RUN`: PSNR of the stage and of linear blending, in-between frames."""
     from diffusion import checkpoint as ckpt
+    from diffusion.cli import _device, _say
     from diffusion.evaluate_interp import evaluate_interpolation_run, interpolation_table
 
     results = evaluate_interpolation_run(
@@ -30,6 +61,7 @@ def eval_interpolation(args: argparse.Namespace) -> int:
 def eval_super_resolution(args: argparse.Namespace) -> int:
     """`spacetime eval --sr RUN`: PSNR / SSIM of the stage and of bicubic on held-out digits."""
     from diffusion import checkpoint as ckpt
+    from diffusion.cli import _device, _say
     from diffusion.evaluate_sr import evaluate_sr_run, sr_results_table
 
     results = evaluate_sr_run(
@@ -55,7 +87,7 @@ def sample_cascade(args: argparse.Namespace) -> int:
     from diffusion import checkpoint as ckpt
     from diffusion import media
     from diffusion.cascade import Cascade, parse_cascade_spec, parse_stage_option
-    from diffusion.cli import UsageError, _read_prompts, prepare_sample_folder, sample_stems
+    from diffusion.cli import UsageError, _device, _read_prompts, _say, prepare_sample_folder, sample_stems
     from diffusion.run import CONFIG_NAME, find_checkpoint, read_run_config
 
     if args.checkpoint is not None or args.pretrained is not None:
