@@ -22,6 +22,7 @@ when no gradient is recorded.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 
 import torch
@@ -72,6 +73,21 @@ def _norm_silu_grads(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: 
     """Gradients of `silu(group_norm(x))` for the `wanted` of (x, weight, bias), recomputing
     the forward. `then(act) -> (grad_act, extra)` turns the recomputed activation into the
     gradient flowing into it (a conv's backward) when `grad_out` is None."""
+    if not autocast[1] and x.dtype == weight.dtype == bias.dtype and x.numel():
+        # The kernels autograd's group-norm and SiLU nodes run, called directly: a nested
+        # autograd pass here costs more than the kernels on small activations.
+        x = x.contiguous()
+        n, c, size = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+        normed, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, n, c, size, groups, eps)
+        extra = None
+        if then is not None:
+            grad_out, extra = then(F.silu(normed))
+        if not any(wanted) or grad_out is None:
+            return [None, None, None], extra
+        grad_normed = torch.ops.aten.silu_backward(grad_out, normed).contiguous()
+        grads = torch.ops.aten.native_group_norm_backward(grad_normed, x, mean, rstd, weight, n, c, size, groups,
+                                                          list(wanted))
+        return [g if w else None for g, w in zip(grads, wanted)], extra
     inputs = [t.detach().requires_grad_(w) for t, w in zip((x, weight, bias), wanted)]
     with torch.enable_grad(), _autocast(autocast):
         act = F.silu(F.group_norm(inputs[0], groups, inputs[1], inputs[2], eps))
