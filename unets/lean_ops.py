@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spacetime.layers import _GeluGate
+
 __all__ = ["geglu_linear", "lean_conv", "norm_silu", "norm_silu_conv"]
 
 
@@ -69,10 +71,12 @@ class _GroupNormSiLU(torch.autograd.Function):
 
 def _norm_silu_grads(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float,
                      autocast: tuple[str, bool, torch.dtype], wanted: tuple[bool, ...], grad_out: Tensor | None,
-                     then: Callable | None) -> tuple[list[Tensor | None], object]:
+                     then: Callable | None, *, need_act: bool = True) -> tuple[list[Tensor | None], object]:
     """Gradients of `silu(group_norm(x))` for the `wanted` of (x, weight, bias), recomputing
     the forward. `then(act) -> (grad_act, extra)` turns the recomputed activation into the
-    gradient flowing into it (a conv's backward) when `grad_out` is None."""
+    gradient flowing into it (a conv's backward) when `grad_out` is None; with `need_act`
+    False it gets a stand-in of the activation's shape (a frozen conv's input gradient reads
+    no more), sparing the SiLU pass."""
     if not autocast[1] and x.dtype == weight.dtype == bias.dtype and x.numel():
         # The kernels autograd's group-norm and SiLU nodes run, called directly: a nested
         # autograd pass here costs more than the kernels on small activations.
@@ -81,7 +85,7 @@ def _norm_silu_grads(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: 
         normed, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, n, c, size, groups, eps)
         extra = None
         if then is not None:
-            grad_out, extra = then(F.silu(normed))
+            grad_out, extra = then(F.silu(normed) if need_act else normed.new_empty(1).expand(normed.shape))
         if not any(wanted) or grad_out is None:
             return [None, None, None], extra
         grad_normed = torch.ops.aten.silu_backward(grad_out, normed).contiguous()
@@ -139,7 +143,7 @@ class _NormSiLUConv2d(torch.autograd.Function):
 
         if mask[0] or mask[1]:
             norm_grads, (grad_w, grad_b) = _norm_silu_grads(x, norm_w, norm_b, ctx.groups, ctx.eps, ctx.autocast,
-                                                            norm_wanted, None, conv_grads)
+                                                            norm_wanted, None, conv_grads, need_act=mask[1])
         else:  # only the conv bias: no activation needed
             norm_grads, grad_w, grad_b = [None, None, None], None, (
                 grad_out.sum((0, 2, 3)).to(conv_w.dtype) if mask[2] else None)
@@ -227,8 +231,11 @@ def lean_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
 
 def geglu_linear(hidden: Tensor, linear: nn.Linear) -> Tensor:
     """`linear(value * gelu(gate))` of `hidden`'s halves, through `_GeluGateLinear` when
-    gradients are recorded."""
+    gradients are recorded and the linear's weight needs one (a frozen linear keeps no
+    input, so spacetime's `_GeluGate`, which keeps `hidden` only, is as lean there)."""
     if _recording():
-        return _GeluGateLinear.apply(hidden, linear.weight, linear.bias)
+        if linear.weight.requires_grad:
+            return _GeluGateLinear.apply(hidden, linear.weight, linear.bias)
+        return linear(_GeluGate.apply(hidden))
     value, gate = hidden.chunk(2, dim=-1)
     return linear(value * F.gelu(gate))
