@@ -46,7 +46,7 @@ def test_norm_silu_conv_gradcheck(wanted):
                                 ((6, 8, 3, 1), wanted[3]), ((6,), wanted[4]))
 
     def lean(*a):
-        return _NormSiLUConv2d.apply(*a, 4, 1e-5, (1, 1), (1, 0))
+        return _NormSiLUConv2d.apply(*a, 4, 1e-5, (1, 1), (1, 0), 0.0)
 
     assert torch.autograd.gradcheck(lean, (x, nw, nb, cw, cb))
     plain = F.conv2d(F.silu(F.group_norm(x, 4, nw, nb, 1e-5)), cw, cb, (1, 1), (1, 0))
@@ -138,3 +138,62 @@ def test_temporal_only_gradients_equal_diffusers(kind):
             torch.testing.assert_close(p.grad, their_grads[name].grad, rtol=1e-4, atol=1e-5, msg=name)
             compared += 1
     assert compared == len(list(ours.temporal_parameters()))
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_norm_silu_conv_dropout_replays_its_mask(frozen):
+    """With dropout, the keep mask drawn in forward (as bools) is replayed in backward: output
+    and gradients equal autograd through the same mask, and less is kept than plain autograd
+    with `F.dropout` keeps."""
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(4, 8)
+    conv = torch.nn.Conv2d(8, 6, (3, 1), padding=(1, 0)).requires_grad_(not frozen)
+    x = torch.randn(2, 8, 5, 7, requires_grad=True)
+    p = 0.3
+    params = [x, *norm.parameters(), *conv.parameters()]
+
+    torch.manual_seed(1)
+    lean = norm_silu_conv(norm, x, conv.weight, conv.bias, padding=(1, 0), dropout=p)
+    lean.square().sum().backward()
+    lean_grads = [q.grad for q in params]
+    for q in params:
+        q.grad = None
+    torch.manual_seed(1)  # the same draw as inside the op
+    keep = torch.empty(2, 8, 5, 7, dtype=torch.bool).bernoulli_(1 - p)
+    plain = conv(F.silu(norm(x)) * keep * (1 / (1 - p)))
+    plain.square().sum().backward()
+    torch.testing.assert_close(lean, plain)
+    assert 0 < int((~keep).sum()) < keep.numel()
+    for a, q in zip(lean_grads, params):
+        assert (a is None) == (q.grad is None)
+        if a is not None:
+            torch.testing.assert_close(a, q.grad)
+    kept = _saved_bytes(lambda: norm_silu_conv(norm, x, conv.weight, conv.bias, padding=(1, 0), dropout=p))
+    assert kept < _saved_bytes(lambda: conv(F.dropout(F.silu(norm(x)), p)))
+
+
+def test_modelscope_training_mode_with_temporal_dropout_trains():
+    """ModelScope's temporal convs drop out in training mode (the debug preset has none):
+    the lean path runs, checkpointing replays the same masks, gradients reach the temporal
+    weights."""
+    import copy
+
+    import unets
+
+    torch.manual_seed(0)
+    model = unets.build("modelscope", preset="debug", temporal_dropout=0.2).train()
+    for parameter in model.spatial_parameters():
+        parameter.requires_grad_(False)
+    ckpt = copy.deepcopy(model).enable_gradient_checkpointing()
+    x = torch.randn(2, model.channels, 3, 8, 8)
+    cond = torch.randn(2, 3, model.config.cond_dim)
+    outs = []
+    for m in (model, ckpt):
+        torch.manual_seed(5)
+        out = m(x, torch.tensor([10, 500]), cond=cond)
+        out.square().mean().backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[0], outs[1])
+    for a, b in zip(model.temporal_parameters(), ckpt.temporal_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+    assert any(bool(p.grad.abs().sum() > 0) for p in model.temporal_parameters())

@@ -94,9 +94,9 @@ def keep_time(enabled: EnableTime, frames: int, with_time: Tensor, without_time:
     return torch.where(mask, with_time, without_time)
 
 
-def _dropping(dropout: nn.Module) -> bool:
-    """Whether a dropout layer changes its input now (the lean ops cannot replay its mask)."""
-    return isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
+def _dropping(dropout: nn.Dropout) -> float:
+    """The probability a dropout layer drops with now: its `p` in training mode, else 0."""
+    return float(dropout.p) if dropout.training else 0.0
 
 
 class ResnetBlock2D(nn.Module):
@@ -119,10 +119,7 @@ class ResnetBlock2D(nn.Module):
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = norm_silu_conv(self.norm1, x, self.conv1.weight, self.conv1.bias)
         h = h + self.time_emb_proj(F.silu(emb))[:, :, None, None]
-        if _dropping(self.dropout):
-            h = self.conv2(self.dropout(norm_silu(self.norm2, h)))
-        else:
-            h = norm_silu_conv(self.norm2, h, self.conv2.weight, self.conv2.bias)
+        h = norm_silu_conv(self.norm2, h, self.conv2.weight, self.conv2.bias, dropout=_dropping(self.dropout))
         shortcut = x if self.conv_shortcut is None else lean_conv(self.conv_shortcut, x)
         out = shortcut + h
         return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
@@ -179,13 +176,8 @@ class TemporalConvStack(nn.Module):
         # the last axis, and on CPU the 2-D kernel is the fast one (Conv3d falls back to a
         # slow reference path), so this runs the checkpoint's Conv3d as a Conv2d.
         norm, conv = seq[0], seq[-1]
-        dropouts = list(seq)[2:-1]  # the dropout, where there is one
-        if not any(_dropping(d) for d in dropouts):
-            return norm_silu_conv(norm, h, conv.weight.squeeze(-1), conv.bias, padding=(1, 0))
-        h = norm_silu(norm, h)
-        for layer in dropouts:
-            h = layer(h)
-        return F.conv2d(h, conv.weight.squeeze(-1), conv.bias, padding=(1, 0))
+        dropout = _dropping(seq[2]) if len(seq) == 4 else 0.0  # conv1 has no dropout
+        return norm_silu_conv(norm, h, conv.weight.squeeze(-1), conv.bias, padding=(1, 0), dropout=dropout)
 
     def forward(self, x: Tensor, frames: int, enabled: EnableTime) -> Tensor:
         if enabled is False:

@@ -12,6 +12,8 @@ What autograd keeps, and what these keep instead:
 - a conv whose weight is frozen (every spatial conv in temporal-only training) still keeps its
   input, which only the weight gradient needs; `_LeanConv2d` keeps it only when the weight
   needs a gradient.
+- the same with dropout between SiLU and conv (ModelScope's temporal convs train with it):
+  `x` and the keep mask as bools, replayed in backward.
 - `linear(value * gelu(gate))` (the GEGLU feed-forward): the projection, `gelu(gate)` or the
   product; `_GeluGateLinear` keeps the projection only.
 
@@ -120,25 +122,35 @@ def _conv_backward(grad_out: Tensor, x: Tensor, weight: Tensor, stride: tuple[in
 
 
 class _NormSiLUConv2d(torch.autograd.Function):
-    """`conv2d(silu(group_norm(x)))` saving `x` (and the parameters) only."""
+    """`conv2d(dropout(silu(group_norm(x)), p))` saving `x` (and the parameters) only, plus
+    the dropout's keep mask as bools when `p > 0` (a quarter of an fp32 activation)."""
 
     @staticmethod
-    def forward(ctx, x, norm_w, norm_b, conv_w, conv_b, groups, eps, stride, padding):  # type: ignore[override]
-        ctx.save_for_backward(x, norm_w, norm_b, conv_w)
-        ctx.groups, ctx.eps, ctx.stride, ctx.padding = groups, eps, stride, padding
-        ctx.has_bias, ctx.autocast = conv_b is not None, _autocast_state(x)
+    def forward(ctx, x, norm_w, norm_b, conv_w, conv_b, groups, eps, stride, padding, p):  # type: ignore[override]
         act = F.silu(F.group_norm(x, groups, norm_w, norm_b, eps))
+        keep = None
+        if p > 0:
+            keep = torch.empty(act.shape, dtype=torch.bool, device=act.device).bernoulli_(1.0 - p)
+            act = act * keep * (1.0 / (1.0 - p))
+        ctx.save_for_backward(x, norm_w, norm_b, conv_w, keep)
+        ctx.groups, ctx.eps, ctx.stride, ctx.padding, ctx.p = groups, eps, stride, padding, p
+        ctx.has_bias, ctx.autocast = conv_b is not None, _autocast_state(x)
         return F.conv2d(act, conv_w, conv_b, stride, padding)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        x, norm_w, norm_b, conv_w = ctx.saved_tensors
+        x, norm_w, norm_b, conv_w, keep = ctx.saved_tensors
         need = ctx.needs_input_grad
         norm_wanted = tuple(need[:3])
         mask = (any(norm_wanted), need[3], need[4] and ctx.has_bias)
+        scale = 1.0 / (1.0 - ctx.p)
 
         def conv_grads(act: Tensor) -> tuple[Tensor | None, tuple[Tensor | None, Tensor | None]]:
+            if keep is not None and mask[1]:
+                act = act * keep * scale
             grad_act, grad_w, grad_b = _conv_backward(grad_out, act, conv_w, ctx.stride, ctx.padding, mask)
+            if keep is not None and grad_act is not None:
+                grad_act = grad_act * keep * scale
             return grad_act, (grad_w, grad_b)
 
         if mask[0] or mask[1]:
@@ -147,7 +159,7 @@ class _NormSiLUConv2d(torch.autograd.Function):
         else:  # only the conv bias: no activation needed
             norm_grads, grad_w, grad_b = [None, None, None], None, (
                 grad_out.sum((0, 2, 3)).to(conv_w.dtype) if mask[2] else None)
-        return (*norm_grads, grad_w, grad_b, None, None, None, None)
+        return (*norm_grads, grad_w, grad_b, None, None, None, None, None)
 
 
 class _LeanConv2d(torch.autograd.Function):
@@ -212,13 +224,17 @@ def norm_silu(norm: nn.GroupNorm, x: Tensor) -> Tensor:
 
 
 def norm_silu_conv(norm: nn.GroupNorm, x: Tensor, weight: Tensor, bias: Tensor | None, *,
-                   stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (1, 1)) -> Tensor:
-    """`conv2d(silu(norm(x)), weight, bias)`, through `_NormSiLUConv2d` when gradients are
-    recorded."""
+                   stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (1, 1),
+                   dropout: float | int = 0.0) -> Tensor:
+    """`conv2d(dropout(silu(norm(x)), p=dropout), weight, bias)` (the dropout always on: pass 0
+    when the layer is in eval mode), through `_NormSiLUConv2d` when gradients are recorded."""
     if _recording():
         return _NormSiLUConv2d.apply(x, norm.weight, norm.bias, weight, bias, norm.num_groups, norm.eps,
-                                     stride, padding)
-    return F.conv2d(F.silu(norm(x)), weight, bias, stride, padding)
+                                     stride, padding, float(dropout))
+    act = F.silu(norm(x))
+    if dropout > 0:
+        act = F.dropout(act, float(dropout), training=True)
+    return F.conv2d(act, weight, bias, stride, padding)
 
 
 def lean_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
