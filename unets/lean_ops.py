@@ -31,8 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spacetime.layers import _GeluGate
-
 __all__ = ["geglu_linear", "lean_conv", "norm_silu", "norm_silu_conv"]
 
 
@@ -212,7 +210,12 @@ class _GeluGateLinear(torch.autograd.Function):
             grad_b = flat_grad.sum(0).to(weight.dtype)
         if need[0]:
             grad_mid = (grad_out @ weight.to(run)).to(hidden.dtype)
-            grad_hidden = torch.cat((grad_mid * gelu, torch.ops.aten.gelu_backward(grad_mid * value, gate)), dim=-1)
+            # Both halves written in place into one buffer: no concatenation pass.
+            grad_hidden = torch.empty_like(hidden)
+            grad_value, grad_gate = grad_hidden.chunk(2, dim=-1)
+            torch.mul(grad_mid, gelu, out=grad_value)
+            torch.mul(grad_mid, value, out=grad_gate)
+            torch.ops.aten.gelu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
         return grad_hidden, grad_w, grad_b
 
 
@@ -247,11 +250,8 @@ def lean_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
 
 def geglu_linear(hidden: Tensor, linear: nn.Linear) -> Tensor:
     """`linear(value * gelu(gate))` of `hidden`'s halves, through `_GeluGateLinear` when
-    gradients are recorded and the linear's weight needs one (a frozen linear keeps no
-    input, so spacetime's `_GeluGate`, which keeps `hidden` only, is as lean there)."""
+    gradients are recorded."""
     if _recording():
-        if linear.weight.requires_grad:
-            return _GeluGateLinear.apply(hidden, linear.weight, linear.bias)
-        return linear(_GeluGate.apply(hidden))
+        return _GeluGateLinear.apply(hidden, linear.weight, linear.bias)
     value, gate = hidden.chunk(2, dim=-1)
     return linear(value * F.gelu(gate))
