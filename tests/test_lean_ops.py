@@ -13,7 +13,14 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from unets.lean_ops import _GeluGateLinear, _LeanConv2d, _NormSiLUConv2d, geglu_linear, lean_conv, norm_silu_conv
+from unets.lean_ops import (
+    _GeluGateLinear,
+    _LeanConv2d,
+    _NormSiLUConv2d,
+    geglu_linear,
+    lean_conv,
+    norm_silu_conv,
+)
 
 
 def _saved_bytes(fn) -> int:

@@ -36,7 +36,14 @@ from spacetime.params import mark_temporal
 from spacetime.time import EnableTime, time_enabled
 from unets.base import UnetMixin
 from unets.frame_cond import add_frame_rate, frame_cond_inputs
-from unets.lean_ops import _GroupNormSiLU, geglu_linear, lean_conv, norm_silu, norm_silu_conv  # noqa: F401
+# `_GroupNormSiLU` and `norm_silu` were defined here: still importable from here.
+from unets.lean_ops import (  # noqa: F401
+    _GroupNormSiLU,
+    geglu_linear,
+    lean_conv,
+    norm_silu,
+    norm_silu_conv,
+)
 
 __all__ = [
     "CrossAttnTransformer",
