@@ -3,6 +3,7 @@
     python benchmarks/diffusers_unets.py                 # tiny and ModelScope 1.7B, CPU fp32
     python benchmarks/diffusers_unets.py --quick         # tiny only, a few seconds (the test)
     python benchmarks/diffusers_unets.py --device cuda --bf16 --sizes ms-1.7b
+    python benchmarks/diffusers_unets.py --separate --models modelscope --sizes ms-1.7b --frames 4 --modes train
 
 Per (model, size): diffusers' `UNet3DConditionModel` (ModelScope) or `UNetMotionModel`
 (AnimateDiff, built from a `UNet2DConditionModel` + `MotionAdapter`) with random weights,
@@ -22,14 +23,26 @@ Time is the median of `--rounds` rounds; peak memory is measured per call
 <= 0.8x the memory of diffusers. The 1.7B size is `damo-vilab/text-to-video-ms-1.7b`'s
 public unet config (below, random weights); it needs about 7 GB for the weights of each
 model and much more for a train step, so it is not part of `--quick`.
+
+`--separate` is for sizes whose two copies do not fit in memory together: the weights are
+made once (same seed) and saved to a temporary diffusers folder, then each side runs in its
+own process that loads them (diffusers' `from_pretrained`, ours `unets.from_diffusers`), with
+the order of the two processes alternating over `--repeats` pairs. A process times `--rounds`
+steps after a warm-up and reports, besides the allocator peak of one step, its peak resident
+memory over the timed steps (`VmHWM`, reset after loading and warm-up) and its resident
+memory before them (the weights, gradients and optimizer state); outputs are compared
+through a saved forward output. Only ModelScope has a 1.7B size, so only it runs separate.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -123,28 +136,25 @@ def _temporal_only(model: nn.Module, ours: bool) -> list[nn.Parameter]:
     return params
 
 
-def make_steps(theirs: nn.Module, ours: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-               kind: str, dtype: torch.dtype) -> dict[str, dict[str, Callable[[], Any]]]:
+def side_steps(model: nn.Module, is_ours: bool, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, kind: str,
+               dtype: torch.dtype) -> dict[str, Callable[[], Any]]:
+    """One model's step per mode: `forward`, `train`, `train+ckpt` (module doc)."""
     frames = x.shape[2]
     their_cond = cond.repeat_interleave(frames, 0) if kind == "animatediff" else cond
     autocast = torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-    def their_call() -> torch.Tensor:
-        return theirs(x, t, encoder_hidden_states=their_cond).sample
+    def call() -> torch.Tensor:
+        return model(x, t, cond=cond) if is_ours else model(x, t, encoder_hidden_states=their_cond).sample
 
-    def our_call() -> torch.Tensor:
-        return ours(x, t, cond=cond)
+    def forward() -> Any:
+        with torch.inference_mode(), autocast:
+            return call()
 
-    def forward(call: Callable[[], torch.Tensor]) -> Callable[[], Any]:
-        def run() -> Any:
-            with torch.inference_mode(), autocast:
-                return call()
-        return run
-
-    def train(model: nn.Module, call: Callable[[], torch.Tensor], is_ours: bool, ckpt: bool) -> Callable[[], Any]:
+    def train(ckpt: bool) -> Callable[[], Any]:
         params = _temporal_only(model, is_ours)
         opt = torch.optim.AdamW(params, lr=1e-5)
-        target = torch.randn_like(x)
+        # Seeded apart from the global generator, which loading a model may or may not use.
+        target = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.device)
 
         def run() -> Any:
             if is_ours:
@@ -159,23 +169,22 @@ def make_steps(theirs: nn.Module, ours: nn.Module, x: torch.Tensor, t: torch.Ten
             return loss.detach()
         return run
 
-    steps = {
-        "forward": {"ours": forward(our_call), "diffusers": forward(their_call)},
-        "train": {"ours": train(ours, our_call, True, False), "diffusers": train(theirs, their_call, False, False)},
-        "train+ckpt": {"ours": train(ours, our_call, True, True),
-                       "diffusers": train(theirs, their_call, False, True)},
-    }
-    return steps
+    return {"forward": forward, "train": train(False), "train+ckpt": train(True)}
+
+
+def make_steps(theirs: nn.Module, ours: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+               kind: str, dtype: torch.dtype) -> dict[str, dict[str, Callable[[], Any]]]:
+    """`{mode: {"ours": step, "diffusers": step}}`."""
+    mine = side_steps(ours, True, x, t, cond, kind, dtype)
+    their = side_steps(theirs, False, x, t, cond, kind, dtype)
+    return {mode: {"ours": mine[mode], "diffusers": their[mode]} for mode in mine}
 
 
 def run_case(kind: str, size: str, *, batch: int, frames: int, side: int, rounds: int, device: torch.device,
              dtype: torch.dtype, modes: Sequence[str]) -> list[dict[str, Any]]:
     theirs, ours, cond_dim = build_pair(kind, size)
     theirs, ours = theirs.to(device).eval(), ours.to(device).eval()
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 4, frames, side, side, generator=gen).to(device)
-    t = torch.tensor([500] * batch, device=device)
-    cond = torch.randn(batch, 8, cond_dim, generator=gen).to(device)
+    x, t, cond = _inputs(kind, cond_dim, batch=batch, frames=frames, side=side, device=device)
     with torch.inference_mode():
         expected = theirs(x, t, encoder_hidden_states=cond.repeat_interleave(frames, 0) if kind == "animatediff"
                           else cond).sample
@@ -199,6 +208,7 @@ def run_case(kind: str, size: str, *, batch: int, frames: int, side: int, rounds
                "dtype": str(dtype).removeprefix("torch."), "max_abs_diff": diff}
         for who in ("ours", "diffusers"):
             row[f"{who}_ms"] = statistics.median(times[who]) * 1e3
+            row[f"{who}_ms_min"], row[f"{who}_ms_max"] = min(times[who]) * 1e3, max(times[who]) * 1e3
             row[f"{who}_mem_mb"] = memory[who] / 2**20
         row["time_ratio"] = row["ours_ms"] / row["diffusers_ms"]
         row["memory_ratio"] = row["ours_mem_mb"] / row["diffusers_mem_mb"] if row["diffusers_mem_mb"] else None
@@ -213,8 +223,136 @@ def run_case(kind: str, size: str, *, batch: int, frames: int, side: int, rounds
     return rows
 
 
-COLUMNS = ("model", "size", "mode", "shape", "dtype", "max_abs_diff", "ours_ms", "diffusers_ms", "time_ratio",
-           "ours_mem_mb", "diffusers_mem_mb", "memory_ratio", "diffusers_checkpointed", "time_ok", "memory_ok")
+def _inputs(kind: str, cond_dim: int, *, batch: int, frames: int, side: int,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 4, frames, side, side, generator=gen).to(device)
+    t = torch.tensor([500] * batch, device=device)
+    cond = torch.randn(batch, 8, cond_dim, generator=gen).to(device)
+    return x, t, cond
+
+
+def _status_kib(field: str) -> int | None:
+    """A `VmRSS` / `VmHWM` line of /proc/self/status, in KiB (None off Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    # Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0).
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def worker(who: str, folder: Path, result: Path, *, mode: str, batch: int, frames: int, side: int, rounds: int,
+           device: torch.device, dtype: torch.dtype) -> None:
+    """One side of a `--separate` run: load the saved weights, save one forward output next to
+    `result`, time `rounds` steps of `mode` after a warm-up, write a JSON result."""
+    import diffusers
+
+    is_ours = who == "ours"
+    config = json.loads((folder / "config.json").read_text())
+    if is_ours:
+        model = unets.from_diffusers(folder)
+    else:
+        model = diffusers.UNet3DConditionModel.from_pretrained(folder)
+    model = model.to(device).eval()
+    x, t, cond = _inputs("modelscope", config["cross_attention_dim"], batch=batch, frames=frames, side=side,
+                         device=device)
+    with torch.inference_mode():
+        out = model(x, t, cond=cond) if is_ours else model(x, t, encoder_hidden_states=cond).sample
+    torch.save(out.float().cpu(), result.with_suffix(".pt"))
+    fn = side_steps(model, is_ours, x, t, cond, "modelscope", dtype)[mode]
+    fn()  # warm-up, and the optimizer state
+    common._sync(device)
+    before = _status_kib("VmRSS")
+    reset = _reset_peak_rss()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        common._sync(device)
+        times.append(time.perf_counter() - start)
+    peak = _status_kib("VmHWM") if reset else None
+    row = {"who": who, "times_s": times, "rss_before_mb": None if before is None else before / 1024,
+           "peak_rss_mb": None if peak is None else peak / 1024,
+           "step_peak_mb": common.peak_memory(fn, device) / 2**20}
+    result.write_text(json.dumps(row))
+
+
+def run_separate(kind: str, size: str, *, batch: int, frames: int, side: int, rounds: int, repeats: int,
+                 device: torch.device, dtype: torch.dtype, modes: Sequence[str],
+                 threads: int | None) -> list[dict[str, Any]]:
+    """Ours and diffusers' in separate processes (module doc, `--separate`)."""
+    import diffusers
+
+    if kind != "modelscope":
+        raise ValueError(f"--separate runs ModelScope only, got {kind!r}")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="diffusers-unets-") as tmp:
+        folder = Path(tmp) / "unet"
+        torch.manual_seed(0)
+        theirs = _perturb(diffusers.UNet3DConditionModel(**(TINY_3D if size == "tiny" else MS_17B)), 1)
+        theirs.save_pretrained(folder)
+        del theirs
+        for mode in modes:
+            results: dict[str, list[dict[str, Any]]] = {"ours": [], "diffusers": []}
+            for repeat in range(repeats):
+                order = ("ours", "diffusers") if repeat % 2 == 0 else ("diffusers", "ours")
+                for who in order:
+                    result = Path(tmp) / f"{who}-{mode}-{repeat}.json"
+                    command = [sys.executable, str(Path(__file__).resolve()), "--worker", who, "--weights",
+                               str(folder), "--result", str(result), "--modes", mode, "--batch", str(batch),
+                               "--frames", str(frames), "--side", str(side), "--rounds", str(rounds),
+                               "--device", str(device)]
+                    command += ["--bf16"] if dtype == torch.bfloat16 else []
+                    command += ["--threads", str(threads)] if threads else []
+                    logger.info("%s %s %s: %s process, pair %d of %d", kind, size, mode, who, repeat + 1, repeats)
+                    subprocess.run(command, check=True)
+                    results[who].append(json.loads(result.read_text()))
+            outputs = {who: torch.load(Path(tmp) / f"{who}-{mode}-0.pt") for who in results}
+            row = {"model": kind, "size": size, "mode": mode, "shape": f"{batch}x4x{frames}x{side}x{side}",
+                   "dtype": str(dtype).removeprefix("torch."),
+                   "max_abs_diff": float((outputs["ours"] - outputs["diffusers"]).abs().max()),
+                   "separate": True}
+            for who, runs in results.items():
+                times = [s for r in runs for s in r["times_s"]]
+                row[f"{who}_ms"] = statistics.median(times) * 1e3
+                row[f"{who}_ms_min"], row[f"{who}_ms_max"] = min(times) * 1e3, max(times) * 1e3
+                row[f"{who}_mem_mb"] = max(r["step_peak_mb"] for r in runs)
+                for key in ("peak_rss_mb", "rss_before_mb"):
+                    values = [r[key] for r in runs if r[key] is not None]
+                    row[f"{who}_{key}"] = max(values) if values else None
+            row["time_ratio"] = row["ours_ms"] / row["diffusers_ms"]
+            row["memory_ratio"] = row["ours_mem_mb"] / row["diffusers_mem_mb"] if row["diffusers_mem_mb"] else None
+            rss = (row["ours_peak_rss_mb"], row["diffusers_peak_rss_mb"])
+            row["peak_rss_ratio"] = rss[0] / rss[1] if None not in rss else None
+            row["diffusers_checkpointed"] = False
+            row["time_ok"] = row["time_ratio"] <= TARGETS["time"]
+            row["memory_ok"] = row["memory_ratio"] is not None and row["memory_ratio"] <= TARGETS["memory"]
+            rows.append(row)
+            logger.info("%s %s %s (separate): ours %.0f ms / %.1f MB step / %s MB peak RSS, diffusers %.0f ms / "
+                        "%.1f MB / %s MB (x%.2f time, x%.2f memory)", kind, size, mode, row["ours_ms"],
+                        row["ours_mem_mb"], row["ours_peak_rss_mb"], row["diffusers_ms"], row["diffusers_mem_mb"],
+                        row["diffusers_peak_rss_mb"], row["time_ratio"], row["memory_ratio"] or 0.0)
+    return rows
+
+
+COLUMNS = ("model", "size", "mode", "shape", "dtype", "max_abs_diff", "ours_ms", "ours_ms_min", "ours_ms_max",
+           "diffusers_ms", "diffusers_ms_min", "diffusers_ms_max", "time_ratio", "ours_mem_mb", "diffusers_mem_mb",
+           "memory_ratio", "diffusers_checkpointed", "time_ok", "memory_ok")
+SEPARATE_COLUMNS = ("model", "size", "mode", "shape", "dtype", "max_abs_diff", "ours_ms", "ours_ms_min",
+                    "ours_ms_max", "diffusers_ms", "diffusers_ms_min", "diffusers_ms_max", "time_ratio",
+                    "ours_mem_mb", "diffusers_mem_mb", "memory_ratio", "ours_peak_rss_mb", "diffusers_peak_rss_mb",
+                    "peak_rss_ratio", "ours_rss_before_mb", "diffusers_rss_before_mb", "time_ok", "memory_ok")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -233,7 +371,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--separate", action="store_true",
+                        help="each side in its own process, loading weights saved once (ModelScope only)")
+    parser.add_argument("--repeats", type=int, default=2, help="with --separate: process pairs, order alternating")
+    parser.add_argument("--worker", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+    parser.add_argument("--weights", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    for name in ("rounds", "repeats", "batch", "frames", "side"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     common.configure_logging()
     try:
         import diffusers  # noqa: F401
@@ -243,22 +390,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = common.parse_device(args.device)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
+    if args.worker:
+        if args.weights is None or args.result is None or len(args.modes) != 1:
+            parser.error("--worker needs --weights, --result and one --modes")
+        worker(args.worker, args.weights, args.result, mode=args.modes[0], batch=args.batch, frames=args.frames,
+               side=args.side, rounds=args.rounds, device=device, dtype=dtype)
+        return 0
     if args.quick:
         args.sizes, args.rounds, args.frames, args.side = ["tiny"], 2, 4, 8
+        args.repeats = min(args.repeats, 1) if args.separate else args.repeats
+    if args.separate and args.models != ["modelscope"]:
+        parser.error(f"--separate runs ModelScope only (the one with a 1.7B size): pass --models modelscope, "
+                     f"got {args.models}")
     rows = []
     for kind in args.models:
         for size in args.sizes:
             if kind == "animatediff" and size != "tiny":
                 continue
-            rows += run_case(kind, size, batch=args.batch, frames=args.frames, side=args.side, rounds=args.rounds,
-                             device=device, dtype=dtype, modes=args.modes)
-    stem = common.output_stem(args.out, "diffusers-unets", device)
+            if args.separate:
+                rows += run_separate(kind, size, batch=args.batch, frames=args.frames, side=args.side,
+                                     rounds=args.rounds, repeats=args.repeats, device=device, dtype=dtype,
+                                     modes=args.modes, threads=args.threads)
+            else:
+                rows += run_case(kind, size, batch=args.batch, frames=args.frames, side=args.side,
+                                 rounds=args.rounds, device=device, dtype=dtype, modes=args.modes)
+    stem = common.output_stem(args.out, "diffusers-unets-separate" if args.separate else "diffusers-unets", device)
     env = common.environment(device)
     common.write_csv(rows, stem.with_suffix(".csv"))
     common.write_json({"environment": env, "targets": TARGETS, "rows": rows}, stem.with_suffix(".json"))
     report = ["# This library's diffusers-format video U-Nets vs diffusers", "", common.environment_markdown(env), "",
               f"Targets: time ratio <= {TARGETS['time']}, memory ratio <= {TARGETS['memory']} (ours / diffusers).",
-              "", common.markdown_table(rows, COLUMNS), ""]
+              "", common.markdown_table(rows, SEPARATE_COLUMNS if args.separate else COLUMNS), ""]
     stem.with_suffix(".md").write_text("\n".join(report))
     logger.info("wrote %s.{csv,json,md}", stem)
     return 0

@@ -28,3 +28,5 @@ from diffusion.text import (
 )
 from diffusion.trainer import NonFiniteLossError, Trainer
 from diffusion.run import load_run
+from diffusion.super_resolution import SuperResolution
+from diffusion.cascade import Cascade, StageOptions

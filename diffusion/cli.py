@@ -40,6 +40,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from diffusion import cli_long as long_video_cli
+from diffusion import cli_stages as stages_cli
 from diffusion.config import (
     MAX_SEED,
     ConfigError,
@@ -299,19 +301,36 @@ def _read_prompts(args: argparse.Namespace, config: RunConfig) -> list[str]:
     return prompts
 
 
+def prepare_sample_folder(out: Path, overwrite: bool) -> None:
+    """Create `out`; earlier sample files in it are an error unless `overwrite` (then removed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    stale = [p for p in out.iterdir() if _SAMPLE_FILE.match(p.name)]
+    if stale and not overwrite:
+        raise UsageError(f"{out} already holds {len(stale)} sample files; pass --overwrite to replace them")
+    for path in stale:
+        path.unlink()
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from diffusion import checkpoint as ckpt
     from diffusion import media
 
+    if args.cascade is not None:
+        from diffusion.cli_stages import sample_cascade
+
+        return sample_cascade(args)
+    if args.stage_option:
+        raise UsageError("--stage-option goes with --cascade")
     if args.pretrained is not None:
         run = _open_pretrained(args)
     else:
         if args.checkpoint is None:
             raise UsageError("give --checkpoint RUN (a training run) or --pretrained DIR (a diffusers pipeline folder)")
         if args.num_frames is not None or args.image_size is not None:
-            raise UsageError("--num-frames and --image-size go with --pretrained; a run samples at its own size")
+            raise UsageError("--num-frames and --image-size go with --pretrained; a run samples at its own size "
+                             "(longer videos: --frames N)")
         if not Path(args.checkpoint).exists():
             raise UsageError(f"--checkpoint {args.checkpoint} does not exist")
         run = open_run(args.checkpoint, args.weights, device=_device(args.device))
@@ -333,6 +352,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise UsageError(f"--steps must be at most the run's diffusion.timesteps={diffusion.num_timesteps}, "
                          f"got {options.steps}")
 
+    long_options = long_video_cli.sample_options(args, diffusion)
     conditional = diffusion.cond_format is not None
     if not conditional and (args.prompt or args.prompts_file):
         raise UsageError("this model is unconditional (no cond_dim): it takes no prompts")
@@ -344,12 +364,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     stems = sample_stems(prompts, count) if conditional else [f"{i:03d}-sample" for i in range(count)]
 
     out = Path(args.out) if args.out else run.run_dir / "samples"
-    out.mkdir(parents=True, exist_ok=True)
-    stale = [p for p in out.iterdir() if _SAMPLE_FILE.match(p.name)]
-    if stale and not args.overwrite:
-        raise UsageError(f"{out} already holds {len(stale)} sample files; pass --overwrite to replace them")
-    for path in stale:
-        path.unlink()
+    prepare_sample_folder(out, args.overwrite)
 
     generator = torch.Generator().manual_seed(options.seed)
     sampling_seconds, sampler_steps = 0.0, 0
@@ -367,7 +382,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             kwargs["batch_size"] = len(chunk)
         with torch.no_grad():
             began = time.perf_counter()
-            videos = diffusion.sample(**kwargs).float()
+            videos = long_video_cli.sample_videos(diffusion, kwargs, long_options).float()
             sampling_seconds += time.perf_counter() - began
             sampler_steps += options.steps
         if not torch.isfinite(videos).all():
@@ -414,33 +429,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from diffusion import checkpoint as ckpt
     from diffusion.evaluate import evaluate_folder, results_table
 
-    if (args.folder is None) == (args.interp is None):
-        raise UsageError("give a FOLDER of samples to score, or --interp RUN to score a frame-interpolation run "
-                         f"(not both); got folder={args.folder!r}, --interp={args.interp!r}")
+    stages = [name for name, value in (("--interp", args.interp), ("--sr", args.sr)) if value is not None]
+    if (args.folder is not None) + len(stages) != 1:
+        given = ([f"FOLDER {args.folder!r}"] if args.folder is not None else []) + stages
+        raise UsageError("give one of (not both): a FOLDER of samples to score, --interp RUN (a frame-interpolation "
+                         f"run) or --sr RUN (a super-resolution run); got {', '.join(given) or 'none'}")
     if args.interp is not None:
-        return _eval_interpolation(args)
-    if args.speed is not None or args.frames is not None or args.window is not None:
-        raise UsageError(f"--speed, --frames and --window go with --interp RUN; got --speed={args.speed}, "
-                         f"--frames={args.frames}, --window={args.window}")
-    results = evaluate_folder(args.folder)
+        from diffusion.cli_stages import eval_interpolation
+
+        return eval_interpolation(args)
+    if args.sr is not None:
+        from diffusion.cli_stages import eval_super_resolution
+
+        return eval_super_resolution(args)
     out = Path(args.out) if args.out else Path(args.folder) / "eval.json"
+    # Long videos: per-window scores with --window (diffusion.cli_long).
+    scored = long_video_cli.evaluate(args)
+    if scored is not None:
+        results, table = scored
+    else:
+        results = evaluate_folder(args.folder)
+        table = results_table(results)
     ckpt.atomic_write_text(out, json.dumps(results, indent=2) + "\n")
-    _say(results_table(results))
-    _say(f"\nwrote {out}")
-    return 0
-
-
-def _eval_interpolation(args: argparse.Namespace) -> int:
-    from diffusion import checkpoint as ckpt
-    from diffusion.evaluate_interp import evaluate_interpolation_run, interpolation_table
-
-    results = evaluate_interpolation_run(
-        args.interp, num_videos=args.num_videos, stride=args.stride, seed=args.seed, sampler=args.sampler,
-        steps=args.steps, batch_size=args.batch_size, device=_device(args.device), speed=args.speed,
-        num_frames=args.frames, window=args.window, **({} if args.data_seed is None else {"data_seed": args.data_seed}))
-    out = Path(args.out) if args.out else Path(results["run"]) / "eval-interp.json"
-    ckpt.atomic_write_text(out, json.dumps(results, indent=2) + "\n")
-    _say(interpolation_table(results))
+    _say(table)
     _say(f"\nwrote {out}")
     return 0
 
@@ -493,24 +504,24 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _int_argument(low: int, high: int | None, what: str) -> Any:
+    """An argparse type: an int in [low, high], else "must be WHAT, got ..."."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+
+    return parse
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 2**63 - 1], got {value}")
-    return value
+_positive_int = _int_argument(1, None, "a positive integer")
+_non_negative_int = _int_argument(0, None, "a non-negative integer")
+_seed = _int_argument(0, MAX_SEED, "an integer in [0, 2**63 - 1]")
 
 
 def _non_negative_float(text: str) -> float:
@@ -558,6 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--pretrained", metavar="DIR",
                         help="a local diffusers text-to-video pipeline folder (unet/, vae/, text_encoder/, "
                              "tokenizer/, scheduler/) instead of --checkpoint")
+    stages_cli.add_sample_arguments(sample)
     sample.add_argument("--num-frames", type=_positive_int, help="frames per video (--pretrained; default 16)")
     sample.add_argument("--image-size", type=_positive_int,
                         help="pixels per side (--pretrained; default the U-Net's sample_size times the VAE's factor)")
@@ -575,31 +587,18 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", help="output folder (default: RUN/samples)")
     sample.add_argument("--overwrite", action="store_true", help="replace earlier samples in --out")
     sample.add_argument("--device", default="auto")
+    long_video_cli.add_sample_arguments(sample)
     sample.set_defaults(func=cmd_sample)
 
     evaluate = commands.add_parser(
-        "eval", help="score moving-digits samples or a frame-interpolation run",
+        "eval", help="score moving-digits samples (--window: long videos), a frame-interpolation or super-resolution run",
         description="Direction and digit accuracy of moving-digits videos against their captions; with --interp "
-                    "RUN, a frame-interpolation run's PSNR on held-out moving digits against linear blending.")
+                    "RUN, a frame-interpolation run's PSNR on held-out moving digits against linear blending; with "
+                    "--sr RUN, PSNR and SSIM of a super-resolution run and of bicubic upsampling.")
     evaluate.add_argument("folder", nargs="?", help="folder of videos with NAME.txt captions")
-    evaluate.add_argument("--out", help="JSON results (default: FOLDER/eval.json, RUN/eval-interp.json)")
-    evaluate.add_argument("--interp", metavar="RUN", help="frame-interpolation run folder (or checkpoint) to score")
-    evaluate.add_argument("--num-videos", type=_positive_int, default=32, help="--interp: held-out videos")
-    evaluate.add_argument("--stride", type=_positive_int, default=4, help="--interp: every STRIDE-th frame given")
-    evaluate.add_argument("--data-seed", type=_seed,
-                          help="--interp: seed of the held-out videos (default 1000003; not the run's data.seed)")
-    evaluate.add_argument("--seed", type=_seed, default=0, help="--interp: sampling seed")
-    evaluate.add_argument("--sampler", choices=sampler_names(), help="--interp: default the run's sample.sampler")
-    evaluate.add_argument("--steps", type=_positive_int, help="--interp: default the run's sample.steps")
-    evaluate.add_argument("--batch-size", type=_positive_int, default=16, help="--interp: videos sampled at once")
-    evaluate.add_argument("--speed", type=_non_negative_float, metavar="S",
-                          help="--interp: every video at S px per output frame, so given frames are STRIDE * S px "
-                               "apart (default: the run's data.speed / data.speeds)")
-    evaluate.add_argument("--window", type=_positive_int, metavar="K",
-                          help="--interp: sample the stage on K given frames at a time, neighbours sharing one "
-                               "(default: all at once)")
-    evaluate.add_argument("--frames", type=_positive_int, metavar="T",
-                          help="--interp: frames per video, STRIDE * (F - 1) + 1 (default: the run's num_frames)")
+    evaluate.add_argument("--out", help="JSON results (default: FOLDER/eval.json, RUN/eval-interp.json, RUN/eval_sr.json)")
+    stages_cli.add_eval_arguments(evaluate)
+    long_video_cli.add_eval_arguments(evaluate)
     evaluate.add_argument("--device", default="auto")
     evaluate.set_defaults(func=cmd_eval)
 

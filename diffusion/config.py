@@ -51,6 +51,7 @@ from diffusion.config_fields import (  # noqa: F401 (re-exported: other modules 
     Section,
     _plain,
 )
+from diffusion.config_stages import SuperResolutionConfig, check_super_resolution
 from spacetime.checks import did_you_mean
 from unets import guards
 
@@ -59,7 +60,7 @@ __all__ = [
     "UnetSection", "check_sample_kwargs", "normalise", "validate_config",
 ]
 
-TOP_KEYS = ("unet", "unet_preset", "model", "diffusion", "trainer", "data", "sample", "pretrained")
+TOP_KEYS = ("unet", "unet_preset", "model", "diffusion", "trainer", "data", "sample", "pretrained", "super_resolution")
 SECTIONS = ("model", "diffusion", "trainer", "data", "sample")
 # Spellings of earlier versions, read with a warning: key -> what it is now.
 DEPRECATED_TOP = {"preset": "unet_preset"}
@@ -447,8 +448,10 @@ class RunConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
     pretrained: Any = None  # diffusion.pretrained.PretrainedSection: a local diffusers base
+    super_resolution: Any = None  # diffusion.config_stages.SuperResolutionConfig: an SR stage
 
     def __post_init__(self) -> None:
+        check_super_resolution(self)
         if self.pretrained is not None:
             from diffusion.pretrained import check_pretrained_run
 
@@ -494,6 +497,8 @@ class RunConfig:
         if data.get("pretrained") is not None:
             from diffusion.pretrained import pretrained_run
 
+            if data.get("super_resolution") is not None:
+                raise ConfigError("super_resolution needs a U-Net of this library (unet:), not a pretrained base")
             return pretrained_run(cls, data)
         return cls(
             unet=UnetSection(name=data.get("unet"), preset=data.get("unet_preset"), model=data.get("model") or {}),
@@ -501,6 +506,8 @@ class RunConfig:
             trainer=TrainerConfig.from_dict(data.get("trainer")),
             data=DataConfig.from_dict(data.get("data")),
             sample=SampleConfig.from_dict(data.get("sample")),
+            super_resolution=None if data.get("super_resolution") is None
+            else SuperResolutionConfig.from_dict(data["super_resolution"]),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -510,7 +517,8 @@ class RunConfig:
             "trainer": self.trainer.to_dict(),
             "data": self.data.to_dict(),
             "sample": self.sample.to_dict(),
-        } | ({"pretrained": self.pretrained.to_dict()} if self.pretrained is not None else {})
+        } | ({"pretrained": self.pretrained.to_dict()} if self.pretrained is not None else {}) | (
+            {"super_resolution": self.super_resolution.to_dict()} if self.super_resolution is not None else {})
 
     def resolved(self, unet_config: Any = None) -> RunConfig:
         """This config with the U-Net written out field by field (no preset), so the run can be

@@ -36,8 +36,8 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np

@@ -6,7 +6,8 @@ embedded moving-digits data on a CPU within a wall-clock budget, sampled with DD
 classifier-free guidance; `moving-digits-flow` trains it as a rectified flow
 (`diffusion.FlowMatching`). `moving-digits-long` is the same recipe with a 40-minute
 training budget; `moving-digits-interp` is the frame-interpolation stage (29 frames from
-every 4th given); `debug` is a tiny run for tests.
+every 4th given) and `moving-digits-sr` the spatial super-resolution stage (16 px -> 32 px,
+`diffusion.SuperResolution`) of a cascade; `debug` is a tiny run for tests.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "update_ema_every": 1,
             "save_and_sample_every": 500,
             "num_sample_rows": 2,
-            "cond_scale": 8.0,
+            "cond_scale": 4.0,
             "sample_kwargs": {"sampler": "ddim", "steps": 25},
             "log_every": 10,
             "write_mp4": False,
@@ -88,8 +89,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sample": {
             "sampler": "ddim",
             "steps": 50,
-            # Strong guidance: it helps digit accuracy most (the guidance sweep is in the README).
-            "cond_scale": 8.0,
+            # Guidance 4: on the 3,000-step demo run it scores direction and digit as well as 8
+            # and keeps the digit's shape better (the guidance sweep is in the README).
+            "cond_scale": 4.0,
             # 4 videos per caption: 64 scored videos give intervals narrow enough to tell runs
             # apart (16 give +-20 points on an accuracy); sampling them costs about half a minute.
             "num_samples": 4,
@@ -131,6 +133,55 @@ _flow["trainer"]["sample_kwargs"] = {"sampler": "euler", "steps": 25}
 _flow["sample"].update({"sampler": "euler", "steps": 50})
 del _flow, _key
 
+# --- moving-digits-sr: the spatial super-resolution stage (diffusion.SuperResolution) ---
+# 16 px -> 32 px moving digits (digit_size 16, 2 px per frame, 8 frames), the sizes a cascade
+# gives it. No captions: the low-res video already shows the digit and its motion, so text
+# would add nothing the condition lacks, and an unconditional stage loads no text encoder and
+# serves any caption of the base. No attention either: SR is local (the upsampled condition
+# is aligned with the output pixel for pixel); the temporal convolutions keep the frames
+# consistent, and with no temporal down-sampling the U-Net takes any frame count (the 29
+# frames of an interpolated video). Objective x0 with an L2 loss: the closest a diffusion
+# loss comes to regressing the high-res pixels, which is what PSNR rewards.
+PRESETS["moving-digits-sr"] = {
+    "unet": "space_time_unet",
+    "model": {
+        "dim": 16,
+        "dim_mult": [1, 2],
+        "self_attns": [False, False],
+        "temporal_compression": [False, False],
+        "resnet_block_depths": [1, 1],
+        "attn_heads": 2,
+        "attn_dim_head": 16,
+        "ff_mult": 2,
+        "lowres_cond": True,
+    },
+    "diffusion": {"image_size": 32, "num_frames": 8, "channels": 1, "timesteps": 1000, "beta_schedule": "cosine",
+                  "objective": "x0", "loss_type": "l2"},
+    "super_resolution": {"lowres_size": 16, "downsample": "bicubic", "upsample": "bicubic", "noise_aug": 0.2,
+                         "sample_noise_level": 0.05},
+    "trainer": {
+        "train_num_steps": 4000,
+        "max_seconds": 540.0,
+        "train_batch_size": 8,
+        "gradient_accumulate_every": 1,
+        "train_lr": 2e-3,
+        "warmup_steps": 50,
+        "lr_schedule": "cosine",
+        "min_lr_ratio": 0.05,
+        "max_grad_norm": 1.0,
+        "ema_decay": 0.99,
+        "step_start_ema": 50,
+        "update_ema_every": 1,
+        "save_and_sample_every": 1000,
+        "num_sample_rows": 2,
+        "sample_kwargs": {"sampler": "ddim", "steps": 10},
+        "log_every": 10,
+        "write_mp4": False,
+    },
+    "data": {"kind": "moving-digits", "num_videos": 4000, "digit_size": 16, "speed": 2.0, "seed": 0},
+    "sample": {"sampler": "ddim", "steps": 10, "batch_size": 16, "seed": 0},
+}
+
 
 def available_presets() -> list[str]:
     """Names of the run presets, sorted."""
@@ -150,12 +201,14 @@ def get_preset(name: str) -> dict[str, Any]:
 
 # Frame interpolation (Make-A-Video Sec. 3.4), the cascade's middle stage: 8 frames of the
 # 1 px/frame base videos become 4 * (8 - 1) + 1 = 29 frames at 0.25 px/frame. Motion
-# rendered at fractional positions (`data.subpixel`). Trained on 9-frame clips (3 given
-# frames, 2 gaps): about 13x the steps per second of 29-frame clips on the 2-core CPU, and
-# with no temporal compression a SpaceTimeUnet (relative time positions) samples 29 frames
-# too. Training masks: mostly every 4th frame given (interpolation, the stage's job), a fifth
-# the first 2-6 frames (extrapolation: Make-A-Video trains one network for both). No
-# captions: the given frames fix the digit and its path.
+# rendered at fractional positions (`data.subpixel`). 29-frame clips because
+# `diffusion.Cascade` infers the stride from the stage's frame count; 9-frame clips
+# (`--set diffusion.num_frames=9`, context_frames [2, 6]) train 8x the steps in the budget and
+# score better sampled in windows of 9 frames (benchmarks/results/...-interp-speeds.md).
+# Training masks: mostly every 4th frame given (interpolation, the stage's job), a fifth the
+# first 4-16 frames (extrapolation: Make-A-Video trains one network for both). No captions:
+# the given frames fix the digit and its path. No temporal compression: a SpaceTimeUnet then
+# takes any frame count.
 PRESETS["moving-digits-interp"] = {
     "unet": "space_time_unet",
     "model": {
@@ -169,7 +222,7 @@ PRESETS["moving-digits-interp"] = {
         "ff_mult": 2,
         "frame_cond": True,
     },
-    "diffusion": {"image_size": 16, "num_frames": 9, "channels": 1, "timesteps": 1000, "beta_schedule": "cosine",
+    "diffusion": {"image_size": 16, "num_frames": 29, "channels": 1, "timesteps": 1000, "beta_schedule": "cosine",
                   "objective": "v", "loss_type": "l2"},
     "trainer": {
         "train_num_steps": 3000,
@@ -191,12 +244,11 @@ PRESETS["moving-digits-interp"] = {
         "log_every": 10,
         "write_mp4": False,
         "frame_masks": {"interpolate": 0.8, "future": 0.2, "first_frame": 0.0, "unconditional": 0.0,
-                        "strides": [4], "context_frames": [2, 6]},
+                        "strides": [4], "context_frames": [4, 16]},
     },
     # Mixed speeds: given frames 4 apart are 1, 2 or 4 px apart. At 1 px (the cascade's
     # case) a bilinear sub-pixel shift is the linear blend of the whole-pixel frames, so only
-    # the faster motion teaches following the digit rather than cross-fading. On 9 frames
-    # even 1 px/frame (8 px) fits the 8 px of room: no bounces.
+    # the faster motion teaches following the digit rather than cross-fading.
     "data": {"kind": "moving-digits", "num_videos": 4000, "digit_size": 8, "speeds": [0.25, 0.5, 1.0],
              "subpixel": True, "seed": 0},
     "sample": {"sampler": "ddim", "steps": 25, "batch_size": 16, "seed": 0},

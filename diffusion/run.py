@@ -76,7 +76,8 @@ def run_traces(run_dir: Path) -> list[str]:
 
 def build_diffusion(config: RunConfig, *, unet_config: Any = None) -> Any:
     """The `GaussianDiffusion` or `FlowMatching` (`diffusion.process`), with its U-Net, that
-    `config` describes."""
+    `config` describes; with a `super_resolution` section, the `SuperResolution` stage
+    around it."""
     import unets
 
     from diffusion.flow import FlowMatching
@@ -93,6 +94,10 @@ def build_diffusion(config: RunConfig, *, unet_config: Any = None) -> Any:
 
         return build_pretrained_diffusion(config.pretrained, options, process=process)
     net = unets.build(unet_config if unet_config is not None else config.unet.unet_config())
+    if config.super_resolution is not None:
+        from diffusion.super_resolution import SuperResolution
+
+        return SuperResolution(process(net, **options), **config.super_resolution.options())
     return process(net, **options)
 
 
@@ -172,7 +177,8 @@ def load_run(path: str | os.PathLike, weights: str = "ema", *, device: Any = "cp
     ("ema": the averaged weights, or "model") and its text encoder, so that
     `.sample(cond=["a caption"], cond_scale=...)` works. A run folder gives its latest
     complete checkpoint. A flow-matching run (`diffusion.process: flow`) gives a
-    `FlowMatching`."""
+    `FlowMatching`; a run with a `super_resolution` section the `SuperResolution` stage
+    (`.sample(lowres, ...)`)."""
     return open_run(path, weights, device=device).diffusion
 
 
@@ -208,6 +214,9 @@ def resume_conflicts(saved: RunConfig, new: RunConfig) -> list[str]:
     for key in sorted(set(saved_unet) | set(new_unet)):
         if saved_unet.get(key) != new_unet.get(key):
             out.append(f"model.{key} ({saved_unet.get(key)!r} -> {new_unet.get(key)!r})")
+    old_sr, new_sr = (None if c.super_resolution is None else c.super_resolution.to_dict() for c in (saved, new))
+    if old_sr != new_sr:
+        out.append(f"super_resolution ({old_sr!r} -> {new_sr!r})")
     for section in ("diffusion", "trainer", "data"):
         old, now = getattr(saved, section).to_dict(), getattr(new, section).to_dict()
         for key in sorted(set(old) | set(now)):

@@ -125,10 +125,14 @@ class SampleGrid:
         count = self.rows**2
         captions, conds = self.conditions(count)
         generator = torch.Generator().manual_seed(derive_seed(self.seed, 0, "samples"))
+        # A model that samples from inputs (a super-resolution stage's low-res videos) says which.
+        grid_inputs = getattr(model, "grid_inputs", None)
+        inputs = grid_inputs(self.dataset, count) if callable(grid_inputs) else {}
         videos = []
         for start in range(0, count, self.batch_size):
             n = min(self.batch_size, count - start)
             kwargs: dict[str, Any] = {"batch_size": n, "generator": generator, **self.sample_kwargs}
+            kwargs.update({key: value[start : start + n] for key, value in inputs.items()})
             if captions is not None:
                 kwargs.update(cond=captions[start : start + n], cond_scale=self.cond_scale)
             elif conds is not None:

@@ -36,3 +36,35 @@ def test_the_17b_config_is_the_public_one():
     options.pop("sample_size")
     assert options.pop("out_channels") == 4
     assert ModelScopeUnetConfig(**options) == ModelScopeUnetConfig()  # the registry's full-size defaults
+
+
+@pytest.mark.slow
+def test_separate_mode_runs_each_side_in_its_own_process(tmp_path):
+    """--separate (for sizes whose two copies do not fit together): weights saved once, one
+    process per side, same outputs, time and resident-memory figures for both."""
+    argv = ["--separate", "--quick", "--models", "modelscope", "--modes", "train", "--rounds", "1",
+            "--threads", "1", "--out", str(tmp_path)]
+    assert diffusers_unets.main(argv) == 0
+    (path,) = tmp_path.glob("*-diffusers-unets-separate.json")
+    (row,) = json.loads(path.read_text())["rows"]
+    assert row["separate"] and row["mode"] == "train"
+    assert row["max_abs_diff"] < 1e-4
+    for who in ("ours", "diffusers"):
+        assert row[f"{who}_ms"] > 0 and row[f"{who}_mem_mb"] > 0
+        assert row[f"{who}_peak_rss_mb"] >= row[f"{who}_rss_before_mb"] > 0
+    assert row["ours_mem_mb"] < row["diffusers_mem_mb"]  # the lean ops keep less for backward
+
+
+def test_separate_mode_refuses_animatediff(capsys):
+    with pytest.raises(SystemExit) as err:
+        diffusers_unets.main(["--separate", "--models", "animatediff"])
+    assert err.value.code == 2
+    assert "ModelScope only" in capsys.readouterr().err
+
+
+def test_peak_rss_is_read_and_reset():
+    before = diffusers_unets._status_kib("VmRSS")
+    if before is None:
+        pytest.skip("no /proc/self/status here")
+    assert diffusers_unets._reset_peak_rss()
+    assert diffusers_unets._status_kib("VmHWM") >= before

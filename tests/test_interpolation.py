@@ -222,7 +222,8 @@ def test_eval_interp_writes_scores(tiny_interp_run, tmp_path, capsys):
         (["--stride", "3", "--data-seed", "0"], "must differ from the run's data.seed=0"),
         (["FOLDER"], "not both"),
         (["--stride", "3", "--speed", "0"], "speed must lie in (0, inf]"),
-        (["--stride", "3", "--frames", "8"], "needs stride * (F - 1) + 1 frames"),
+        (["--stride", "3", "--num-frames", "8"], "needs stride * (F - 1) + 1 frames"),
+        (["--stride", "3", "--window", "5"], "--interp --window counts frames"),
     ],
 )
 def test_eval_interp_errors_are_one_line(tiny_interp_run, tmp_path, capsys, argv, fragment):
@@ -235,7 +236,7 @@ def test_eval_interp_errors_are_one_line(tiny_interp_run, tmp_path, capsys, argv
 def test_eval_interp_at_one_speed_and_length(tiny_interp_run, tmp_path, capsys):
     out = tmp_path / "scores.json"
     assert run_cli("eval", "--interp", str(tiny_interp_run), "--stride", "3", "--num-videos", "2", "--steps", "2",
-                   "--speed", "1", "--frames", "7", "--window", "2", "--out", str(out)) == 0
+                   "--speed", "1", "--num-frames", "7", "--window", "4", "--out", str(out)) == 0
     results = json.loads(out.read_text())
     assert results["speed"] == 1.0 and results["speeds"] is None and results["frames"] == 7
     assert results["window"] == 2
@@ -267,16 +268,9 @@ def test_eval_speed_must_be_a_number(tmp_path, capsys):
     assert exit_info.value.code == 2 and err.count("\n") == 1 and "--speed: must be a number, got 'fast'" in err
 
 
-def test_eval_speed_needs_interp(tmp_path, capsys):
-    assert run_cli("eval", str(tmp_path), "--speed", "1") == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--speed, --frames and --window go with --interp RUN" in err
-
-
 def test_interp_preset_is_valid_and_trains(tmp_path):
     config = RunConfig.from_dict(get_preset("moving-digits-interp"))
-    # trained on 9-frame clips (3 given frames), sampled at the cascade's 4 * (8 - 1) + 1 = 29
-    assert config.diffusion.num_frames == 4 * (3 - 1) + 1 and config.diffusion.image_size == 16
+    assert config.diffusion.num_frames == 4 * (8 - 1) + 1 and config.diffusion.image_size == 16
     assert not any(get_preset("moving-digits-interp")["model"]["temporal_compression"])
     assert config.unet.unet_config().frame_cond and config.data.subpixel and 0.25 in config.data.speeds
     assert config.trainer.frame_masks["interpolate"] >= 0.5 and config.trainer.frame_masks["strides"] == [4]
@@ -286,7 +280,7 @@ def test_interp_preset_is_valid_and_trains(tmp_path):
                    "--set", "trainer.train_batch_size=2", "--set", "data.num_videos=4",
                    "--set", "trainer.num_sample_rows=1", "--set", "trainer.sample_kwargs={sampler: ddim, steps: 2}") == 0
     assert (run / "checkpoint-final" / "ema.safetensors").is_file()
-    # the 9-frame stage fills in the cascade's 8 base frames: 29 frames, the given ones exact
+    # the stage fills in the cascade's 8 base frames: 29 frames, the given ones exact
     base = MovingDigits(2, image_size=16, num_frames=8, digit_size=8, speed=1.0, seed=5, subpixel=True).videos()
     process = open_run(run).diffusion
     filled = temporal_super_resolution(process, base, 4, sampler="ddim", steps=2, generator=torch.Generator().manual_seed(0))

@@ -74,7 +74,7 @@ def test_lr_factor_stays_within_its_bounds(warmup, horizon, schedule, ratio, ste
             assert factor == pytest.approx(ratio)
 
 
-def test_budget_fixes_the_horizon_once_from_the_measured_rate():
+def test_budget_estimates_the_horizon_then_revises_it_when_the_machine_speeds_up():
     clock = FakeClock(0.5)  # 2 steps per second
     budget = TimeBudget(60.0, decaying=True, max_steps=1000, clock=clock)
     budget.start(0)
@@ -85,8 +85,35 @@ def test_budget_fixes_the_horizon_once_from_the_measured_rate():
         budget.after_step(step)
         if step == ESTIMATE_AFTER:
             assert budget.horizon == 120  # 60 s at 2 steps/s
-            clock.step_seconds = 0.25  # the machine gets faster: the horizon stays
-    assert budget.horizon == 120 and step == 120 and budget.stopped_early
+            clock.step_seconds = 0.25  # the machine gets faster (another process ended)
+    # Revised at half the budget (30 s, step 70) from the 4 steps/s since the estimate:
+    # 70 + 30 s x 4 = 190, and the run uses its whole budget instead of stopping at 120.
+    assert budget.horizon == 190 and step == 190 and budget.stopped_early
+    assert clock.now == pytest.approx(60.0)
+
+
+def test_budget_revises_a_horizon_down_keeps_a_close_one_and_never_revises_a_stored_one():
+    def run(first: float, then: float, horizon: int | None = None) -> TimeBudget:
+        clock = FakeClock(first)
+        budget = TimeBudget(100.0, decaying=True, max_steps=100_000, clock=clock, horizon=horizon)
+        budget.start(0)
+        for step in range(1, 2000):
+            if budget.should_stop(step - 1):
+                break
+            clock.tick()
+            budget.after_step(step)
+            if step == ESTIMATE_AFTER:
+                clock.step_seconds = then
+        return budget
+
+    # 0.1 s a step (estimate at 5 s: horizon 50 + 950 = 1000), then 0.2 s: the revision at
+    # 10 s (step 75) projects 75 + 90 s x 5 = 525, and the run ends there, on its budget.
+    slower = run(0.1, 0.2)
+    assert slower.horizon == 525 and slower.elapsed() == pytest.approx(100.0, abs=0.3)
+    # 2% slower: within the tolerance, the horizon stays.
+    assert run(0.1, 0.102).horizon == 1000
+    # A horizon read from a checkpoint (a resumed run) is the run's curve: never revised.
+    assert run(0.1, 0.2, horizon=1000).horizon == 1000
 
 
 def test_budget_leaves_the_slow_first_steps_out_of_the_rate():

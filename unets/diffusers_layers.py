@@ -36,6 +36,15 @@ from spacetime.params import mark_temporal
 from spacetime.time import EnableTime, time_enabled
 from unets.base import UnetMixin
 from unets.frame_cond import add_frame_rate, frame_cond_inputs
+from unets.lowres_cond import add_lowres_features, add_noise_level, lowres_cond_inputs
+# `_GroupNormSiLU` and `norm_silu` were defined here: still importable from here.
+from unets.lean_ops import (  # noqa: F401
+    _GroupNormSiLU,
+    geglu_linear,
+    lean_conv,
+    norm_silu,
+    norm_silu_conv,
+)
 
 __all__ = [
     "CrossAttnTransformer",
@@ -93,34 +102,9 @@ def keep_time(enabled: EnableTime, frames: int, with_time: Tensor, without_time:
     return torch.where(mask, with_time, without_time)
 
 
-class _GroupNormSiLU(torch.autograd.Function):
-    """`silu(group_norm(x))` saving only `x` for backward, which recomputes the two
-    elementwise passes: plain autograd keeps the norm's output as well, a second tensor of the
-    activation's size at every one of these (two per resnet, four per temporal conv stack)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, groups, eps):  # type: ignore[override]
-        ctx.save_for_backward(x, weight, bias)
-        ctx.groups, ctx.eps = groups, eps
-        return F.silu(F.group_norm(x, groups, weight, bias, eps))
-
-    @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        x, weight, bias = ctx.saved_tensors
-        wanted = ctx.needs_input_grad[:3]
-        inputs = [t.detach().requires_grad_(w) for t, w in zip((x, weight, bias), wanted)]
-        with torch.enable_grad():
-            out = F.silu(F.group_norm(inputs[0], ctx.groups, inputs[1], inputs[2], ctx.eps))
-        needed = [t for t, w in zip(inputs, wanted) if w]
-        grads = iter(torch.autograd.grad(out, needed, grad_out)) if needed else iter(())
-        return (*(next(grads) if w else None for w in wanted), None, None)
-
-
-def norm_silu(norm: nn.GroupNorm, x: Tensor) -> Tensor:
-    """`silu(norm(x))`, through `_GroupNormSiLU` when gradients are recorded."""
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        return _GroupNormSiLU.apply(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
-    return F.silu(norm(x))
+def _dropping(dropout: nn.Dropout) -> float:
+    """The probability a dropout layer drops with now: its `p` in training mode, else 0."""
+    return float(dropout.p) if dropout.training else 0.0
 
 
 class ResnetBlock2D(nn.Module):
@@ -141,10 +125,10 @@ class ResnetBlock2D(nn.Module):
         self.output_scale_factor = float(output_scale_factor)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = self.conv1(norm_silu(self.norm1, x))
+        h = norm_silu_conv(self.norm1, x, self.conv1.weight, self.conv1.bias)
         h = h + self.time_emb_proj(F.silu(emb))[:, :, None, None]
-        h = self.conv2(self.dropout(norm_silu(self.norm2, h)))
-        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        h = norm_silu_conv(self.norm2, h, self.conv2.weight, self.conv2.bias, dropout=_dropping(self.dropout))
+        shortcut = x if self.conv_shortcut is None else lean_conv(self.conv_shortcut, x)
         out = shortcut + h
         return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
 
@@ -157,7 +141,7 @@ class Downsample2D(nn.Module):
         self.conv = nn.Conv2d(dim, dim, 3, stride=2, padding=padding)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
+        return lean_conv(self.conv, x)
 
 
 class Upsample2D(nn.Module):
@@ -172,7 +156,7 @@ class Upsample2D(nn.Module):
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         else:
             x = F.interpolate(x, size=size, mode="nearest")
-        return self.conv(x)
+        return lean_conv(self.conv, x)
 
 
 class TemporalConvStack(nn.Module):
@@ -200,10 +184,8 @@ class TemporalConvStack(nn.Module):
         # the last axis, and on CPU the 2-D kernel is the fast one (Conv3d falls back to a
         # slow reference path), so this runs the checkpoint's Conv3d as a Conv2d.
         norm, conv = seq[0], seq[-1]
-        h = norm_silu(norm, h)
-        for layer in list(seq)[2:-1]:  # the dropout, where there is one
-            h = layer(h)
-        return F.conv2d(h, conv.weight.squeeze(-1), conv.bias, padding=(1, 0))
+        dropout = _dropping(seq[2]) if len(seq) == 4 else 0.0  # conv1 has no dropout
+        return norm_silu_conv(norm, h, conv.weight.squeeze(-1), conv.bias, padding=(1, 0), dropout=dropout)
 
     def forward(self, x: Tensor, frames: int, enabled: EnableTime) -> Tensor:
         if enabled is False:
@@ -251,7 +233,9 @@ class GEGLUFeedForward(nn.Module):
         self.net = nn.ModuleList([_GEGLU(dim, inner), nn.Dropout(0.0), nn.Linear(inner, dim)])
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net[2](self.net[0](x))
+        # value * gelu(gate) and the output projection in one op that keeps only the input
+        # projection for backward (`unets.lean_ops`).
+        return geglu_linear(self.net[0].proj(x), self.net[2])
 
 
 class _GEGLU(nn.Module):
@@ -338,13 +322,13 @@ class CrossAttnTransformer(nn.Module):
         if self.linear_projection:
             h = self.proj_in(rearrange(h, "n c h w -> n (h w) c"))
         else:
-            h = rearrange(self.proj_in(h), "n c h w -> n (h w) c")
+            h = rearrange(lean_conv(self.proj_in, h), "n c h w -> n (h w) c")
         for block in self.transformer_blocks:
             h = block(h, context, keep)
         if self.linear_projection:
             h = rearrange(self.proj_out(h), "n (h w) c -> n c h w", h=height, w=width)
         else:
-            h = self.proj_out(rearrange(h, "n (h w) c -> n c h w", h=height, w=width))
+            h = lean_conv(self.proj_out, rearrange(h, "n (h w) c -> n c h w", h=height, w=width))
         return x + h
 
 
@@ -471,12 +455,15 @@ class DiffusersLayoutUnet(UnetMixin, nn.Module):
         cond_frames: Tensor | None = None,
         cond_frame_mask: Tensor | None = None,
         fps: Tensor | float | int | None = None,
+        lowres_cond: Tensor | None = None,
+        lowres_noise_level: Tensor | float | int | None = None,
     ) -> Float[Tensor, "b c_out *frames h w"]:
         """`cond` `(B, L, cond_dim)` text tokens (a `(B, cond_dim)` vector is one token),
         `cond_mask` `(B, L)` True = attend; `null_cond_prob` replaces a sample's tokens by
         the null token with that probability (classifier-free guidance training)."""
         self.check_input(x, enable_time, self.channels)
         frame_cond = frame_cond_inputs(type(self).__name__, self.config.frame_cond, x, cond_frames, cond_frame_mask)
+        lowres = lowres_cond_inputs(type(self).__name__, self.config.lowres_cond, x, lowres_cond, lowres_noise_level)
         # Channels-last input (a VAE's latents are) makes GroupNorm's CPU backward crash in
         # torch 2.13 when the input needs no gradient, the rule in temporal-only training.
         x = x.contiguous()
@@ -494,6 +481,7 @@ class DiffusersLayoutUnet(UnetMixin, nn.Module):
         time = time.expand(batch) if time.ndim == 0 else time
         emb = self.time_embedding(timestep_features(time, self.config.block_out_channels[0]).to(x.dtype))
         emb = add_frame_rate(self.fps_embed, emb, fps, type(self).__name__)
+        emb = add_noise_level(self.lowres, emb, lowres)
         ctx, keep = context_tokens(self, cond, cond_mask, null_cond_prob, x, dim=self.config.cond_dim)
         emb = emb.repeat_interleave(frames, dim=0)
         ctx = ctx.repeat_interleave(frames, dim=0)
@@ -502,6 +490,7 @@ class DiffusersLayoutUnet(UnetMixin, nn.Module):
         h = self.conv_in(rearrange(x, "b c f h w -> (b f) c h w"))
         if self.frame_cond_in is not None and frame_cond is not None:
             h = self.frame_cond_in(h, frame_cond)
+        h = add_lowres_features(self.lowres, h, lowres)
         h = self.after_conv_in(h, frames, enabled)
         skips = [h]
         for stage in self.down_blocks:
@@ -518,7 +507,7 @@ class DiffusersLayoutUnet(UnetMixin, nn.Module):
                 h = self.checkpointed(stage.layer, i, h, emb, ctx, keep, frames, enabled)
             if stage.upsamplers is not None:
                 h = stage.upsamplers[0](h, tuple(skips[-1].shape[-2:]))
-        h = self.conv_out(norm_silu(self.conv_norm_out, h))
+        h = norm_silu_conv(self.conv_norm_out, h, self.conv_out.weight, self.conv_out.bias)
         out = rearrange(h, "(b f) c h w -> b c f h w", f=frames)
         return out if video else out[:, :, 0]
 

@@ -37,6 +37,7 @@ from torch.nn import functional as F
 __all__ = [
     "FrameCondInput",
     "FrameRateEmbedding",
+    "add_frame_features",
     "add_frame_rate",
     "check_frame_cond_option",
     "fill_missing",
@@ -96,6 +97,18 @@ def frame_cond_inputs(
     return frames_5d, mask.to(x.device)
 
 
+def add_frame_features(h: Tensor, feats: Tensor, batch: int, num_frames: int) -> Tensor:
+    """`h` plus per-frame features `feats` ((B * F, D, H, W), frames folded into the batch),
+    `h` in any of the layouts the U-Nets use: (B, D, F, H, W), (B, D, H, W) for an image, or
+    folded (B * F, D, H, W)."""
+    if h.ndim == 5:
+        return h + rearrange(feats, "(b f) d h w -> b d f h w", b=batch).to(h.dtype)
+    if h.shape[0] == batch * num_frames:
+        # Folded layout (and an image, F = 1, is the same thing).
+        return h + feats.to(h.dtype)
+    raise ValueError(f"features of shape {tuple(h.shape)} do not fit {batch} samples of {num_frames} frames")
+
+
 class _StartsAtZero(nn.Module):
     """A module whose output is zero at initialisation and which a checkpoint from before it
     may lack entirely: it then loads as its zero-output start (`start_at_zero`). Parameters
@@ -134,13 +147,7 @@ class FrameCondInput(_StartsAtZero):
         known = mask[:, None, :, None, None].to(frames.dtype)
         stacked = torch.cat((frames * known, known.expand(-1, 1, -1, *frames.shape[-2:])), dim=1)
         folded = rearrange(stacked.to(self.weight.dtype), "b c f h w -> (b f) c h w")
-        feats = F.conv2d(folded, self.weight, self.bias, padding=1)
-        if h.ndim == 5:
-            return h + rearrange(feats, "(b f) d h w -> b d f h w", b=batch).to(h.dtype)
-        if h.shape[0] == batch * num_frames:
-            # Folded layout (and an image, F = 1, is the same thing).
-            return h + feats.to(h.dtype)
-        raise ValueError(f"features of shape {tuple(h.shape)} do not fit {batch} samples of {num_frames} frames")
+        return add_frame_features(h, F.conv2d(folded, self.weight, self.bias, padding=1), batch, num_frames)
 
     def start_at_zero(self) -> None:
         with torch.no_grad():
@@ -197,7 +204,7 @@ def add_frame_rate(module: FrameRateEmbedding | None, emb: Tensor | None, fps: A
 
 def fill_missing(model: nn.Module, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """`state_dict` plus the zero-output start of every `FrameCondInput` /
-    `FrameRateEmbedding` of `model` that it has no weights for at all (a checkpoint written
+    `FrameRateEmbedding` (and `unets.lowres_cond` part) of `model` that it has no weights for at all (a checkpoint written
     before them), for code that compares key sets before `load_state_dict`, such as
     `unets.io.load_weights`."""
     filled = dict(state_dict)

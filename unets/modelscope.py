@@ -32,6 +32,7 @@ from unets.frame_cond import (
     FrameRateEmbedding,
     check_frame_cond_option,
 )
+from unets.lowres_cond import LowresCond
 from unets.diffusers_layers import (
     DiffusersLayoutUnet,
     CrossAttnTransformer,
@@ -76,10 +77,12 @@ class ModelScopeUnetConfig(UnetConfig):
     attn_backend: str | None = None
     frame_cond: bool = False
     frame_rate_cond: bool = False
+    lowres_cond: bool = False
 
     def validate(self) -> None:
         check_frame_cond_option(self.frame_cond)
         check_frame_cond_option(self.frame_rate_cond, "frame_rate_cond")
+        check_frame_cond_option(self.lowres_cond, "lowres_cond")
         check_int("channels", self.channels, low=1)
         if self.out_channels is not None:
             check_int("out_channels", self.out_channels, low=1)
@@ -230,6 +233,7 @@ class ModelScopeUnet(DiffusersLayoutUnet):
         self.frame_cond_in = FrameCondInput(c.channels, widths[0]) if c.frame_cond else None
         self.time_embedding = TimestepEmbedding(widths[0], emb_dim)
         self.fps_embed = FrameRateEmbedding(emb_dim) if c.frame_rate_cond else None
+        self.lowres = LowresCond(c.channels, widths[0], emb_dim) if c.lowres_cond else None
         self.transformer_in = FrameTransformer(widths[0], heads=8, dim_head=c.attention_head_dim,
                                                groups=c.norm_num_groups, backend=c.attn_backend)
         self.build_stages(_Stage, _MidStage, emb_dim)

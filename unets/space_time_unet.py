@@ -18,6 +18,8 @@ Added here (all optional, off by default):
 - block kinds chosen by registry name (`blocks`), e.g. full 3D convs (`conv="conv3d"`);
 - conditioning frames (`frame_cond`): known frames and their mask through a zero-initialised
   projection added after the input convolution (`unets.frame_cond`);
+- low-resolution conditioning (`lowres_cond`, a super-resolution stage): the upsampled video
+  the same way, its noise-augmentation level added to the timestep embedding (`unets.lowres_cond`);
 - per-block gradient checkpointing, and no copies of the skip tensors.
 
 An image `(B, C, H, W)` is one frame with time off; `enable_time=False` on a video runs every
@@ -45,6 +47,7 @@ from unets.frame_cond import (
     check_frame_cond_option,
     frame_cond_inputs,
 )
+from unets.lowres_cond import LowresCond, add_lowres_features, add_noise_level, lowres_cond_inputs
 
 __all__ = ["PRESETS", "SpaceTimeBlocks", "SpaceTimeUnet", "SpaceTimeUnetConfig"]
 
@@ -93,6 +96,7 @@ class SpaceTimeUnetConfig(UnetConfig):
     blocks: SpaceTimeBlocks = dataclasses.field(default_factory=SpaceTimeBlocks)
     frame_cond: bool = False
     frame_rate_cond: bool = False
+    lowres_cond: bool = False
 
     def validate(self) -> None:
         for key in ("dim", "channels", "attn_dim_head", "attn_heads", "ff_mult"):
@@ -131,6 +135,10 @@ class SpaceTimeUnetConfig(UnetConfig):
         check_frame_cond_option(self.frame_rate_cond, "frame_rate_cond")
         if self.frame_rate_cond and not self.condition_on_timestep and self.cond_dim is None:
             raise ValueError("frame_rate_cond=True adds to the timestep embedding: it needs condition_on_timestep=True or cond_dim")
+        check_frame_cond_option(self.lowres_cond, "lowres_cond")
+        if self.lowres_cond and not self.condition_on_timestep and self.cond_dim is None:
+            raise ValueError("lowres_cond=True adds its noise level to the timestep embedding: it needs "
+                             "condition_on_timestep=True or cond_dim")
         if not isinstance(self.blocks, SpaceTimeBlocks):
             raise TypeError(f"blocks must be a SpaceTimeBlocks, got {type(self.blocks).__name__}")
 
@@ -244,6 +252,7 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
         self.conv_in = conv(channels, dim, 7, temporal_kernel_size=3)
         self.frame_pos = FramePositionEmbedding(dim) if config.frame_pos_emb else None
         self.frame_cond_in = FrameCondInput(channels, dim) if config.frame_cond else None
+        self.lowres = LowresCond(channels, dim, emb_dim) if config.lowres_cond else None
         self.downs = nn.ModuleList()
         self.ups = nn.ModuleList()
         levels = zip(dims[:-1], dims[1:], config.self_attns, config.temporal_compression, config.resnet_block_depths)
@@ -327,12 +336,14 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
         context: Tensor | None,
         context_mask: Tensor | None,
         frame_cond: tuple[Tensor, Tensor] | None = None,
+        lowres: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         ck = self.checkpointed
         attn_kw = dict(context=context, context_mask=context_mask) if context is not None else {}
         x = self.conv_in(x, enable_time=enable_time)
         if self.frame_cond_in is not None and frame_cond is not None:
             x = self.frame_cond_in(x, frame_cond)
+        x = add_lowres_features(self.lowres, x, lowres)
         if self.frame_pos is not None:
             x = self.frame_pos(x, enable_time)
         # No clones: nothing below writes into a skip tensor in place.
@@ -379,11 +390,14 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
         cond_frames: Tensor | None = None,
         cond_frame_mask: Tensor | None = None,
         fps: Tensor | float | int | None = None,
+        lowres_cond: Tensor | None = None,
+        lowres_noise_level: Tensor | float | int | None = None,
     ) -> Float[Tensor, "b c *frames h w"]:
         config = self.config
         self.reject_unsupported(focus_present_mask=focus_present_mask, prob_focus_present=prob_focus_present)
         self.check_input(x, enable_time, config.channels)
         frame_cond = frame_cond_inputs("SpaceTimeUnet", config.frame_cond, x, cond_frames, cond_frame_mask)
+        lowres = lowres_cond_inputs("SpaceTimeUnet", config.lowres_cond, x, lowres_cond, lowres_noise_level)
         batch = x.shape[0]
 
         emb = None
@@ -408,12 +422,14 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
             # Raises for a U-Net without frame_rate_cond before `emb` (None then) is read;
             # with it, validate() made sure there is an embedding to add to.
             emb = add_frame_rate(self.fps_embed, emb, fps, "SpaceTimeUnet")
+        if lowres is not None:  # validate() made sure there is an embedding
+            emb = add_noise_level(self.lowres, emb, lowres)
 
         # The temporal down/upsamplers change the frame count, so one tensor cannot hold
         # samples with time on and off: run both paths and pick per sample (shape-static, so
         # it compiles; twice the cost, only for per-sample masks with temporal compression).
         if isinstance(enable_time, Tensor) and x.ndim == 5 and self.frame_multiple > 1:
-            with_time = self._run_levels(x, emb, True, context, context_mask, frame_cond)
-            without_time = self._run_levels(x, emb, False, context, context_mask, frame_cond)
+            with_time = self._run_levels(x, emb, True, context, context_mask, frame_cond, lowres)
+            without_time = self._run_levels(x, emb, False, context, context_mask, frame_cond, lowres)
             return torch.where(enable_time.view(-1, 1, 1, 1, 1), with_time, without_time)
-        return self._run_levels(x, emb, enable_time, context, context_mask, frame_cond)
+        return self._run_levels(x, emb, enable_time, context, context_mask, frame_cond, lowres)

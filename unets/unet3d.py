@@ -57,6 +57,7 @@ from unets.frame_cond import (
     check_frame_cond_option,
     frame_cond_inputs,
 )
+from unets.lowres_cond import LowresCond, add_lowres_features, add_noise_level, lowres_cond_inputs
 from unets.upgrade import load_state_dict_pre_hook
 
 __all__ = ["PRESETS", "TEXT_ENCODER_DIM", "Unet3D", "Unet3DConfig"]
@@ -111,11 +112,13 @@ class Unet3DConfig(UnetConfig):
     max_time_distance: int = 32
     frame_cond: bool = False
     frame_rate_cond: bool = False
+    lowres_cond: bool = False
 
     def validate(self) -> None:
         super().validate()
         check_frame_cond_option(self.frame_cond)
         check_frame_cond_option(self.frame_rate_cond, "frame_rate_cond")
+        check_frame_cond_option(self.lowres_cond, "lowres_cond")
         positive = {
             "dim": self.dim, "channels": self.channels, "attn_heads": self.attn_heads,
             "attn_dim_head": self.attn_dim_head, "resnet_groups": self.resnet_groups,
@@ -367,6 +370,7 @@ class Unet3D(UnetMixin, nn.Module):
         time_dim = dim * 4
         self.time_mlp = nn.Sequential(TimestepEmbedding(dim, time_dim), nn.Linear(time_dim, time_dim))
         self.fps_embed = FrameRateEmbedding(time_dim) if cfg.frame_rate_cond else None
+        self.lowres = LowresCond(channels, init_dim, time_dim) if cfg.lowres_cond else None
         self.null_cond_emb = nn.Parameter(torch.randn(1, self.cond_dim)) if self.has_cond else None
         emb_dim = time_dim + (self.cond_dim or 0)
         context_dim = self.cond_dim if text_cross_attn else None
@@ -436,13 +440,18 @@ class Unet3D(UnetMixin, nn.Module):
         cond_frames: Tensor | None = None,
         cond_frame_mask: Tensor | None = None,
         fps: Tensor | float | int | None = None,
+        lowres_cond: Tensor | None = None,
+        lowres_noise_level: Tensor | float | int | None = None,
     ) -> Float[Tensor, "b c_out *frames h w"]:
         """`focus_present_mask` `(B,)` (True = attend to the present only) or, when None,
         `prob_focus_present` draws it per sample; a focused sample, like one with
         `enable_time` False, gets no mixing across its frames at all. `cond_frames` /
-        `cond_frame_mask`: known frames (`frame_cond=True`, see `unets.frame_cond`)."""
+        `cond_frame_mask`: known frames (`frame_cond=True`, see `unets.frame_cond`);
+        `lowres_cond` / `lowres_noise_level`: a super-resolution stage's input
+        (`lowres_cond=True`, see `unets.lowres_cond`)."""
         self.check_input(x, enable_time, self.channels)
         frame_cond = frame_cond_inputs("Unet3D", self.config.frame_cond, x, cond_frames, cond_frame_mask)
+        lowres = lowres_cond_inputs("Unet3D", self.config.lowres_cond, x, lowres_cond, lowres_noise_level)
         batch = x.shape[0]
         enabled = self._time_mixing(x, enable_time, focus_present_mask, prob_focus_present)
         is_image = x.ndim == 4
@@ -451,6 +460,7 @@ class Unet3D(UnetMixin, nn.Module):
 
         emb = self.time_mlp(self._timesteps(time, batch, x.device))
         emb = add_frame_rate(self.fps_embed, emb, fps, "Unet3D")
+        emb = add_noise_level(self.lowres, emb, lowres)
         pooled, ctx = self._condition(cond, cond_mask, null_cond_prob, batch, x.device)
         if pooled is not None:
             emb = torch.cat((emb, pooled.to(emb.dtype)), dim=-1)
@@ -459,6 +469,7 @@ class Unet3D(UnetMixin, nn.Module):
         x = self.init_conv(x)
         if self.frame_cond_in is not None and frame_cond is not None:
             x = self.frame_cond_in(x, frame_cond)
+        x = add_lowres_features(self.lowres, x, lowres)
         x = self.checkpointed(self.init_temporal_attn, x, pos_bias, enabled)
         first = x
 

@@ -1,0 +1,206 @@
+"""unets/lean_ops.py: the memory-lean autograd functions give autograd's outputs and gradients
+(gradcheck in float64 for every combination of what needs a gradient, and under bf16
+autocast), keep less for backward, and a temporal-only train step of the diffusers-layout
+U-Nets has diffusers' gradients."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from unets.lean_ops import (
+    _GeluGateLinear,
+    _LeanConv2d,
+    _NormSiLUConv2d,
+    geglu_linear,
+    lean_conv,
+    norm_silu_conv,
+)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while `fn` runs, parameters
+    (which exist anyway) excluded."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, torch.nn.Parameter) and not isinstance(t._base, torch.nn.Parameter):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def _leaves(*shapes_and_flags):
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(shape, generator=gen, dtype=torch.float64).requires_grad_(flag)
+            for shape, flag in shapes_and_flags]
+
+
+MASKS5 = [m for m in itertools.product((True, False), repeat=5) if any(m)]
+
+
+@pytest.mark.parametrize("wanted", MASKS5[::3] + [(False, False, False, True, False), (False,) * 4 + (True,)])
+def test_norm_silu_conv_gradcheck(wanted):
+    x, nw, nb, cw, cb = _leaves(((2, 8, 5, 4), wanted[0]), ((8,), wanted[1]), ((8,), wanted[2]),
+                                ((6, 8, 3, 1), wanted[3]), ((6,), wanted[4]))
+
+    def lean(*a):
+        return _NormSiLUConv2d.apply(*a, 4, 1e-5, (1, 1), (1, 0), 0.0)
+
+    assert torch.autograd.gradcheck(lean, (x, nw, nb, cw, cb))
+    plain = F.conv2d(F.silu(F.group_norm(x, 4, nw, nb, 1e-5)), cw, cb, (1, 1), (1, 0))
+    torch.testing.assert_close(lean(x, nw, nb, cw, cb), plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("wanted", [m for m in itertools.product((True, False), repeat=3) if any(m)])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_lean_conv_gradcheck(wanted, stride):
+    x, w, b = _leaves(((2, 3, 7, 6), wanted[0]), ((5, 3, 3, 3), wanted[1]), ((5,), wanted[2]))
+    assert torch.autograd.gradcheck(lambda *a: _LeanConv2d.apply(*a, (stride, stride), (1, 1)), (x, w, b))
+
+
+@pytest.mark.parametrize("wanted", [m for m in itertools.product((True, False), repeat=3) if any(m)])
+def test_gelu_gate_linear_gradcheck(wanted):
+    h, w, b = _leaves(((2, 3, 8), wanted[0]), ((5, 4), wanted[1]), ((5,), wanted[2]))
+    assert torch.autograd.gradcheck(_GeluGateLinear.apply, (h, w, b))
+    value, gate = h.chunk(2, dim=-1)
+    torch.testing.assert_close(_GeluGateLinear.apply(h, w, b), F.linear(value * F.gelu(gate), w, b), rtol=0, atol=0)
+
+
+def test_the_lean_ops_keep_less_than_autograd():
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(4, 16)
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1)
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    plain = _saved_bytes(lambda: conv(F.silu(norm(x))))
+    lean = _saved_bytes(lambda: norm_silu_conv(norm, x, conv.weight, conv.bias))
+    assert lean <= plain / 2  # x only, against x, the norm's output and the conv's input
+    conv.requires_grad_(False)
+    assert _saved_bytes(lambda: lean_conv(conv, x * 1)) == 0  # a frozen conv keeps no activation
+    hidden = torch.randn(2, 16, 32, requires_grad=True)
+    linear = torch.nn.Linear(16, 8)
+    value, gate = hidden.chunk(2, dim=-1)
+    assert _saved_bytes(lambda: geglu_linear(hidden, linear)) < _saved_bytes(lambda: linear(value * F.gelu(gate)))
+
+
+@settings(max_examples=10, deadline=None)
+@given(frozen=st.booleans(), groups=st.sampled_from([1, 2, 4]), side=st.integers(2, 6))
+def test_autocast_bf16_matches_autograd(frozen, groups, side):
+    """Under CPU bf16 autocast the lean ops recompute in the forward's dtypes: same output and
+    gradients (to bf16 precision) as plain autograd, each gradient in its tensor's dtype."""
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(groups, 8)
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1).requires_grad_(not frozen)
+    linear = torch.nn.Linear(4, 8)
+    x = torch.randn(2, 8, side, side, requires_grad=True)
+
+    def run(lean: bool) -> list[torch.Tensor]:
+        for p in (x, *norm.parameters(), *conv.parameters(), *linear.parameters()):
+            p.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = norm_silu_conv(norm, x, conv.weight, conv.bias) if lean else conv(F.silu(norm(x)))
+            h = lean_conv(conv, h) if lean else conv(h)
+            tokens = h.flatten(2).transpose(1, 2)
+            out = geglu_linear(tokens, linear) if lean else linear(tokens[..., :4] * F.gelu(tokens[..., 4:]))
+        out.float().square().mean().backward()
+        grads = [p.grad for p in (x, *norm.parameters(), *conv.parameters(), *linear.parameters())]
+        return [out.float(), *[g for g in grads if g is not None]]
+
+    lean, plain = run(True), run(False)
+    assert len(lean) == len(plain)
+    for a, b in zip(lean, plain):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("kind", ["modelscope", "animatediff"])
+def test_temporal_only_gradients_equal_diffusers(kind):
+    pytest.importorskip("diffusers")
+    from benchmarks.diffusers_unets import _temporal_only, build_pair
+
+    theirs, ours, cond_dim = build_pair(kind, "tiny")
+    theirs.eval(), ours.eval()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 3, 8, 8, generator=gen)
+    t = torch.tensor([500])
+    cond = torch.randn(1, 5, cond_dim, generator=gen)
+    target = torch.randn(x.shape, generator=gen)
+    their_cond = cond.repeat_interleave(3, 0) if kind == "animatediff" else cond
+    for model, is_ours in ((ours, True), (theirs, False)):
+        _temporal_only(model, is_ours)
+    F.mse_loss(ours(x, t, cond=cond), target).backward()
+    F.mse_loss(theirs(x, t, encoder_hidden_states=their_cond).sample, target).backward()
+    their_grads = dict(theirs.named_parameters())
+    compared = 0
+    for name, p in ours.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, their_grads[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+            compared += 1
+    assert compared == len(list(ours.temporal_parameters()))
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_norm_silu_conv_dropout_replays_its_mask(frozen):
+    """With dropout, the keep mask drawn in forward (as bools) is replayed in backward: output
+    and gradients equal autograd through the same mask, and less is kept than plain autograd
+    with `F.dropout` keeps."""
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(4, 8)
+    conv = torch.nn.Conv2d(8, 6, (3, 1), padding=(1, 0)).requires_grad_(not frozen)
+    x = torch.randn(2, 8, 5, 7, requires_grad=True)
+    p = 0.3
+    params = [x, *norm.parameters(), *conv.parameters()]
+
+    torch.manual_seed(1)
+    lean = norm_silu_conv(norm, x, conv.weight, conv.bias, padding=(1, 0), dropout=p)
+    lean.square().sum().backward()
+    lean_grads = [q.grad for q in params]
+    for q in params:
+        q.grad = None
+    torch.manual_seed(1)  # the same draw as inside the op
+    keep = torch.empty(2, 8, 5, 7, dtype=torch.bool).bernoulli_(1 - p)
+    plain = conv(F.silu(norm(x)) * keep * (1 / (1 - p)))
+    plain.square().sum().backward()
+    torch.testing.assert_close(lean, plain)
+    assert 0 < int((~keep).sum()) < keep.numel()
+    for a, q in zip(lean_grads, params):
+        assert (a is None) == (q.grad is None)
+        if a is not None:
+            torch.testing.assert_close(a, q.grad)
+    kept = _saved_bytes(lambda: norm_silu_conv(norm, x, conv.weight, conv.bias, padding=(1, 0), dropout=p))
+    assert kept < _saved_bytes(lambda: conv(F.dropout(F.silu(norm(x)), p)))
+
+
+def test_modelscope_training_mode_with_temporal_dropout_trains():
+    """ModelScope's temporal convs drop out in training mode (the debug preset has none):
+    the lean path runs, checkpointing replays the same masks, gradients reach the temporal
+    weights."""
+    import copy
+
+    import unets
+
+    torch.manual_seed(0)
+    model = unets.build("modelscope", preset="debug", temporal_dropout=0.2).train()
+    for parameter in model.spatial_parameters():
+        parameter.requires_grad_(False)
+    ckpt = copy.deepcopy(model).enable_gradient_checkpointing()
+    x = torch.randn(2, model.channels, 3, 8, 8)
+    cond = torch.randn(2, 3, model.config.cond_dim)
+    outs = []
+    for m in (model, ckpt):
+        torch.manual_seed(5)
+        out = m(x, torch.tensor([10, 500]), cond=cond)
+        out.square().mean().backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[0], outs[1])
+    for a, b in zip(model.temporal_parameters(), ckpt.temporal_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+    assert any(bool(p.grad.abs().sum() > 0) for p in model.temporal_parameters())
