@@ -141,7 +141,8 @@ class Cascade:
         if gaps < 1 or trained % gaps or trained // gaps < 2:
             raise ValueError(
                 f"cannot infer the interpolation stride: the interp stage was trained on {interp.num_frames} frames, "
-                f"the base makes {base.num_frames} (expected stride * ({base.num_frames} - 1) + 1); pass stride="
+                f"the base makes {base.num_frames} (expected stride * ({base.num_frames} - 1) + 1), and its training "
+                "masks do not name one stride; pass stride="
             )
         return trained // gaps
 
@@ -172,7 +173,24 @@ class Cascade:
             else:
                 defaults[name] = value  # type: ignore[assignment]
         stages = {name: run.diffusion for name, run in loaded.items()}
+        if stride is None and "interp" in loaded:
+            stride = cls._trained_stride(stages["base"], loaded["interp"].config, stages["interp"])
         return cls(stages["base"], stages.get("interp"), stages.get("sr"), stride=stride, options=defaults)
+
+    @staticmethod
+    def _trained_stride(base: Any, interp_config: Any, interp: Any) -> int | None:
+        """The stride an interp run was trained for: from the frame counts when they fit
+        (`stride * (F - 1) + 1`), else its `trainer.frame_masks` when they name one stride
+        (a stage trained on short clips, e.g. 9 frames with every 4th given, fills any
+        length). None: undecided (the constructor says so)."""
+        gaps, trained = base.num_frames - 1, interp.num_frames - 1
+        if gaps >= 1 and trained % gaps == 0 and trained // gaps >= 2:
+            return trained // gaps
+        masks = getattr(interp_config.trainer, "frame_masks", None)
+        strides = masks.get("strides") if isinstance(masks, dict) else None
+        if strides is not None and len(set(strides)) == 1 and int(strides[0]) >= 2:
+            return int(strides[0])
+        return None
 
     def set_options(self, stage: str, value: StageOptions | dict[str, Any]) -> None:
         """Replace (a `StageOptions`) or update (a dict) the options of `stage`."""

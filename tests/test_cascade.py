@@ -228,3 +228,20 @@ def test_cli_cascade_errors_are_one_line(runs, tmp_path, capsys, extra, fragment
     err = capsys.readouterr().err
     assert err.startswith("spacetime: error: ") and err.count("\n") == 1 and fragment in err, err
 
+
+
+def test_stride_from_the_interp_runs_masks_when_it_trained_on_short_clips(stages):
+    from types import SimpleNamespace
+
+    base, interp, _ = stages
+    short = _process(4, frame_cond=True)  # 4 frames do not fit 3 base frames at any stride
+
+    def config(masks):
+        return SimpleNamespace(trainer=SimpleNamespace(frame_masks=masks))
+
+    assert Cascade._trained_stride(base, config(None), interp) == 2  # frame counts fit: 2 * (3 - 1) + 1
+    assert Cascade._trained_stride(base, config({"strides": [3]}), short) == 3
+    assert Cascade._trained_stride(base, config({"strides": [2, 4]}), short) is None
+    assert Cascade._trained_stride(base, config(None), short) is None
+    cascade = Cascade(base, short, stride=3, options={"base": {"steps": 2}, "interp": {"steps": 2}})
+    assert cascade.sample(_cond(1)).shape == (1, 1, 7, 8, 8)  # the stage fills 7 frames, trained on 4
