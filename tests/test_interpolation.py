@@ -270,7 +270,8 @@ def test_eval_speed_must_be_a_number(tmp_path, capsys):
 
 def test_interp_preset_is_valid_and_trains(tmp_path):
     config = RunConfig.from_dict(get_preset("moving-digits-interp"))
-    assert config.diffusion.num_frames == 4 * (8 - 1) + 1 and config.diffusion.image_size == 16
+    # trained on 9-frame clips (3 given frames), sampled at the cascade's 4 * (8 - 1) + 1 = 29
+    assert config.diffusion.num_frames == 4 * (3 - 1) + 1 and config.diffusion.image_size == 16
     assert not any(get_preset("moving-digits-interp")["model"]["temporal_compression"])
     assert config.unet.unet_config().frame_cond and config.data.subpixel and 0.25 in config.data.speeds
     assert config.trainer.frame_masks["interpolate"] >= 0.5 and config.trainer.frame_masks["strides"] == [4]
@@ -280,7 +281,7 @@ def test_interp_preset_is_valid_and_trains(tmp_path):
                    "--set", "trainer.train_batch_size=2", "--set", "data.num_videos=4",
                    "--set", "trainer.num_sample_rows=1", "--set", "trainer.sample_kwargs={sampler: ddim, steps: 2}") == 0
     assert (run / "checkpoint-final" / "ema.safetensors").is_file()
-    # the stage fills in the cascade's 8 base frames: 29 frames, the given ones exact
+    # the 9-frame stage fills in the cascade's 8 base frames: 29 frames, the given ones exact
     base = MovingDigits(2, image_size=16, num_frames=8, digit_size=8, speed=1.0, seed=5, subpixel=True).videos()
     process = open_run(run).diffusion
     filled = temporal_super_resolution(process, base, 4, sampler="ddim", steps=2, generator=torch.Generator().manual_seed(0))
