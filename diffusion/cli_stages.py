@@ -30,7 +30,11 @@ def add_eval_arguments(evaluate: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--data-seed", type=_seed,
                           help="--interp / --sr: seed of the held-out videos (default: not the run's data.seed)")
     evaluate.add_argument("--seed", type=_seed, help="--interp / --sr: sampling seed (default 0 / the run's)")
-    evaluate.add_argument("--num-frames", type=_positive_int, help="--sr: frames per video (default the run's)")
+    evaluate.add_argument("--num-frames", type=_positive_int,
+                          help="--interp / --sr: frames per video (default the run's; --interp: STRIDE * (F - 1) + 1)")
+    evaluate.add_argument("--speed", type=_non_negative_float, metavar="S",
+                          help="--interp: every video at S px per output frame, given frames STRIDE * S px apart "
+                               "(default: the run's data.speed / data.speeds)")
     evaluate.add_argument("--sampler", choices=sampler_names(), help="--interp / --sr: default the run's sample.sampler")
     evaluate.add_argument("--steps", type=_positive_int, help="--interp / --sr: default the run's sample.steps")
     evaluate.add_argument("--noise-level", type=_non_negative_float,
@@ -44,13 +48,21 @@ def add_eval_arguments(evaluate: argparse.ArgumentParser) -> None:
 def eval_interpolation(args: argparse.Namespace) -> int:
     """`spacetime eval --interp RUN`: PSNR of the stage and of linear blending, in-between frames."""
     from diffusion import checkpoint as ckpt
-    from diffusion.cli import _device, _say
+    from diffusion.cli import UsageError, _device, _say
     from diffusion.evaluate_interp import evaluate_interpolation_run, interpolation_table
 
+    window = None
+    if args.window is not None:
+        # --window counts frames (as for long videos): the stage's trained length, e.g. 9
+        if args.window < args.stride + 1 or (args.window - 1) % args.stride:
+            raise UsageError(f"--interp --window counts frames, STRIDE * (K - 1) + 1 for K >= 2 given frames "
+                             f"(e.g. {2 * args.stride + 1} at stride {args.stride}); got {args.window}")
+        window = (args.window - 1) // args.stride + 1
     results = evaluate_interpolation_run(
         args.interp, num_videos=args.num_videos, stride=args.stride, seed=0 if args.seed is None else args.seed,
         sampler=args.sampler, steps=args.steps, batch_size=args.batch_size or 16, weights=args.weights,
-        device=_device(args.device), **({} if args.data_seed is None else {"data_seed": args.data_seed}))
+        device=_device(args.device), speed=args.speed, num_frames=args.num_frames, window=window,
+        **({} if args.data_seed is None else {"data_seed": args.data_seed}))
     out = Path(args.out) if args.out else Path(results["run"]) / "eval-interp.json"
     ckpt.atomic_write_text(out, json.dumps(results, indent=2) + "\n")
     _say(interpolation_table(results))

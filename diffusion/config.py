@@ -301,6 +301,7 @@ class DataConfig(Section):
     speed: float | None = None
     seed: int | None = None
     subpixel: bool | None = None  # MovingDigits(subpixel=): fractional positions, bilinear
+    speeds: list[float] | None = None  # MovingDigits(speeds=): each video's speed drawn from these
     # folder (diffusion.data.VideoFolder)
     folder: str | None = None
     frame_mode: str | None = None
@@ -311,7 +312,7 @@ class DataConfig(Section):
     max_source_frames: int | None = None
 
     KIND_KEYS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "moving-digits": ("num_videos", "digit_size", "speed", "seed", "subpixel"),
+        "moving-digits": ("num_videos", "digit_size", "speed", "speeds", "seed", "subpixel"),
         "folder": ("folder", "frame_mode", "window", "captions", "probe", "decode_timeout", "max_source_frames"),
     }
 
@@ -329,6 +330,17 @@ class DataConfig(Section):
         _optional_int("data.digit_size", self.digit_size, 4)
         if self.speed is not None:
             _number("data.speed", self.speed, 0, low_open=True)
+        if self.speeds is not None:
+            if isinstance(self.speeds, str) or not isinstance(self.speeds, (list, tuple)) or not self.speeds:
+                raise ConfigTypeError(f"data.speeds must be a non-empty list of positive numbers (pixels per frame), "
+                                      f"e.g. [0.25, 0.5, 1.0]; got {self.speeds!r}")
+            for index, value in enumerate(self.speeds):
+                _number(f"data.speeds[{index}]", value, 0, low_open=True)
+            if self.speed is not None:
+                raise ConfigError(f"give data.speed (one for all videos) or data.speeds (drawn per video), not both "
+                                  f"(unset one: --set data.speed=null); "
+                                  f"got speed={self.speed!r}, speeds={self.speeds!r}")
+            self.speeds = list(self.speeds)
         if self.seed is not None:
             _int("data.seed", self.seed, 0, MAX_SEED)
         _bool("data.subpixel", self.subpixel, optional=True)

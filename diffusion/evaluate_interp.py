@@ -26,7 +26,7 @@ from torch import Tensor
 
 from diffusion.evaluate import mean_interval
 from diffusion.frame_masks import interpolation_mask, temporal_super_resolution
-from spacetime.checks import check_int
+from spacetime.checks import check_int, check_number
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ __all__ = [
     "linear_blend",
     "pooled_gain",
     "psnr_per_video",
+    "windowed_interpolation",
 ]
 
 # A perfect prediction has infinite PSNR; capped so that means and JSON stay finite.
@@ -119,6 +120,24 @@ def pooled_gain(model_psnr: Tensor, linear_psnr: Tensor, *, resamples: int = 200
     return out
 
 
+def windowed_interpolation(process: Any, given: Tensor, stride: int, window: int | None = None,
+                           **sample_options: Any) -> Tensor:
+    """`temporal_super_resolution` of `given` (B, C, F, H, W) in windows of `window` given
+    frames, consecutive windows sharing one given frame (None: all F at once). A stage
+    trained on short clips (the interpolation preset: 3 given frames) is then sampled at the
+    length it was trained on; the shared frame is a given one, so the pieces join exactly."""
+    if window is None or window >= given.shape[2]:
+        return temporal_super_resolution(process, given, stride, **sample_options)
+    check_int("window", window, low=2)
+    pieces, start = [], 0
+    while start < given.shape[2] - 1:
+        end = min(start + window, given.shape[2])
+        filled = temporal_super_resolution(process, given[:, :, start:end], stride, **sample_options)
+        pieces.append(filled if not pieces else filled[:, :, 1:])
+        start = end - 1
+    return torch.cat(pieces, dim=2)
+
+
 def interpolation_scores(
     process: Any,
     truth: Tensor,
@@ -127,6 +146,7 @@ def interpolation_scores(
     batch_size: int = 16,
     seed: int = 0,
     groups: dict[str, Tensor] | None = None,
+    window: int | None = None,
     **sample_options: Any,
 ) -> dict[str, Any]:
     """Score `process` as a frame-interpolation stage on ground-truth videos `truth`
@@ -135,7 +155,8 @@ def interpolation_scores(
     linear blending. `sample_options` go to `process.sample` (`sampler`, `steps`, `fps`...).
     Returns `model_psnr`, `linear_psnr` and `gain_db` (model minus blending, paired), each
     with `mean`, `interval` (95%) and `per_video`; `pooled` (`pooled_gain`); the counts; and
-    for each of `groups` (name -> (B,) bool, the videos in it) its `pooled_gain`."""
+    for each of `groups` (name -> (B,) bool, the videos in it) its `pooled_gain`. `window`:
+    given frames per call of the stage (`windowed_interpolation`; None: all at once)."""
     _check_video("truth", truth)
     _check_layout(truth.shape[2], stride)
     check_int("batch_size", batch_size, low=1)
@@ -145,8 +166,8 @@ def interpolation_scores(
     model, linear = [], []
     for start in range(0, truth.shape[0], batch_size):
         chunk = truth[start : start + batch_size].to(device)
-        sampled = temporal_super_resolution(process, chunk[:, :, ::stride], stride, generator=generator,
-                                            **sample_options)
+        sampled = windowed_interpolation(process, chunk[:, :, ::stride], stride, window, generator=generator,
+                                         **sample_options)
         model.append(psnr_per_video(sampled.clamp(0, 1), chunk, between).cpu())
         linear.append(psnr_per_video(linear_blend(chunk, stride), chunk, between).cpu())
         logger.info("interpolation: scored %d of %d videos", min(start + batch_size, truth.shape[0]), truth.shape[0])
@@ -154,6 +175,7 @@ def interpolation_scores(
     return {
         "num_videos": int(truth.shape[0]),
         "stride": stride,
+        "window": window,
         "frames": int(truth.shape[2]),
         "in_between_frames": int(between.sum()),
         "model_psnr": _summary(model_psnr),
@@ -177,11 +199,22 @@ def evaluate_interpolation_run(
     batch_size: int = 16,
     weights: str = "ema",
     device: Any = "cpu",
+    speed: float | int | None = None,
+    num_frames: int | None = None,
+    window: int | None = None,
 ) -> dict[str, Any]:
     """`interpolation_scores` of a training run (folder or checkpoint) on `num_videos`
-    held-out moving digits: the run's own data settings (size, digit size, speed, sub-pixel
-    rendering) and video length, drawn with `data_seed`, which must differ from the run's
-    training seed. Sampler and steps default to the run's `sample` section."""
+    held-out moving digits: the run's own data settings (size, digit size, speed or speeds,
+    sub-pixel rendering) and video length, drawn with `data_seed`, which must differ from the
+    run's training seed. Sampler and steps default to the run's `sample` section.
+
+    `speed` (pixels per output frame) scores every video at that one speed, so given frames
+    are `stride * speed` px apart: at 0.25 and stride 4 they are the cascade's base frames,
+    1 px apart, where linear blending is near-exact; at 1.0 they are 4 px apart. `num_frames`
+    (stride * (F - 1) + 1) overrides the run's video length, e.g. 29 for a run trained on
+    9-frame clips. `window` samples the stage on that many given frames at a time
+    (`windowed_interpolation`). Results are also split by motion kind and, with mixed speeds,
+    by spacing."""
     from diffusion.moving_digits import DIRECTION_NAMES, DIRECTIONS, MovingDigits
     from diffusion.run import open_run
 
@@ -196,8 +229,13 @@ def evaluate_interpolation_run(
     data.pop("num_videos", None)
     if data_seed == training_seed:
         raise ValueError(f"the held-out data seed must differ from the run's data.seed={training_seed}, got {data_seed}")
-    _check_layout(config.diffusion.num_frames, stride)
-    videos = MovingDigits(num_videos, image_size=config.diffusion.image_size, num_frames=config.diffusion.num_frames,
+    if speed is not None:
+        check_number("speed", speed, low=0.0, low_open=True)
+        data.pop("speeds", None)
+        data["speed"] = speed
+    frames = config.diffusion.num_frames if num_frames is None else check_int("num_frames", num_frames, low=2)
+    _check_layout(frames, stride)
+    videos = MovingDigits(num_videos, image_size=config.diffusion.image_size, num_frames=frames,
                           channels=config.diffusion.channels, seed=data_seed, **data)
     options: dict[str, Any] = {
         "sampler": sampler if sampler is not None else config.sample.sampler,
@@ -205,14 +243,26 @@ def evaluate_interpolation_run(
     }
     unet_config = getattr(process.denoise_fn, "config", None)
     if getattr(unet_config, "frame_rate_cond", False):
+        if videos.frame_rate is None:
+            raise ValueError(f"this run's U-Net takes the frame rate (frame_rate_cond) and its data mixes speeds "
+                             f"{videos.speeds}: score one speed at a time (speed=, --speed S)")
         options["fps"] = videos.frame_rate
-    # Blending is exact for horizontal and vertical sub-pixel motion (docs/design.md): the
-    # two kinds of motion are scored apart as well.
+    # Blending is exact for horizontal and vertical sub-pixel motion of at most a pixel between
+    # given frames (docs/design.md): the two kinds of motion are scored apart as well.
     diagonal = torch.tensor([all(DIRECTIONS[DIRECTION_NAMES[k]]) for k in videos.direction_labels])
+    kinds = {"horizontal or vertical": ~diagonal, "diagonal": diagonal}
+    groups = dict(kinds)
+    if videos.speeds is not None:
+        spacing = torch.from_numpy(videos.video_speeds * stride)
+        for value in sorted(set(spacing.tolist())):
+            groups[f"{value:g} px apart"] = spacing == value
+            for kind, rows in kinds.items():
+                groups[f"{value:g} px apart, {kind}"] = (spacing == value) & rows
     results = interpolation_scores(process, videos.videos(), stride, batch_size=batch_size, seed=seed,
-                                   groups={"horizontal or vertical": ~diagonal, "diagonal": diagonal}, **options)
+                                   groups=groups, window=window, **options)
     results.update({"run": str(loaded.run_dir), "checkpoint": str(loaded.checkpoint), "data_seed": data_seed,
-                    "sampler": options["sampler"], "steps": options["steps"]})
+                    "sampler": options["sampler"], "steps": options["steps"], "speed": videos.speed,
+                    "speeds": None if videos.speeds is None else list(videos.speeds)})
     return results
 
 
@@ -224,9 +274,17 @@ def interpolation_table(results: dict[str, Any]) -> str:
         low, high = entry["interval"]
         return f"| {name} | {entry['mean']:.2f} ({low:.2f} to {high:.2f}) |"
 
+    if results.get("speed") is not None:
+        pace = (f" at {results['speed']:g} px/frame ({results['speed'] * results['stride']:g} px between given "
+                f"frames)")
+    elif results.get("speeds"):
+        pace = f" at speeds {', '.join(f'{v:g}' for v in results['speeds'])} px/frame (one per video)"
+    else:
+        pace = ""
+    windows = f" (sampled {results['window']} given frames at a time)" if results.get("window") else ""
     lines = [
-        f"{results['num_videos']} held-out videos of {results['frames']} frames, every {results['stride']}th given; "
-        f"PSNR in dB over the {results['in_between_frames']} frames in between of each",
+        f"{results['num_videos']} held-out videos of {results['frames']} frames{pace}, every {results['stride']}th "
+        f"given{windows}; PSNR in dB over the {results['in_between_frames']} frames in between of each",
         "",
         "| | mean (95% interval) |",
         "|---|---|",
@@ -234,16 +292,16 @@ def interpolation_table(results: dict[str, Any]) -> str:
         row("linear blending PSNR", "linear_psnr"),
         row("gain over blending (dB)", "gain_db"),
     ]
-    sections = [("all videos", results.get("pooled"))]
-    sections += [(f"{group} motion, {scores['num_videos']} videos", scores)
-                 for group, scores in results.get("groups", {}).items()]
-    for title, pooled in sections:
+    sections = [("all videos", results["num_videos"], results.get("pooled"))]
+    sections += [(group, scores["num_videos"], scores) for group, scores in results.get("groups", {}).items()]
+    lines += ["", "PSNR of the mean squared error over the videos of each group (95% bootstrap interval):", "",
+              "| videos | n | model PSNR | linear blending PSNR | gain over blending (dB) |", "|---|---|---|---|---|"]
+    for title, count, pooled in sections:
         if not pooled:
             continue
-        lines += ["", f"PSNR of the mean squared error, {title} (95% bootstrap interval):", "",
-                  "| | pooled (95% interval) |", "|---|---|"]
-        for name, key in (("model PSNR", "model_psnr"), ("linear blending PSNR", "linear_psnr"),
-                          ("gain over blending (dB)", "gain_db")):
+        cells = []
+        for key in ("model_psnr", "linear_psnr", "gain_db"):
             low, high = pooled[key]["interval"]
-            lines.append(f"| {name} | {pooled[key]['value']:.2f} ({low:.2f} to {high:.2f}) |")
+            cells.append(f"{pooled[key]['value']:.2f} ({low:.2f} to {high:.2f})")
+        lines.append(f"| {title} | {count} | {' | '.join(cells)} |")
     return "\n".join(lines)

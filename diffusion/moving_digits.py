@@ -21,6 +21,11 @@ frame rate (speed / k, k * (F - 1) + 1 frames): every k-th frame is the original
 the ground truth of frame interpolation (`diffusion.evaluate_interp`). `frame_rate` is what a
 `frame_rate_cond` U-Net is given: frames per pixel travelled, 1 / speed.
 
+`speeds=(0.25, 0.5, 1.0)` draws each video's speed from the set instead (uniformly, from the
+seed, on a random stream of its own so that the digits, directions and starts of `speed=` data
+sets are unchanged): mixed motion, so that keyframes a fixed number of frames apart are 1, 2 or
+4 px apart and an interpolator has to follow the motion rather than cross-fade.
+
 Everything is a function of `seed`: the same arguments give the same videos, in memory
 (`MovingDigits`) or on disk (`write_moving_digits`, gif + txt pairs that `VideoFolder`
 reads).
@@ -31,6 +36,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +50,11 @@ from torch.utils.data import Dataset
 
 from diffusion import media
 from diffusion.data import TEXT_EMBEDDINGS, CaptionEmbeddings, deprecated_text_encoder
-from spacetime.checks import check_choice
+from spacetime.checks import check_choice, check_number
+
+# Seed-sequence key of the random stream that draws per-video speeds (any fixed constant).
+_SPEEDS_STREAM = 0x5BEED
+DEFAULT_SPEED = 2.0
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +139,22 @@ def _paste_subpixel(frame: np.ndarray, template: np.ndarray, x: float, y: float)
                 frame[y0 + dy : y0 + dy + size, x0 + dx : x0 + dx + size] += np.float32(wx * wy) * template
 
 
+def _check_speeds(speed: Any, speeds: Any) -> float:
+    """The single speed (`speed`, default `DEFAULT_SPEED`) after checking `speed` / `speeds`:
+    at most one given, `speeds` a non-empty sequence of positive numbers."""
+    if speeds is None:
+        value = DEFAULT_SPEED if speed is None else speed
+        return float(check_number("speed", value, low=0.0, low_open=True))
+    if speed is not None:
+        raise ValueError(f"give speed (one for all videos) or speeds (drawn per video), not both; got speed={speed!r}, "
+                         f"speeds={speeds!r}")
+    if isinstance(speeds, (str, bytes)) or not isinstance(speeds, Sequence) or not speeds:
+        raise ValueError(f"speeds must be a non-empty list of positive numbers (pixels per frame), got {speeds!r}")
+    for value in speeds:
+        check_number("each of speeds", value, low=0.0, low_open=True)
+    return float(speeds[0])
+
+
 class MovingDigits(Dataset):
     """In-memory moving digits (see the module docstring); videos are rendered on access.
 
@@ -145,12 +171,13 @@ class MovingDigits(Dataset):
         image_size: int = 32,
         num_frames: int = 8,
         digit_size: int = 14,
-        speed: float | int = 2.0,
+        speed: float | int | None = None,
         channels: int = 1,
         seed: int = 0,
         text_encoder: Any = None,
         text_embedding: str = "pooled",
         subpixel: bool = False,
+        speeds: Sequence[float | int] | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("num_videos", num_videos), ("image_size", image_size),
@@ -165,8 +192,7 @@ class MovingDigits(Dataset):
             raise ValueError(
                 f"digit_size must be between 4 and image_size={image_size}, got {digit_size}"
             )
-        if not speed > 0:
-            raise ValueError(f"speed must be positive (pixels per frame), got {speed}")
+        single_speed = _check_speeds(speed, speeds)
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         if not isinstance(subpixel, bool):
@@ -176,7 +202,9 @@ class MovingDigits(Dataset):
         self.image_size = image_size
         self.num_frames = num_frames
         self.digit_size = digit_size
-        self.speed = float(speed)
+        # one speed for all videos: `speed`; mixed: None, and the set in `speeds`
+        self.speeds: tuple[float, ...] | None = None if speeds is None else tuple(float(v) for v in speeds)
+        self.speed: float | None = single_speed if self.speeds is None else None
         self.channels = channels
         self.seed = seed
         self.subpixel = subpixel
@@ -195,21 +223,29 @@ class MovingDigits(Dataset):
         self.image_indices = np.array(
             [by_digit[d][rng.integers(0, len(by_digit[d]))] for d in self.digit_labels]
         )
+        if self.speeds is None:
+            self.video_speeds = np.full(num_videos, self.speed)
+        else:
+            # A stream of its own: the main one (digits, directions, starts) stays as with `speed`.
+            picks = np.random.default_rng([seed, _SPEEDS_STREAM]).integers(0, len(self.speeds), num_videos)
+            self.video_speeds = np.asarray(self.speeds)[picks]
         room = image_size - digit_size
         # Rounded so that at_frame_rate's path (speed / k over k times the frames) has the same
         # length to the bit, and so the same starts.
-        travel = round(self.speed * (num_frames - 1), 9)
-        self.bounces = travel > room
+        travels = np.round(self.video_speeds * (num_frames - 1), 9)
+        bounce = travels > room
+        self.bounces = bool(bounce.any())
         if self.bounces:
             logger.info(
-                "moving digits: a path of %.1f px does not fit in %d px of room; digits bounce "
-                "off the edges and captions name the initial direction", travel, room,
+                "moving digits: a path of up to %.1f px does not fit in %d px of room; %d of %d digits bounce "
+                "off the edges and captions name the initial direction", travels.max(), room, bounce.sum(), num_videos,
             )
         # start (x, y) so that, when it fits, the whole path stays inside the frame
         self.starts = np.zeros((num_videos, 2))
         for i, direction in enumerate(self.direction_labels):
+            travel = travels[i]
             for axis, step in enumerate(DIRECTIONS[DIRECTION_NAMES[direction]]):
-                if step == 0 or self.bounces:
+                if step == 0 or bounce[i]:
                     low, high = 0.0, float(room)
                 elif step > 0:
                     low, high = 0.0, room - travel
@@ -229,11 +265,17 @@ class MovingDigits(Dataset):
         return self.num_videos
 
     @property
-    def frame_rate(self) -> float:
+    def frame_rate(self) -> float | None:
         """Frames per pixel travelled (1 / speed): the `fps` of a `frame_rate_cond` U-Net
         (`diffusion.frame_masks.training_frame_inputs`). The 1 px/frame videos have 1, the
-        same motion at four times the frame rate 4."""
-        return 1.0 / self.speed
+        same motion at four times the frame rate 4. None with mixed `speeds`: each video has
+        its own (`frame_rates`), and the trainer then trains without `fps` (it warns)."""
+        return None if self.speed is None else 1.0 / self.speed
+
+    @property
+    def frame_rates(self) -> np.ndarray:
+        """Each video's frame rate, 1 / its speed, `(N,)` floats."""
+        return 1.0 / self.video_speeds
 
     def at_frame_rate(self, factor: int) -> MovingDigits:
         """The same videos at `factor` times the frame rate: speed / factor over
@@ -242,18 +284,22 @@ class MovingDigits(Dataset):
         sub-pixel rendered too or its positions are whole pixels, as with a whole `speed`)."""
         if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
             raise ValueError(f"factor must be an int >= 1, got {factor!r}")
-        # The starts depend only on the seed and the path length, which are unchanged.
+        # The starts depend only on the seed and the path lengths, which are unchanged; the
+        # speeds are drawn by index, so dividing the set divides each video's speed.
+        if self.speeds is None:
+            pace: dict[str, Any] = {"speed": self.speed / factor}
+        else:
+            pace = {"speeds": [v / factor for v in self.speeds]}
         return MovingDigits(
             self.num_videos, image_size=self.image_size, num_frames=factor * (self.num_frames - 1) + 1,
-            digit_size=self.digit_size, speed=self.speed / factor, channels=self.channels, seed=self.seed,
-            subpixel=True,
+            digit_size=self.digit_size, channels=self.channels, seed=self.seed, subpixel=True, **pace,
         )
 
     def exact_positions(self, index: int) -> np.ndarray:
         """Top-left corner `(x, y)` of the digit in every frame, `(F, 2)` floats."""
         step = np.array(DIRECTIONS[DIRECTION_NAMES[self.direction_labels[index]]], dtype=np.float64)
         times = np.arange(self.num_frames, dtype=np.float64)[:, None]
-        path = self.starts[index] + self.speed * step * times
+        path = self.starts[index] + self.video_speeds[index] * step * times
         return _bounce(path, self.image_size - self.digit_size)
 
     def positions(self, index: int) -> np.ndarray:

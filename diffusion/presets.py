@@ -200,12 +200,15 @@ def get_preset(name: str) -> dict[str, Any]:
 
 
 # Frame interpolation (Make-A-Video Sec. 3.4), the cascade's middle stage: 8 frames of the
-# 1 px/frame base videos become 4 * (8 - 1) + 1 = 29 frames at 0.25 px/frame. The same
-# motion rendered at fractional positions (`data.subpixel`), so every 4th frame of a
-# training video is a base video's frame. Training masks: mostly every 4th frame given
-# (interpolation, the stage's job), a fifth the first 4-16 frames (extrapolation: Make-A-Video
-# trains one network for both). No captions: the given frames fix the digit and its path.
-# No temporal compression: a SpaceTimeUnet then takes any frame count, 29 included.
+# 1 px/frame base videos become 4 * (8 - 1) + 1 = 29 frames at 0.25 px/frame. Motion
+# rendered at fractional positions (`data.subpixel`). Trained on 9-frame clips (3 given
+# frames): 8x the steps of 29-frame clips in the budget, and better at 29 frames too
+# (benchmarks/results/cpu-amd-epyc-2026-11-29-interp-speeds.md); with no temporal
+# compression a SpaceTimeUnet takes any frame count, and `diffusion.Cascade` reads the stride
+# from `frame_masks.strides`. Best sampled in windows of 9 frames (`windowed_interpolation`).
+# Training masks: mostly every 4th frame given (interpolation, the stage's job), a fifth the
+# first 2-6 frames (extrapolation: Make-A-Video trains one network for both). No captions:
+# the given frames fix the digit and its path.
 PRESETS["moving-digits-interp"] = {
     "unet": "space_time_unet",
     "model": {
@@ -219,7 +222,7 @@ PRESETS["moving-digits-interp"] = {
         "ff_mult": 2,
         "frame_cond": True,
     },
-    "diffusion": {"image_size": 16, "num_frames": 29, "channels": 1, "timesteps": 1000, "beta_schedule": "cosine",
+    "diffusion": {"image_size": 16, "num_frames": 9, "channels": 1, "timesteps": 1000, "beta_schedule": "cosine",
                   "objective": "v", "loss_type": "l2"},
     "trainer": {
         "train_num_steps": 3000,
@@ -241,8 +244,12 @@ PRESETS["moving-digits-interp"] = {
         "log_every": 10,
         "write_mp4": False,
         "frame_masks": {"interpolate": 0.8, "future": 0.2, "first_frame": 0.0, "unconditional": 0.0,
-                        "strides": [4], "context_frames": [4, 16]},
+                        "strides": [4], "context_frames": [2, 6]},
     },
-    "data": {"kind": "moving-digits", "num_videos": 4000, "digit_size": 8, "speed": 0.25, "subpixel": True, "seed": 0},
+    # Mixed speeds: given frames 4 apart are 1, 2 or 4 px apart. At 1 px (the cascade's
+    # case) a bilinear sub-pixel shift is the linear blend of the whole-pixel frames, so only
+    # the faster motion teaches following the digit rather than cross-fading.
+    "data": {"kind": "moving-digits", "num_videos": 4000, "digit_size": 8, "speeds": [0.25, 0.5, 1.0],
+             "subpixel": True, "seed": 0},
     "sample": {"sampler": "ddim", "steps": 25, "batch_size": 16, "seed": 0},
 }

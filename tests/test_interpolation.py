@@ -23,9 +23,10 @@ from diffusion.evaluate_interp import (
     pooled_gain,
     psnr_per_video,
 )
-from diffusion.frame_masks import interpolation_mask
+from diffusion.frame_masks import interpolation_mask, temporal_super_resolution
 from diffusion.moving_digits import DIRECTION_NAMES, DIRECTIONS, MovingDigits
 from diffusion.presets import get_preset
+from diffusion.run import open_run
 
 
 def run_cli(*argv: str) -> int:
@@ -220,6 +221,9 @@ def test_eval_interp_writes_scores(tiny_interp_run, tmp_path, capsys):
         (["--stride", "4"], "needs stride * (F - 1) + 1 frames"),
         (["--stride", "3", "--data-seed", "0"], "must differ from the run's data.seed=0"),
         (["FOLDER"], "not both"),
+        (["--stride", "3", "--speed", "0"], "speed must lie in (0, inf]"),
+        (["--stride", "3", "--num-frames", "8"], "needs stride * (F - 1) + 1 frames"),
+        (["--stride", "3", "--window", "5"], "--interp --window counts frames"),
     ],
 )
 def test_eval_interp_errors_are_one_line(tiny_interp_run, tmp_path, capsys, argv, fragment):
@@ -229,10 +233,47 @@ def test_eval_interp_errors_are_one_line(tiny_interp_run, tmp_path, capsys, argv
     assert err.startswith("spacetime: error: ") and err.count("\n") == 1 and fragment in err
 
 
+def test_eval_interp_at_one_speed_and_length(tiny_interp_run, tmp_path, capsys):
+    out = tmp_path / "scores.json"
+    assert run_cli("eval", "--interp", str(tiny_interp_run), "--stride", "3", "--num-videos", "2", "--steps", "2",
+                   "--speed", "1", "--num-frames", "7", "--window", "4", "--out", str(out)) == 0
+    results = json.loads(out.read_text())
+    assert results["speed"] == 1.0 and results["speeds"] is None and results["frames"] == 7
+    assert results["window"] == 2
+    assert results["in_between_frames"] == 4
+    assert "at 1 px/frame (3 px between given frames)" in capsys.readouterr().out
+
+
+def test_eval_interp_of_a_mixed_speed_run_splits_by_spacing(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli("train", "--preset", "debug", "--out", str(run), "--set", "model.frame_cond=true",
+                   "--set", "trainer.frame_masks={interpolate: 1, future: 0, first_frame: 0, unconditional: 0, "
+                   "strides: [3]}", "--set", "trainer.train_num_steps=1", "--set", "data.subpixel=true",
+                   "--set", "data.speed=null", "--set", "data.speeds=[0.5, 1]") == 0
+    out = tmp_path / "scores.json"
+    assert run_cli("eval", "--interp", str(run), "--stride", "3", "--num-videos", "8", "--steps", "2",
+                   "--out", str(out)) == 0
+    results = json.loads(out.read_text())
+    assert results["speed"] is None and results["speeds"] == [0.5, 1.0]
+    spacing = {name: scores["num_videos"] for name, scores in results["groups"].items() if name.endswith("px apart")}
+    assert set(spacing) <= {"1.5 px apart", "3 px apart"} and sum(spacing.values()) == 8
+    table = capsys.readouterr().out
+    assert "at speeds 0.5, 1 px/frame (one per video)" in table and "| all videos | 8 |" in table
+
+
+def test_eval_speed_must_be_a_number(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli("eval", "--interp", str(tmp_path), "--speed", "fast")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "--speed: must be a number, got 'fast'" in err
+
+
 def test_interp_preset_is_valid_and_trains(tmp_path):
     config = RunConfig.from_dict(get_preset("moving-digits-interp"))
-    assert config.diffusion.num_frames == 4 * (8 - 1) + 1 and config.diffusion.image_size == 16
-    assert config.unet.unet_config().frame_cond and config.data.subpixel and config.data.speed == 0.25
+    # trained on 9-frame clips (3 given frames), sampled at the cascade's 4 * (8 - 1) + 1 = 29
+    assert config.diffusion.num_frames == 4 * (3 - 1) + 1 and config.diffusion.image_size == 16
+    assert not any(get_preset("moving-digits-interp")["model"]["temporal_compression"])
+    assert config.unet.unet_config().frame_cond and config.data.subpixel and 0.25 in config.data.speeds
     assert config.trainer.frame_masks["interpolate"] >= 0.5 and config.trainer.frame_masks["strides"] == [4]
     assert 0 < config.trainer.max_seconds <= 600
     run = tmp_path / "run"
@@ -240,3 +281,8 @@ def test_interp_preset_is_valid_and_trains(tmp_path):
                    "--set", "trainer.train_batch_size=2", "--set", "data.num_videos=4",
                    "--set", "trainer.num_sample_rows=1", "--set", "trainer.sample_kwargs={sampler: ddim, steps: 2}") == 0
     assert (run / "checkpoint-final" / "ema.safetensors").is_file()
+    # the 9-frame stage fills in the cascade's 8 base frames: 29 frames, the given ones exact
+    base = MovingDigits(2, image_size=16, num_frames=8, digit_size=8, speed=1.0, seed=5, subpixel=True).videos()
+    process = open_run(run).diffusion
+    filled = temporal_super_resolution(process, base, 4, sampler="ddim", steps=2, generator=torch.Generator().manual_seed(0))
+    assert filled.shape == (2, 1, 29, 16, 16) and torch.equal(filled[:, :, ::4], base)
