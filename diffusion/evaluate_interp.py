@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from diffusion.evaluate import mean_interval
-from diffusion.frame_masks import interpolation_mask, temporal_super_resolution
+from diffusion.frame_masks import interpolation_mask, temporal_super_resolution, windowed_interpolation  # noqa: F401
 from spacetime.checks import check_int, check_number
 
 logger = logging.getLogger(__name__)
@@ -118,24 +118,6 @@ def pooled_gain(model_psnr: Tensor, linear_psnr: Tensor, *, resamples: int = 200
         low, high = torch.quantile(boot.float(), torch.tensor([0.025, 0.975])).tolist()
         out[key] = {"value": float(value), "interval": [low, high]}
     return out
-
-
-def windowed_interpolation(process: Any, given: Tensor, stride: int, window: int | None = None,
-                           **sample_options: Any) -> Tensor:
-    """`temporal_super_resolution` of `given` (B, C, F, H, W) in windows of `window` given
-    frames, consecutive windows sharing one given frame (None: all F at once). A stage
-    trained on short clips (the interpolation preset: 3 given frames) is then sampled at the
-    length it was trained on; the shared frame is a given one, so the pieces join exactly."""
-    if window is None or window >= given.shape[2]:
-        return temporal_super_resolution(process, given, stride, **sample_options)
-    check_int("window", window, low=2)
-    pieces, start = [], 0
-    while start < given.shape[2] - 1:
-        end = min(start + window, given.shape[2])
-        filled = temporal_super_resolution(process, given[:, :, start:end], stride, **sample_options)
-        pieces.append(filled if not pieces else filled[:, :, 1:])
-        start = end - 1
-    return torch.cat(pieces, dim=2)
 
 
 def interpolation_scores(

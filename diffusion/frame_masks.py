@@ -48,6 +48,7 @@ __all__ = [
     "masks_from_option",
     "paste_known",
     "temporal_super_resolution",
+    "windowed_interpolation",
     "temporal_upsample_layout",
     "training_frame_inputs",
     "training_frames",
@@ -342,3 +343,21 @@ def grid_frame_rate(inputs: Mapping[str, Any], sample_kwargs: Mapping[str, Any] 
     if "fps" not in inputs:
         return None if sample_kwargs is None else dict(sample_kwargs)
     return {"fps": inputs["fps"], **(sample_kwargs or {})}
+
+
+def windowed_interpolation(process: Any, given: Tensor, stride: int, window: int | None = None,
+                           **sample_options: Any) -> Tensor:
+    """`temporal_super_resolution` of `given` (B, C, F, H, W) in windows of `window` given
+    frames, consecutive windows sharing one given frame (None: all F at once). A stage
+    trained on short clips (the interpolation preset: 3 given frames) is then sampled at the
+    length it was trained on; the shared frame is a given one, so the pieces join exactly."""
+    if window is None or window >= given.shape[2]:
+        return temporal_super_resolution(process, given, stride, **sample_options)
+    check_int("window", window, low=2)
+    pieces, start = [], 0
+    while start < given.shape[2] - 1:
+        end = min(start + window, given.shape[2])
+        filled = temporal_super_resolution(process, given[:, :, start:end], stride, **sample_options)
+        pieces.append(filled if not pieces else filled[:, :, 1:])
+        start = end - 1
+    return torch.cat(pieces, dim=2)

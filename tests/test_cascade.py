@@ -244,4 +244,21 @@ def test_stride_from_the_interp_runs_masks_when_it_trained_on_short_clips(stages
     assert Cascade._trained_stride(base, config({"strides": [2, 4]}), short) is None
     assert Cascade._trained_stride(base, config(None), short) is None
     cascade = Cascade(base, short, stride=3, options={"base": {"steps": 2}, "interp": {"steps": 2}})
-    assert cascade.sample(_cond(1)).shape == (1, 1, 7, 8, 8)  # the stage fills 7 frames, trained on 4
+    # Trained on 4 frames = 2 given at stride 3: the 3 base frames are filled 2 at a time, in
+    # two calls at the stage's own length, sharing the middle given frame.
+    assert cascade.interp_window == 2
+    lengths = []
+    original = short.sample
+
+    def spy(*args, **kwargs):
+        lengths.append(kwargs["num_frames"])
+        return original(*args, **kwargs)
+
+    short.sample = spy
+    out = cascade.sample(_cond(1), return_stages=True)
+    assert lengths == [4, 4] and out["interp"].shape == (1, 1, 7, 8, 8)
+    torch.testing.assert_close(out["interp"][:, :, ::3], out["base"], rtol=0, atol=0)
+    cascade.set_options("interp", {"window": 3})  # all three given frames in one call
+    lengths.clear()
+    cascade.sample(_cond(1))
+    assert lengths == [7]
