@@ -354,12 +354,9 @@ def evaluate_videos(
     }
 
 
-def evaluate_folder(folder: str | Path, *, threshold: float | int = DEFAULT_THRESHOLD) -> dict[str, Any]:
-    """`evaluate_videos` over a folder of generated videos with `name.txt` captions (the
-    `VideoFolder` layout; videos are read at their own size and length). Every video needs
-    a caption (ValueError naming those without, before anything is decoded); unreadable
-    videos are skipped with a warning and listed under `skipped` in the result."""
-    folder = Path(folder)
+def captioned_videos(folder: Path) -> tuple[list[Path], list[str]]:
+    """The videos of `folder` and their `name.txt` captions; ValueError for a missing folder,
+    no videos, or videos without a caption (naming them, before anything is decoded)."""
     if not folder.is_dir():
         raise ValueError(f"{folder} does not exist or is not a folder")
     paths = find_videos(folder)
@@ -372,6 +369,16 @@ def evaluate_folder(folder: str | Path, *, threshold: float | int = DEFAULT_THRE
             f"{len(missing)} of {len(paths)} videos in {folder} have no caption file: "
             + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
         )
+    return paths, captions  # type: ignore[return-value]
+
+
+def evaluate_folder(folder: str | Path, *, threshold: float | int = DEFAULT_THRESHOLD) -> dict[str, Any]:
+    """`evaluate_videos` over a folder of generated videos with `name.txt` captions (the
+    `VideoFolder` layout; videos are read at their own size and length). Every video needs
+    a caption (ValueError naming those without, before anything is decoded); unreadable
+    videos are skipped with a warning and listed under `skipped` in the result."""
+    folder = Path(folder)
+    paths, captions = captioned_videos(folder)
     videos, kept, skipped = [], [], []
     for path, caption in zip(paths, captions):
         try:

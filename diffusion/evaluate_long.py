@@ -44,10 +44,10 @@ from jaxtyping import Float
 from torch import Tensor
 
 from diffusion import media
-from diffusion.data import find_videos, read_caption
 from diffusion.evaluate import (
     _BY_ANGLE,
     DEFAULT_THRESHOLD,
+    captioned_videos,
     centroids,
     digit_features,
     mean_interval,
@@ -279,16 +279,7 @@ def evaluate_long_folder(folder: str | Path, *, window: int = 8, stride: int | N
     """`evaluate_long_videos` over a folder of videos with `name.txt` captions (every video
     needs one; all must have the same length)."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{folder} does not exist or is not a folder")
-    paths = find_videos(folder)
-    if not paths:
-        raise ValueError(f"no videos found in {folder}")
-    captions = [read_caption(path) for path in paths]
-    missing = [str(path) for path, caption in zip(paths, captions) if caption is None]
-    if missing:
-        raise ValueError(f"{len(missing)} of {len(paths)} videos in {folder} have no caption file: "
-                         + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
+    paths, captions = captioned_videos(folder)
     videos = [media.read_video(path, channels=1) for path in paths]
     frames = min(int(video.shape[1]) for video in videos)
     if window > frames:

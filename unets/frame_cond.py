@@ -155,17 +155,20 @@ class FrameCondInput(_StartsAtZero):
             self.bias.zero_()
 
 
-class FrameRateEmbedding(_StartsAtZero):
-    """`fps` (B,) -> an `emb_dim` vector added to the timestep embedding: sinusoidal features
-    of log(fps) (rates from a fraction to hundreds spread over the frequencies), Linear, SiLU,
-    and a zero-initialised Linear. Only the last layer starts at zero: zeroing the hidden one
-    too would leave both without gradient."""
+class ScalarEmbedding(_StartsAtZero):
+    """A per-sample number (B,) -> an `emb_dim` vector added to the timestep embedding:
+    sinusoidal features of `_angle_input(values)` over frequencies down to 1 / `max_period`,
+    Linear, SiLU and a zero-initialised Linear. Only the last layer starts at zero: zeroing
+    the hidden one too would leave both without gradient."""
+
+    max_period: float = 1000.0
 
     def __init__(self, emb_dim: int, features: int = 64):
         super().__init__()
         half = features // 2
-        self.register_buffer("freqs", torch.exp(torch.arange(half) * -(math.log(1000.0) / max(half - 1, 1))),
-                             persistent=False)
+        self.register_buffer(
+            "freqs", torch.exp(torch.arange(half) * -(math.log(self.max_period) / max(half - 1, 1))), persistent=False
+        )
         hidden = nn.Linear(features, emb_dim)
         self.hidden_weight = nn.Parameter(hidden.weight.detach().clone())
         self.hidden_bias = nn.Parameter(hidden.bias.detach().clone())
@@ -177,10 +180,21 @@ class FrameRateEmbedding(_StartsAtZero):
             self.out_weight.zero_()
             self.out_bias.zero_()
 
-    def forward(self, fps: Tensor) -> Tensor:
-        angles = torch.log(fps.float())[:, None] * 100.0 * self.freqs[None]
+    def _angle_input(self, values: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, values: Tensor) -> Tensor:
+        angles = self._angle_input(values.float())[:, None] * self.freqs[None]
         feats = torch.cat((angles.sin(), angles.cos()), dim=-1).to(self.hidden_weight.dtype)
         return F.linear(F.silu(F.linear(feats, self.hidden_weight, self.hidden_bias)), self.out_weight, self.out_bias)
+
+
+class FrameRateEmbedding(ScalarEmbedding):
+    """`fps` (B,) -> the timestep-embedding addend: features of log(fps) (rates from a
+    fraction to hundreds spread over the frequencies)."""
+
+    def _angle_input(self, fps: Tensor) -> Tensor:
+        return torch.log(fps) * 100.0
 
 
 def add_frame_rate(module: FrameRateEmbedding | None, emb: Tensor | None, fps: Any, owner: str) -> Tensor | None:

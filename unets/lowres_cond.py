@@ -24,7 +24,6 @@ that also keeps given frames), which separate projections allow.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -32,7 +31,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from unets.frame_cond import _StartsAtZero, add_frame_features
+from unets.frame_cond import ScalarEmbedding, _StartsAtZero, add_frame_features
 
 __all__ = ["LowresCond", "LowresCondInput", "NoiseLevelEmbedding", "add_lowres_features", "add_noise_level",
            "lowres_cond_inputs"]
@@ -104,31 +103,14 @@ class LowresCondInput(_StartsAtZero):
         return add_frame_features(h, F.conv2d(folded, self.weight, self.bias, padding=1), batch, frames)
 
 
-class NoiseLevelEmbedding(_StartsAtZero):
-    """Augmentation level (B,) in [0, 1] -> an `emb_dim` vector added to the timestep
-    embedding: sinusoidal features of 1000 * level (the scale of a timestep), Linear, SiLU and
-    a zero-initialised Linear (only the last starts at zero, so both get gradients)."""
+class NoiseLevelEmbedding(ScalarEmbedding):
+    """Augmentation level (B,) in [0, 1] -> the timestep-embedding addend: features of
+    1000 * level (the scale of a timestep)."""
 
-    def __init__(self, emb_dim: int, features: int = 64):
-        super().__init__()
-        half = features // 2
-        self.register_buffer("freqs", torch.exp(torch.arange(half) * -(math.log(10000.0) / max(half - 1, 1))),
-                             persistent=False)
-        hidden = nn.Linear(features, emb_dim)
-        self.hidden_weight = nn.Parameter(hidden.weight.detach().clone())
-        self.hidden_bias = nn.Parameter(hidden.bias.detach().clone())
-        self.out_weight = nn.Parameter(torch.zeros(emb_dim, emb_dim))
-        self.out_bias = nn.Parameter(torch.zeros(emb_dim))
+    max_period = 10000.0
 
-    def start_at_zero(self) -> None:
-        with torch.no_grad():
-            self.out_weight.zero_()
-            self.out_bias.zero_()
-
-    def forward(self, level: Tensor) -> Tensor:
-        angles = level.float()[:, None] * 1000.0 * self.freqs[None]
-        feats = torch.cat((angles.sin(), angles.cos()), dim=-1).to(self.hidden_weight.dtype)
-        return F.linear(F.silu(F.linear(feats, self.hidden_weight, self.hidden_bias)), self.out_weight, self.out_bias)
+    def _angle_input(self, level: Tensor) -> Tensor:
+        return level * 1000.0
 
 
 class LowresCond(nn.Module):
