@@ -17,6 +17,7 @@ This module also assembles runs for the command line (`build_diffusion`, `build_
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 from pathlib import Path
@@ -128,7 +129,8 @@ def find_checkpoint(path: str | os.PathLike) -> tuple[Path, Path]:
     """(run folder, checkpoint folder) for a run folder or one of its checkpoint folders."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"run folder {str(path)!r} does not exist")
+        # With errno and the path, like the OS's own: the command line shows it as one line.
+        raise FileNotFoundError(errno.ENOENT, "run folder does not exist", str(path))
     if (path.parent / CONFIG_NAME).is_file() and path.name.startswith(CHECKPOINT_PREFIX):
         from diffusion.checkpoint import CheckpointManager
 

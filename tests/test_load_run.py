@@ -120,3 +120,12 @@ def test_latest_is_confined_to_the_run_folder(run, tmp_path):
     assert open_run(copy).checkpoint.parent == copy
     (copy / "latest").write_bytes(b"\xff\xfe")
     assert open_run(copy).checkpoint.parent == copy
+
+
+@pytest.mark.parametrize("flag", ["--sr", "--interp"])
+def test_eval_of_a_missing_run_is_one_line(tmp_path, capsys, flag):
+    from diffusion.cli import main
+
+    assert main(["eval", flag, str(tmp_path / "no-such-run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "run folder does not exist" in err and "no-such-run" in err
