@@ -29,7 +29,7 @@ from unets.config import UnetConfig, check_attn_backend
 from unets.frame_cond import (
     FrameCondInput,
     FrameRateEmbedding,
-    check_frame_cond_option,
+    check_conditioning_options,
 )
 from unets.lowres_cond import LowresCond
 from unets.diffusers_layers import (
@@ -80,9 +80,7 @@ class AnimateDiffUnetConfig(UnetConfig):
     lowres_cond: bool = False
 
     def validate(self) -> None:
-        check_frame_cond_option(self.frame_cond)
-        check_frame_cond_option(self.frame_rate_cond, "frame_rate_cond")
-        check_frame_cond_option(self.lowres_cond, "lowres_cond")
+        check_conditioning_options(self)
         check_int("channels", self.channels, low=1)
         if self.out_channels is not None:
             check_int("out_channels", self.out_channels, low=1)

@@ -39,6 +39,7 @@ __all__ = [
     "FrameRateEmbedding",
     "add_frame_features",
     "add_frame_rate",
+    "check_conditioning_options",
     "check_frame_cond_option",
     "fill_missing",
     "frame_cond_inputs",
@@ -48,9 +49,16 @@ _log = logging.getLogger(__name__)
 
 
 def check_frame_cond_option(value: Any, name: str = "frame_cond") -> None:
-    """The `frame_cond` / `frame_rate_cond` config options of every U-Net: bools."""
+    """One of the conditioning config options of every U-Net (`frame_cond`, `frame_rate_cond`,
+    `lowres_cond`): a bool."""
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+def check_conditioning_options(config: Any) -> None:
+    """A U-Net config's `frame_cond`, `frame_rate_cond` and `lowres_cond` options: bools."""
+    for name in ("frame_cond", "frame_rate_cond", "lowres_cond"):
+        check_frame_cond_option(getattr(config, name), name)
 
 
 def frame_cond_inputs(

@@ -44,7 +44,7 @@ from unets.frame_cond import (
     FrameCondInput,
     FrameRateEmbedding,
     add_frame_rate,
-    check_frame_cond_option,
+    check_conditioning_options,
     frame_cond_inputs,
 )
 from unets.lowres_cond import LowresCond, add_lowres_features, add_noise_level, lowres_cond_inputs
@@ -131,11 +131,9 @@ class SpaceTimeUnetConfig(UnetConfig):
             raise ValueError(f"cond_dim must be None or a positive int, got {self.cond_dim!r}")
         if self.attn_backend is not None:
             check_attn_backend(self.attn_backend)
-        check_frame_cond_option(self.frame_cond)
-        check_frame_cond_option(self.frame_rate_cond, "frame_rate_cond")
+        check_conditioning_options(self)
         if self.frame_rate_cond and not self.condition_on_timestep and self.cond_dim is None:
             raise ValueError("frame_rate_cond=True adds to the timestep embedding: it needs condition_on_timestep=True or cond_dim")
-        check_frame_cond_option(self.lowres_cond, "lowres_cond")
         if self.lowres_cond and not self.condition_on_timestep and self.cond_dim is None:
             raise ValueError("lowres_cond=True adds its noise level to the timestep embedding: it needs "
                              "condition_on_timestep=True or cond_dim")

@@ -54,7 +54,7 @@ from unets.frame_cond import (
     FrameCondInput,
     FrameRateEmbedding,
     add_frame_rate,
-    check_frame_cond_option,
+    check_conditioning_options,
     frame_cond_inputs,
 )
 from unets.lowres_cond import LowresCond, add_lowres_features, add_noise_level, lowres_cond_inputs
@@ -116,9 +116,7 @@ class Unet3DConfig(UnetConfig):
 
     def validate(self) -> None:
         super().validate()
-        check_frame_cond_option(self.frame_cond)
-        check_frame_cond_option(self.frame_rate_cond, "frame_rate_cond")
-        check_frame_cond_option(self.lowres_cond, "lowres_cond")
+        check_conditioning_options(self)
         positive = {
             "dim": self.dim, "channels": self.channels, "attn_heads": self.attn_heads,
             "attn_dim_head": self.attn_dim_head, "resnet_groups": self.resnet_groups,
