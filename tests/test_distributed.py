@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -130,7 +131,17 @@ def runs(tmp_path_factory):
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         str(Path(__file__).resolve()), str(root),
     ]
+    pristine = root.parent / f"{root.name}-before-workers"
+    shutil.copytree(root, pristine)
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0 and "terminate called without an active exception" in result.stderr:
+        # Known, rare under a loaded machine (1 of 4 fresh-clone CI runs on 2026-11-29, 0 of 3
+        # alone): a gloo rank aborts as its process exits. One more try; twice is a failure.
+        first = result.stderr[-2000:]
+        shutil.rmtree(root)  # the workers resume and write runs here: start again from the same state
+        shutil.copytree(pristine, root)
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, "first try:\n" + first + "\nsecond try:\n" + result.stderr[-3000:]
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     reports = [json.loads((root / f"rank{r}.json").read_text()) for r in (0, 1)]
     return root, reference, reports
