@@ -99,7 +99,7 @@ def test_fused_train_step_updates_ours_like_the_plain_one():
     """The benchmark's fused step is the trainer's optimizer: same weights after two steps."""
     import copy
 
-    theirs, ours, cond_dim = diffusers_unets.build_pair("animatediff", "tiny")
+    _, ours, cond_dim = diffusers_unets.build_pair("animatediff", "tiny")
     twin = copy.deepcopy(ours)
     x, t, cond = diffusers_unets._inputs("animatediff", cond_dim, batch=1, frames=4, side=8, device=torch.device("cpu"))
     plain = diffusers_unets.side_steps(ours, True, x, t, cond, "animatediff", torch.float32)["train"]
