@@ -73,6 +73,35 @@ def test_same_update_as_adamw_with_a_changing_learning_rate(steps, lr, weight_de
     assert_close_weights(plain_net, fused_net)
 
 
+@pytest.mark.parametrize("options", [{}, {"amsgrad": True}, {"maximize": True}])
+def test_direct_update_after_the_first_and_adamw_for_other_options(options):
+    """The first update of a parameter is AdamW's own (it creates the state); later ones are
+    the written-out arithmetic, except for options it does not cover: equal either way."""
+    plain_net, fused_net = small_net(3), small_net(3)
+    plain = torch.optim.AdamW(plain_net.parameters(), lr=1e-2, weight_decay=0.1, **options)
+    fused = AdamWInBackward(list(fused_net.parameters()), lr=1e-2, weight_decay=0.1, **options)
+    singles = [single for _, _, single in fused._single.values()]
+    calls = []
+
+    def counted(step):
+        def run():
+            calls.append(1)
+            return step()
+        return run
+
+    for single in singles:
+        single.step = counted(single.step)
+    for _ in range(3):
+        x = torch.randn(4, 5)
+        plain.zero_grad(set_to_none=True)
+        plain_net(x).square().mean().backward()
+        plain.step()
+        with fused.backward_steps():
+            fused_net(x).square().mean().backward()
+    assert len(calls) == (6 if not options else 18)
+    assert_close_weights(plain_net, fused_net)
+
+
 def test_state_dict_is_adamw_format_both_ways():
     plain_net, fused_net = small_net(), small_net()
     plain = torch.optim.AdamW(plain_net.parameters(), lr=1e-2, weight_decay=0.1)
