@@ -357,6 +357,8 @@ def run_separate(kind: str, size: str, *, batch: int, frames: int, side: int, ro
                 times = [s for r in runs for s in r["times_s"]]
                 row[f"{who}_ms"] = statistics.median(times) * 1e3
                 row[f"{who}_ms_min"], row[f"{who}_ms_max"] = min(times) * 1e3, max(times) * 1e3
+                # Every step, process by process in the order run: a shared machine's load shows.
+                row[f"{who}_times_s"] = [r["times_s"] for r in runs]
                 row[f"{who}_mem_mb"] = max(r["step_peak_mb"] for r in runs)
                 for key in ("peak_rss_mb", "rss_before_mb"):
                     values = [r[key] for r in runs if r[key] is not None]
