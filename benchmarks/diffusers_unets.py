@@ -244,6 +244,8 @@ def run_case(kind: str, size: str, *, batch: int, frames: int, side: int, rounds
         diffusers_ckpt = mode == "train+ckpt" and getattr(theirs, "_supports_gradient_checkpointing", False)
         row["diffusers_checkpointed"] = diffusers_ckpt
         row["diffusers_side"] = DIFFUSERS_SIDE.get(mode, "same step")
+        if mode == "train+ckpt" and not diffusers_ckpt:
+            row["diffusers_side"] = "plain step (no checkpointing in this diffusers model)"
         row["time_ok"] = row["time_ratio"] <= TARGETS["time"]
         row["memory_ok"] = row["memory_ratio"] is not None and row["memory_ratio"] <= TARGETS["memory"]
         rows.append(row)
