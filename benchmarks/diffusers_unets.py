@@ -17,6 +17,12 @@ load of a shared machine hits both alike):
 - train+ckpt: the same with our `enable_gradient_checkpointing()`. diffusers'
   `UNet3DConditionModel` has no checkpointing, so that row is compared with its plain step;
   `UNetMotionModel` has one and uses it.
+- train+fused: ours with the AdamW update inside backward (`diffusion.fused_step`, what
+  `trainer.optimizer_in_backward` uses: each weight updated and its gradient freed as soon as
+  it is complete), against diffusers' plain train step: diffusers ships no trainer, so its
+  side is the step a diffusers user writes (`diffusers_side` in the table says so). What
+  this row saves is the training loop's, not the U-Net's; a diffusers user could hook the
+  same optimizer onto `UNet3DConditionModel` by hand.
 
 Time is the median of `--rounds` rounds; peak memory is measured per call
 (`benchmarks/common.py: peak_memory`). Targets (issue 15): ours <= 1.0x the time and
@@ -57,6 +63,7 @@ if __package__ in (None, ""):
 
 import unets
 from benchmarks import common
+from diffusion.fused_step import fused_adamw
 
 logger = logging.getLogger("benchmarks.diffusers_unets")
 
@@ -136,9 +143,19 @@ def _temporal_only(model: nn.Module, ours: bool) -> list[nn.Parameter]:
     return params
 
 
+MODES = ("forward", "train", "train+ckpt", "train+fused")
+FUSED_NOTE = ("train+fused: ours updates each weight inside backward and frees its gradient at once "
+              "(`diffusion.fused_step`, `trainer.optimizer_in_backward`); diffusers' side is its plain train step, "
+              "since diffusers ships no trainer. What it saves comes from the training loop, not the U-Net: a "
+              "diffusers user could hook the same optimizer onto diffusers' model by hand.")
+# What diffusers' side of a row runs, when it is not the same step as ours.
+DIFFUSERS_SIDE = {"train+fused": "plain AdamW step (diffusers has no trainer)"}
+
+
 def side_steps(model: nn.Module, is_ours: bool, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, kind: str,
                dtype: torch.dtype) -> dict[str, Callable[[], Any]]:
-    """One model's step per mode: `forward`, `train`, `train+ckpt` (module doc)."""
+    """One model's step per mode: `forward`, `train`, `train+ckpt`, `train+fused` (module
+    doc). Diffusers' `train+fused` is its plain `train` step."""
     frames = x.shape[2]
     their_cond = cond.repeat_interleave(frames, 0) if kind == "animatediff" else cond
     autocast = torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -150,17 +167,28 @@ def side_steps(model: nn.Module, is_ours: bool, x: torch.Tensor, t: torch.Tensor
         with torch.inference_mode(), autocast:
             return call()
 
-    def train(ckpt: bool) -> Callable[[], Any]:
-        params = _temporal_only(model, is_ours)
-        opt = torch.optim.AdamW(params, lr=1e-5)
+    def train(ckpt: bool, fused: bool = False) -> Callable[[], Any]:
         # Seeded apart from the global generator, which loading a model may or may not use.
         target = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.device)
+        made: list[torch.optim.Optimizer] = []
 
         def run() -> Any:
             if is_ours:
                 model.enable_gradient_checkpointing(ckpt)
             elif hasattr(model, "enable_gradient_checkpointing") and model._supports_gradient_checkpointing:
                 (model.enable_gradient_checkpointing if ckpt else model.disable_gradient_checkpointing)()
+            if not made:
+                # Made at the first (warm-up) call: the fused optimizer's hooks stay on the
+                # parameters, so they must not exist while the other modes are timed.
+                params = _temporal_only(model, is_ours)
+                made.append(fused_adamw(model, params, lr=1e-5) if fused else torch.optim.AdamW(params, lr=1e-5))
+            (opt,) = made
+            if fused:
+                with opt.backward_steps():
+                    with autocast:
+                        loss = F.mse_loss(call().float(), target)
+                    loss.backward()
+                return loss.detach()
             opt.zero_grad(set_to_none=True)
             with autocast:
                 loss = F.mse_loss(call().float(), target)
@@ -169,7 +197,8 @@ def side_steps(model: nn.Module, is_ours: bool, x: torch.Tensor, t: torch.Tensor
             return loss.detach()
         return run
 
-    return {"forward": forward, "train": train(False), "train+ckpt": train(True)}
+    return {"forward": forward, "train": train(False), "train+ckpt": train(True),
+            "train+fused": train(False, fused=is_ours)}
 
 
 def make_steps(theirs: nn.Module, ours: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
@@ -191,7 +220,7 @@ def run_case(kind: str, size: str, *, batch: int, frames: int, side: int, rounds
         diff = float((ours(x, t, cond=cond) - expected).abs().max())
     steps = make_steps(theirs, ours, x, t, cond, kind, dtype)
     rows = []
-    for mode in modes:
+    for mode in sorted(modes, key=MODES.index):  # train+fused last (its hooks stay)
         pair = steps[mode]
         for fn in pair.values():  # warm-up (and the optimizer state)
             fn()
@@ -214,6 +243,9 @@ def run_case(kind: str, size: str, *, batch: int, frames: int, side: int, rounds
         row["memory_ratio"] = row["ours_mem_mb"] / row["diffusers_mem_mb"] if row["diffusers_mem_mb"] else None
         diffusers_ckpt = mode == "train+ckpt" and getattr(theirs, "_supports_gradient_checkpointing", False)
         row["diffusers_checkpointed"] = diffusers_ckpt
+        row["diffusers_side"] = DIFFUSERS_SIDE.get(mode, "same step")
+        if mode == "train+ckpt" and not diffusers_ckpt:
+            row["diffusers_side"] = "plain step (no checkpointing in this diffusers model)"
         row["time_ok"] = row["time_ratio"] <= TARGETS["time"]
         row["memory_ok"] = row["memory_ratio"] is not None and row["memory_ratio"] <= TARGETS["memory"]
         rows.append(row)
@@ -327,6 +359,8 @@ def run_separate(kind: str, size: str, *, batch: int, frames: int, side: int, ro
                 times = [s for r in runs for s in r["times_s"]]
                 row[f"{who}_ms"] = statistics.median(times) * 1e3
                 row[f"{who}_ms_min"], row[f"{who}_ms_max"] = min(times) * 1e3, max(times) * 1e3
+                # Every step, process by process in the order run: a shared machine's load shows.
+                row[f"{who}_times_s"] = [r["times_s"] for r in runs]
                 row[f"{who}_mem_mb"] = max(r["step_peak_mb"] for r in runs)
                 for key in ("peak_rss_mb", "rss_before_mb"):
                     values = [r[key] for r in runs if r[key] is not None]
@@ -336,6 +370,7 @@ def run_separate(kind: str, size: str, *, batch: int, frames: int, side: int, ro
             rss = (row["ours_peak_rss_mb"], row["diffusers_peak_rss_mb"])
             row["peak_rss_ratio"] = rss[0] / rss[1] if None not in rss else None
             row["diffusers_checkpointed"] = False
+            row["diffusers_side"] = DIFFUSERS_SIDE.get(mode, "same step")
             row["time_ok"] = row["time_ratio"] <= TARGETS["time"]
             row["memory_ok"] = row["memory_ratio"] is not None and row["memory_ratio"] <= TARGETS["memory"]
             rows.append(row)
@@ -348,11 +383,12 @@ def run_separate(kind: str, size: str, *, batch: int, frames: int, side: int, ro
 
 COLUMNS = ("model", "size", "mode", "shape", "dtype", "max_abs_diff", "ours_ms", "ours_ms_min", "ours_ms_max",
            "diffusers_ms", "diffusers_ms_min", "diffusers_ms_max", "time_ratio", "ours_mem_mb", "diffusers_mem_mb",
-           "memory_ratio", "diffusers_checkpointed", "time_ok", "memory_ok")
+           "memory_ratio", "diffusers_checkpointed", "diffusers_side", "time_ok", "memory_ok")
 SEPARATE_COLUMNS = ("model", "size", "mode", "shape", "dtype", "max_abs_diff", "ours_ms", "ours_ms_min",
                     "ours_ms_max", "diffusers_ms", "diffusers_ms_min", "diffusers_ms_max", "time_ratio",
                     "ours_mem_mb", "diffusers_mem_mb", "memory_ratio", "ours_peak_rss_mb", "diffusers_peak_rss_mb",
-                    "peak_rss_ratio", "ours_rss_before_mb", "diffusers_rss_before_mb", "time_ok", "memory_ok")
+                    "peak_rss_ratio", "ours_rss_before_mb", "diffusers_rss_before_mb", "diffusers_side", "time_ok",
+                    "memory_ok")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -362,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         choices=["modelscope", "animatediff"])
     parser.add_argument("--sizes", nargs="+", default=["tiny", "ms-1.7b"], choices=["tiny", "ms-1.7b"])
     parser.add_argument("--modes", nargs="+", default=["forward", "train", "train+ckpt"],
-                        choices=["forward", "train", "train+ckpt"])
+                        help=f"of {', '.join(MODES)}; also comma-separated (train,train+fused)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--side", type=int, default=16, help="latent height and width (a multiple of 8)")
@@ -374,10 +410,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--separate", action="store_true",
                         help="each side in its own process, loading weights saved once (ModelScope only)")
     parser.add_argument("--repeats", type=int, default=2, help="with --separate: process pairs, order alternating")
+    parser.add_argument("--tag", default="", help="appended to the results' file name (e.g. fused)")
     parser.add_argument("--worker", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     parser.add_argument("--weights", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.modes = [mode for given in args.modes for mode in given.split(",") if mode]
+    unknown = [mode for mode in args.modes if mode not in MODES]
+    if unknown or not args.modes:
+        parser.error(f"--modes takes {', '.join(MODES)}, got {unknown or 'none'}")
     for name in ("rounds", "repeats", "batch", "frames", "side"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -414,12 +455,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 rows += run_case(kind, size, batch=args.batch, frames=args.frames, side=args.side,
                                  rounds=args.rounds, device=device, dtype=dtype, modes=args.modes)
-    stem = common.output_stem(args.out, "diffusers-unets-separate" if args.separate else "diffusers-unets", device)
+    name = "diffusers-unets" + (f"-{args.tag}" if args.tag else "") + ("-separate" if args.separate else "")
+    stem = common.output_stem(args.out, name, device)
     env = common.environment(device)
     common.write_csv(rows, stem.with_suffix(".csv"))
     common.write_json({"environment": env, "targets": TARGETS, "rows": rows}, stem.with_suffix(".json"))
     report = ["# This library's diffusers-format video U-Nets vs diffusers", "", common.environment_markdown(env), "",
               f"Targets: time ratio <= {TARGETS['time']}, memory ratio <= {TARGETS['memory']} (ours / diffusers).",
+              *([] if "train+fused" not in args.modes else ["", FUSED_NOTE]),
               "", common.markdown_table(rows, SEPARATE_COLUMNS if args.separate else COLUMNS), ""]
     stem.with_suffix(".md").write_text("\n".join(report))
     logger.info("wrote %s.{csv,json,md}", stem)

@@ -204,6 +204,9 @@ class TrainerConfig(Section):
     latent_cache_dir: str | None = None  # diffusion.latent_cache
     # Known-frame training masks (diffusion.frame_masks.FrameMasks fields; true = defaults).
     frame_masks: dict[str, Any] | None = None
+    # AdamW's update of each parameter inside backward, its gradient freed at once
+    # (diffusion.fused_step): a step never holds all gradients.
+    optimizer_in_backward: bool = False
 
     def __post_init__(self) -> None:
         from diffusion.distributed import PARALLEL_MODES
@@ -231,7 +234,7 @@ class TrainerConfig(Section):
             _number(f"{t}adam_betas[{index}]", beta, 0, 1, high_open=True)
         self.adam_betas = tuple(self.adam_betas)
         _number(t + "weight_decay", self.weight_decay, 0)
-        for name in ("amp", "compile", "shuffle", "write_mp4", "find_unused_parameters"):
+        for name in ("amp", "compile", "shuffle", "write_mp4", "find_unused_parameters", "optimizer_in_backward"):
             _bool(t + name, getattr(self, name))
         _bool(t + "condition_on_captions", self.condition_on_captions, optional=True)
         _string(t + "results_folder", self.results_folder)
@@ -251,6 +254,28 @@ class TrainerConfig(Section):
         _choice(t + "trainable", self.trainable, ("auto", "temporal", "all"))
         _string(t + "latent_cache_dir", self.latent_cache_dir, optional=True)
         self.frame_masks = _checked(frame_masks_option, t + "frame_masks", self.frame_masks)
+        if self.optimizer_in_backward:
+            self._check_optimizer_in_backward()
+
+    def _check_optimizer_in_backward(self) -> None:
+        # Each parameter is updated as soon as its gradient is complete (diffusion.fused_step):
+        # whatever needs all gradients of a step before the first update cannot run with it.
+        on = "trainer.optimizer_in_backward=true"
+        if self.gradient_accumulate_every != 1:
+            raise ConfigError(
+                f"{on} updates each weight during the first backward, so it cannot accumulate gradients over "
+                f"micro-batches: set trainer.gradient_accumulate_every=1 (got {self.gradient_accumulate_every}), "
+                "or turn trainer.optimizer_in_backward off")
+        if self.max_grad_norm is not None:
+            raise ConfigError(
+                f"{on} cannot clip by the global gradient norm (trainer.max_grad_norm={self.max_grad_norm!r}): that "
+                "norm is known only after every weight was updated; set trainer.max_grad_norm=null (the norm is "
+                "still logged, unclipped), or turn trainer.optimizer_in_backward off")
+        if self.parallel in ("ddp", "fsdp"):
+            raise ConfigError(
+                f"{on} cannot run with trainer.parallel={self.parallel!r}: the update would run before the "
+                "gradient is all-reduced across processes; use trainer.parallel='none' or 'auto' on one process, "
+                "or turn trainer.optimizer_in_backward off")
 
 
 # `sample()` arguments a trainer sets itself for its grids (the batch and its conditions).

@@ -196,6 +196,7 @@ RESUME_HONOURED = (
     "train_num_steps", "max_seconds", "save_and_sample_every", "save_model_every", "log_every",
     "num_sample_rows", "sample_captions", "sample_kwargs", "cond_scale", "write_mp4", "fps", "num_workers",
     "compile", "text_cache_dir", "results_folder", "find_unused_parameters", "parallel", "latent_cache_dir",
+    "optimizer_in_backward",  # the same AdamW state either way (diffusion.fused_step)
 )
 
 

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from diffusion import checkpoint as ckpt
-from diffusion import distributed
+from diffusion import distributed, fused_step
 from diffusion.batches import StepBatches, StepOrderSampler, fixed_randomness_steps, seed_step  # noqa: F401
 from diffusion.budget import LR_SCHEDULES, TimeBudget, lr_factor
 from diffusion.config import TrainerConfig, check_sample_kwargs
@@ -117,6 +117,11 @@ class Trainer:
     progress: tqdm bar (None: only when stderr is a terminal); log_every: metrics cadence.
     parallel, find_unused_parameters: under torchrun, see the module docstring; "none"
         trains independently on every process (rank 0 alone writes files).
+    optimizer_in_backward: update each weight inside backward as soon as its gradient is
+        complete and free that gradient (`diffusion.fused_step`): the same AdamW update and
+        checkpoint format, without holding every gradient at once. Needs
+        `gradient_accumulate_every=1`, `max_grad_norm=None`, one process and no fp16 loss
+        scaling; `grad_norm` is still logged (unclipped).
     """
 
     def __init__(
@@ -136,6 +141,7 @@ class Trainer:
         fps: Number = 8.0, parallel: str = "auto", find_unused_parameters: bool = True,
         max_seconds: Number = 0.0, save_model_every: int | None = None, trainable: str = "auto",
         latent_cache_dir: str | os.PathLike | None = None, frame_masks: Any = None,
+        optimizer_in_backward: bool = False,
     ):
         options = {name: value for name, value in locals().items()
                    if name not in ("self", "diffusion_model", "folder", "dataset", "device", "resume", "progress")}
@@ -212,13 +218,18 @@ class Trainer:
             else:
                 self.batches.encode = lambda videos: vae.encode(normalize(videos))
 
-        # Built after sharding: FSDP replaces the parameters by sharded ones.
-        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=config.train_lr,
-                                     betas=tuple(config.adam_betas), weight_decay=config.weight_decay)
-        self.base_lrs = [group["lr"] for group in self.opt.param_groups]
         self.amp = config.amp
         self.amp_dtype = _autocast_dtype(self.device) if self.amp else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
+        # Built after sharding: FSDP replaces the parameters by sharded ones.
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        adamw = {"lr": config.train_lr, "betas": tuple(config.adam_betas), "weight_decay": config.weight_decay}
+        if config.optimizer_in_backward:
+            fused_step.check_trainer_support(loss_scaling=self.scaler.is_enabled(), world_size=self.world_size)
+            self.opt = fused_step.fused_adamw(self.model, trainable, **adamw)
+        else:
+            self.opt = torch.optim.AdamW(trainable, **adamw)
+        self.base_lrs = [group["lr"] for group in self.opt.param_groups]
         self.lr_horizon: int | None = None  # set by a time budget (diffusion.budget)
 
         self.condition_on_captions = conditions_on_captions(self.model, self.ds, config.condition_on_captions)
@@ -361,10 +372,34 @@ class Trainer:
                                   + (f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"))
 
     def _train_step(self, batches: Iterator[dict[str, Any]], train_kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        step, accumulate = self.step, self.config.gradient_accumulate_every
+        step = self.step
         seed_step(self.seed, step, self.rank)
         image_phase = step < self.config.image_phase_steps
-        parallel = self.world_size > 1
+        # Set before backward: with optimizer_in_backward the updates happen inside it.
+        factor = self._lr_factor(step)
+        for group, base in zip(self.opt.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+        lr = self.opt.param_groups[0]["lr"]
+        in_backward = self.config.optimizer_in_backward
+        with self.opt.backward_steps() if in_backward else contextlib.nullcontext():
+            total = self._backward(batches, train_kwargs, step, image_phase)
+        if self.world_size > 1:
+            (summed,) = self._collective(distributed.all_reduce_sum, [total])
+            total = summed / self.world_size
+            if not math.isfinite(total):
+                raise self._non_finite(f"loss is {total}", step, " (on at least one rank)")
+        if in_backward:
+            grad_norm = self._applied_in_backward(step)
+        else:
+            grad_norm = self._optimizer_step(step)
+        self.ema.update(self.model, step)
+        return {"step": step, "loss": total, "lr": lr, "grad_norm": grad_norm,
+                "phase": "image" if image_phase else "video"}
+
+    def _backward(self, batches: Iterator[dict[str, Any]], train_kwargs: Mapping[str, Any], step: int,
+                  image_phase: bool) -> float:
+        """Forward and backward of every micro-batch; the mean loss."""
+        accumulate, parallel = self.config.gradient_accumulate_every, self.world_size > 1
         total = 0.0
         for micro in range(accumulate):
             videos, kwargs = self.batches.prepare(next(batches), step, micro, image_phase=image_phase,
@@ -380,12 +415,10 @@ class Trainer:
                     raise self._non_finite(f"loss is {loss.item()}", step, f" (micro-batch {micro})")
                 self.scaler.scale(loss / accumulate).backward()
             total += loss.item() / accumulate
-        if parallel:
-            (summed,) = self._collective(distributed.all_reduce_sum, [total])
-            total = summed / self.world_size
-            if not math.isfinite(total):
-                raise self._non_finite(f"loss is {total}", step, " (on at least one rank)")
+        return total
 
+    def _optimizer_step(self, step: int) -> float:
+        """Clip, step, clear the gradients; the global gradient norm before clipping."""
         self.scaler.unscale_(self.opt)
         params = [p for group in self.opt.param_groups for p in group["params"]]
         limit = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
@@ -393,16 +426,21 @@ class Trainer:
         if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
             # With fp16 loss scaling an overflow is expected and the scaler skips the step.
             raise self._non_finite(f"gradient norm is {grad_norm}", step)
-        factor = self._lr_factor(step)
-        for group, base in zip(self.opt.param_groups, self.base_lrs):
-            group["lr"] = base * factor
-        lr = self.opt.param_groups[0]["lr"]
         self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
-        self.ema.update(self.model, step)
-        return {"step": step, "loss": total, "lr": lr, "grad_norm": grad_norm,
-                "phase": "image" if image_phase else "video"}
+        return grad_norm
+
+    def _applied_in_backward(self, step: int) -> float:
+        """After a backward that updated the weights (`diffusion.fused_step`): the global
+        gradient norm, or the error when a gradient was not finite."""
+        report = self.opt.report()
+        if report.non_finite is not None or not math.isfinite(report.grad_norm):
+            what = (f"gradient of {report.non_finite} is not finite" if report.non_finite is not None
+                    else f"gradient norm is {report.grad_norm}")
+            raise self._non_finite(what, step, f" (optimizer_in_backward: {report.updated} parameters were already "
+                                               "updated in this step, the rest were not)")
+        return report.grad_norm
 
     # --- samples -----------------------------------------------------------------------
 

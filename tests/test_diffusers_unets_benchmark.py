@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 pytest.importorskip("diffusers")
 
@@ -68,3 +69,43 @@ def test_peak_rss_is_read_and_reset():
         pytest.skip("no /proc/self/status here")
     assert diffusers_unets._reset_peak_rss()
     assert diffusers_unets._status_kib("VmHWM") >= before
+
+
+def test_fused_mode_is_labelled_and_comma_separated_modes_work(tmp_path):
+    """train+fused: ours with the optimizer step inside backward against diffusers' plain
+    step, the row saying so; `--modes a,b` as in the documented commands; `--tag` names the files."""
+    argv = ["--quick", "--models", "animatediff", "--modes", "train+fused,train", "--tag", "fused",
+            "--out", str(tmp_path)]
+    assert diffusers_unets.main(argv) == 0
+    (path,) = tmp_path.glob("*-diffusers-unets-fused.json")
+    rows = {r["mode"]: r for r in json.loads(path.read_text())["rows"]}
+    assert list(rows) == ["train", "train+fused"]  # the fused step's hooks come last
+    assert rows["train"]["diffusers_side"] == "same step"
+    assert rows["train+fused"]["diffusers_side"].startswith("plain AdamW step")
+    for row in rows.values():
+        assert row["max_abs_diff"] < 1e-4 and row["ours_ms"] > 0 and row["ours_mem_mb"] > 0
+    (report,) = tmp_path.glob("*-diffusers-unets-fused.md")
+    assert "diffusers ships no trainer" in report.read_text()
+
+
+def test_unknown_mode_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as err:
+        diffusers_unets.main(["--modes", "train,fast"])
+    assert err.value.code == 2
+    assert "--modes takes forward, train, train+ckpt, train+fused, got ['fast']" in capsys.readouterr().err
+
+
+def test_fused_train_step_updates_ours_like_the_plain_one():
+    """The benchmark's fused step is the trainer's optimizer: same weights after two steps."""
+    import copy
+
+    _, ours, cond_dim = diffusers_unets.build_pair("animatediff", "tiny")
+    twin = copy.deepcopy(ours)
+    x, t, cond = diffusers_unets._inputs("animatediff", cond_dim, batch=1, frames=4, side=8, device=torch.device("cpu"))
+    plain = diffusers_unets.side_steps(ours, True, x, t, cond, "animatediff", torch.float32)["train"]
+    fused = diffusers_unets.side_steps(twin, True, x, t, cond, "animatediff", torch.float32)["train+fused"]
+    for _ in range(2):
+        torch.testing.assert_close(plain(), fused(), atol=1e-6, rtol=0)
+    for (name, a), b in zip(ours.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+    assert all(p.grad is None for p in twin.parameters())
