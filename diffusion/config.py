@@ -103,6 +103,9 @@ class DiffusionConfig(Section):
     zero_terminal_snr: bool = False
     timestep_sampling: str = "logit_normal"
     shift: float = 1.0
+    # Share of each batch trained with the model's own x0 estimate (diffusion.self_cond), used
+    # when the U-Net is built with model.self_cond: true.
+    self_cond_prob: float = 0.5
 
     def __post_init__(self) -> None:
         from diffusion.schedules import BETA_SCHEDULES, LOSS_TYPES, OBJECTIVES
@@ -125,6 +128,7 @@ class DiffusionConfig(Section):
         _number("diffusion.offset_noise", self.offset_noise, 0)
         _choice("diffusion.timestep_sampling", self.timestep_sampling, ("logit_normal", "uniform"))
         _number("diffusion.shift", self.shift, 0, low_open=True)
+        _number("diffusion.self_cond_prob", self.self_cond_prob, 0, 1)
         if self.zero_terminal_snr and self.objective == "noise":
             raise ConfigError("diffusion.zero_terminal_snr needs diffusion.objective 'v' or 'x0', got 'noise'")
         changed = [f.name for f in dataclasses.fields(self) if f.name in GAUSSIAN_ONLY and getattr(self, f.name) != f.default]

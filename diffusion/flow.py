@@ -27,6 +27,7 @@ from torch import Tensor
 from diffusion.gaussian import Cond, GaussianDiffusion, Number, threshold_x0
 from diffusion.frame_masks import denoiser_extra, paste_known, training_frames
 from diffusion.guidance import denoiser_kwargs, guided_output
+from diffusion.self_cond import training_estimate
 from spacetime.checks import check_choice, check_number
 
 ModelFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -225,10 +226,19 @@ class FlowMatching(GaussianDiffusion):
             kwargs.update(training_frames(self, x_start, cond_frames, cond_frame_mask, frame_masks, encoded))
         if fps is not None:
             kwargs["fps"] = fps
+        if self.self_cond:
+            kwargs["self_cond"] = training_estimate(self.denoise_fn, x_t, times * TIME_SCALE, kwargs,
+                                                    self.self_cond_prob, self._training_x0)
         prediction = self.denoise_fn(x_t, times * TIME_SCALE, **kwargs)
         self._check_prediction(prediction, x_t)
         loss = self._elementwise_loss(prediction, noise - x_start)
         return rearrange(loss, "b ... -> b (...)").mean(dim=1).mean()
+
+    def _training_x0(self, v: Tensor, x_t: Tensor, scaled_times: Tensor) -> Tensor:  # type: ignore[override]
+        """x0 = x_t - t v at the denoiser's times (`t * TIME_SCALE`), kept in [-1, 1] in
+        pixel space (self-conditioning's estimate)."""
+        x0 = x_t - (scaled_times / TIME_SCALE).to(x_t.dtype).view((-1,) + (1,) * (x_t.ndim - 1)) * v
+        return x0.clamp(-1.0, 1.0) if self.vae is None else x0
 
     # --- sampling ----------------------------------------------------------------------
 
@@ -245,6 +255,7 @@ class FlowMatching(GaussianDiffusion):
         batched_guidance: bool | None = None,
         frames: tuple[Tensor, Tensor, bool] | None = None,
         fps: Any = None,
+        self_cond: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The guided velocity at `(x, t)` (`t` in [0, 1], `(B,)`) as `(x0, noise)`:
         `x0 = x - t v`, `noise = x + (1 - t) v`; with `clip_denoised` (and `t > 0`) `x0` is
@@ -252,7 +263,7 @@ class FlowMatching(GaussianDiffusion):
         v = guided_output(
             self.denoise_fn, x, t * TIME_SCALE, cond=cond, cond_mask=cond_mask, cond_scale=cond_scale,
             guidance_rescale=guidance_rescale, batched=batched_guidance,
-            extra=denoiser_extra(frames, fps),
+            extra=denoiser_extra(frames, fps, self_cond),
         )
         self._check_prediction(v, x)
         tt = t.to(x.dtype).view((-1,) + (1,) * (x.ndim - 1))

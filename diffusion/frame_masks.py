@@ -227,12 +227,17 @@ def frame_kwargs(known: Tensor, mask: Tensor) -> dict[str, Tensor]:
     return {"cond_frames": known * mask[:, None, :, None, None].to(known.dtype), "cond_frame_mask": mask}
 
 
-def denoiser_extra(frames: tuple[Tensor, Tensor, bool] | None, fps: Any = None) -> dict[str, Any] | None:
+def denoiser_extra(
+    frames: tuple[Tensor, Tensor, bool] | None, fps: Any = None, self_cond: Tensor | None = None
+) -> dict[str, Any] | None:
     """The U-Net inputs a sampler passes at every step besides the text condition: known
-    frames `(x0, mask, replace)` and the frame rate `fps` (None: not given)."""
+    frames `(x0, mask, replace)`, the frame rate `fps` and the self-conditioning estimate
+    `self_cond` (`diffusion.self_cond`; None: not given)."""
     extra = {} if frames is None else frame_kwargs(frames[0], frames[1])
     if fps is not None:
         extra["fps"] = fps
+    if self_cond is not None:
+        extra["self_cond"] = self_cond
     return extra or None
 
 

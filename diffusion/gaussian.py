@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from diffusion.frame_masks import training_frames
 from diffusion.guidance import denoiser_kwargs
 from diffusion.samplers import SAMPLERS
+from diffusion.self_cond import training_estimate, uses_self_cond
 # NonFiniteSampleError, threshold_x0 and _quantile_rows moved to diffusion.sampling; still importable here.
 from diffusion.sampling import (  # noqa: F401
     Cond,
@@ -45,6 +46,7 @@ from diffusion.schedules import (
     check_objective,
     extract,
     objective_target,
+    prediction_to_x0_eps,
 )
 from spacetime.checks import check_int, check_number
 from unets.guards import check_memory
@@ -127,6 +129,7 @@ class GaussianDiffusion(SamplingMixin, nn.Module):
         vae: Any = None,
         offset_noise: Number = 0.0,
         zero_terminal_snr: bool = False,
+        self_cond_prob: Number = 0.5,
     ) -> None:
         super().__init__()
         from diffusion.denoiser import as_denoiser
@@ -156,6 +159,7 @@ class GaussianDiffusion(SamplingMixin, nn.Module):
         if not 0.0 <= null_cond_prob <= 1.0:
             raise ValueError(f"null_cond_prob must lie in [0, 1], got {null_cond_prob}")
         check_number("offset_noise", offset_noise, low=0.0)
+        check_number("self_cond_prob", self_cond_prob, low=0.0, high=1.0)
         if zero_terminal_snr and objective == "noise":
             raise ValueError(
                 "zero_terminal_snr=True needs objective='v' or 'x0': at the last timestep the input is pure "
@@ -197,6 +201,9 @@ class GaussianDiffusion(SamplingMixin, nn.Module):
         self.text_encoder = text_encoder
 
         self.offset_noise = float(offset_noise)
+        # Self-conditioning (diffusion.self_cond) is on exactly when the U-Net takes an estimate.
+        self.self_cond = uses_self_cond(denoise_fn)
+        self.self_cond_prob = float(self_cond_prob)
         self.zero_terminal_snr = bool(zero_terminal_snr)
         betas = make_betas(beta_schedule, timesteps)
         schedule = NoiseSchedule.from_betas(rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas)
@@ -413,6 +420,9 @@ class GaussianDiffusion(SamplingMixin, nn.Module):
             kwargs.update(training_frames(self, x_start, cond_frames, cond_frame_mask, frame_masks, encoded))
         if fps is not None:
             kwargs["fps"] = fps
+        if self.self_cond:
+            kwargs["self_cond"] = training_estimate(self.denoise_fn, x_t, times, kwargs, self.self_cond_prob,
+                                                    self._training_x0)
         prediction = self.denoise_fn(x_t, times, **kwargs)
         self._check_prediction(prediction, x_t)
 
@@ -425,6 +435,15 @@ class GaussianDiffusion(SamplingMixin, nn.Module):
         if self.min_snr_loss_weight:
             loss = loss * self._min_snr_weight(times)
         return loss.mean()
+
+    def _training_x0(self, prediction: Tensor, x_t: Tensor, times: Tensor) -> Tensor:
+        """x0 from the denoiser's output at integer `times` (self-conditioning's estimate),
+        kept in [-1, 1] in pixel space as sampling keeps it."""
+        alpha, sigma = extract(self.sqrt_alphas_cumprod, times, x_t.ndim), extract(
+            self.sqrt_one_minus_alphas_cumprod, times, x_t.ndim
+        )
+        x0, _ = prediction_to_x0_eps(self.objective, prediction, x_t, alpha, sigma)
+        return x0.clamp(-1.0, 1.0) if self.vae is None else x0
 
     def encode_latents(self, videos: Tensor) -> Tensor:
         """Pixel videos (or images) as given to `forward` -> the VAE's scaled latents."""

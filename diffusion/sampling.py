@@ -21,6 +21,7 @@ from diffusion.frame_masks import denoiser_extra, known_frames, paste_known
 from diffusion.guidance import guided_output
 from diffusion.samplers import VPSigmas, check_sampler, ddpm_sample, progress_bar, sample_loop
 from diffusion.samplers.scheduler import scheduler_sample
+from diffusion.self_cond import SelfCondEstimate
 from diffusion.schedules import eps_from_x0, extract, prediction_to_x0_eps
 from spacetime.checks import check_number, is_int
 
@@ -82,6 +83,7 @@ class SamplingMixin:
         batched_guidance: bool | None = None,
         frames: tuple[Tensor, Tensor, bool] | None = None,
         fps: Any = None,
+        self_cond: Tensor | None = None,
     ) -> tuple[Float[Tensor, "b *dims"], Float[Tensor, "b *dims"]]:
         """The guided prediction at `(x, t)` as `(x0, eps)`, the one place where the
         objective is undone. With `clip_denoised`, `x0` is thresholded and `eps` re-derived
@@ -91,7 +93,7 @@ class SamplingMixin:
         `replace` (`diffusion.frame_masks`); `fps` for a `frame_rate_cond` U-Net."""
         prediction = guided_output(
             self.denoise_fn, x, t, cond=cond, cond_mask=cond_mask, cond_scale=cond_scale,
-            guidance_rescale=guidance_rescale, batched=batched_guidance, extra=denoiser_extra(frames, fps),
+            guidance_rescale=guidance_rescale, batched=batched_guidance, extra=denoiser_extra(frames, fps, self_cond),
         )
         self._check_prediction(prediction, x)
         alpha, sigma = self._alpha_sigma(t, x)
@@ -116,11 +118,18 @@ class SamplingMixin:
         frames: tuple[Tensor, Tensor, bool] | None = None,
         fps: Any = None,
     ) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        # Self-conditioning: each call sees the x0 of the one before (zeros at the first).
+        estimate = SelfCondEstimate() if getattr(self, "self_cond", False) else None
+
         def model_fn(x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-            return self.model_predictions(
+            x0, eps = self.model_predictions(
                 x, t, cond=cond, cond_mask=cond_mask, cond_scale=cond_scale, clip_denoised=clip_denoised,
                 guidance_rescale=guidance_rescale, batched_guidance=batched_guidance, frames=frames, fps=fps,
+                **({} if estimate is None else {"self_cond": estimate.current(x)}),
             )
+            if estimate is not None:
+                estimate.update(x0)
+            return x0, eps
 
         return model_fn
 
