@@ -32,6 +32,7 @@ from unets.frame_cond import (
     check_conditioning_options,
 )
 from unets.lowres_cond import LowresCond
+from unets.self_cond import SelfCondInput
 from unets.diffusers_layers import (
     DiffusersLayoutUnet,
     CrossAttnTransformer,
@@ -78,6 +79,7 @@ class AnimateDiffUnetConfig(UnetConfig):
     frame_cond: bool = False
     frame_rate_cond: bool = False
     lowres_cond: bool = False
+    self_cond: bool = False
 
     def validate(self) -> None:
         check_conditioning_options(self)
@@ -211,4 +213,5 @@ class AnimateDiffUnet(DiffusersLayoutUnet):
         self.time_embedding = TimestepEmbedding(widths[0], emb_dim)
         self.fps_embed = FrameRateEmbedding(emb_dim) if c.frame_rate_cond else None
         self.lowres = LowresCond(c.channels, widths[0], emb_dim) if c.lowres_cond else None
+        self.self_cond_in = SelfCondInput(c.channels, widths[0]) if c.self_cond else None
         self.build_stages(_Stage, _MidStage, emb_dim)

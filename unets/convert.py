@@ -418,9 +418,10 @@ def save_diffusers(model: nn.Module, path: str | os.PathLike, *, part: str | Non
     from unets.modelscope import ModelScopeUnet
 
     c = model.config  # type: ignore[attr-defined]
-    if getattr(c, "frame_cond", False) or getattr(c, "frame_rate_cond", False) or getattr(c, "lowres_cond", False):
-        raise ValueError("a frame_cond / frame_rate_cond / lowres_cond model has inputs no diffusers class takes; "
-                         "save_diffusers needs them all False")
+    extra = [name for name in ("frame_cond", "frame_rate_cond", "lowres_cond", "self_cond") if getattr(c, name, False)]
+    if extra:
+        raise ValueError(f"a model with {' / '.join(extra)} has inputs no diffusers class takes; "
+                         "save_diffusers needs frame_cond, frame_rate_cond, lowres_cond and self_cond all False")
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     if isinstance(model, ModelScopeUnet):
         if part not in (None, "unet"):

@@ -37,6 +37,7 @@ from spacetime.time import EnableTime, time_enabled
 from unets.base import UnetMixin
 from unets.frame_cond import add_frame_rate, frame_cond_inputs
 from unets.lowres_cond import add_lowres_features, add_noise_level, lowres_cond_inputs
+from unets.self_cond import add_self_cond_features, self_cond_inputs
 # `_GroupNormSiLU` and `norm_silu` were defined here: still importable from here.
 from unets.lean_ops import (  # noqa: F401
     _GroupNormSiLU,
@@ -457,6 +458,7 @@ class DiffusersLayoutUnet(UnetMixin, nn.Module):
         fps: Tensor | float | int | None = None,
         lowres_cond: Tensor | None = None,
         lowres_noise_level: Tensor | float | int | None = None,
+        self_cond: Tensor | None = None,
     ) -> Float[Tensor, "b c_out *frames h w"]:
         """`cond` `(B, L, cond_dim)` text tokens (a `(B, cond_dim)` vector is one token),
         `cond_mask` `(B, L)` True = attend; `null_cond_prob` replaces a sample's tokens by
@@ -464,6 +466,7 @@ class DiffusersLayoutUnet(UnetMixin, nn.Module):
         self.check_input(x, enable_time, self.channels)
         frame_cond = frame_cond_inputs(type(self).__name__, self.config.frame_cond, x, cond_frames, cond_frame_mask)
         lowres = lowres_cond_inputs(type(self).__name__, self.config.lowres_cond, x, lowres_cond, lowres_noise_level)
+        estimate = self_cond_inputs(type(self).__name__, self.config.self_cond, x, self_cond)
         # Channels-last input (a VAE's latents are) makes GroupNorm's CPU backward crash in
         # torch 2.13 when the input needs no gradient, the rule in temporal-only training.
         x = x.contiguous()
@@ -491,6 +494,7 @@ class DiffusersLayoutUnet(UnetMixin, nn.Module):
         if self.frame_cond_in is not None and frame_cond is not None:
             h = self.frame_cond_in(h, frame_cond)
         h = add_lowres_features(self.lowres, h, lowres)
+        h = add_self_cond_features(self.self_cond_in, h, estimate)
         h = self.after_conv_in(h, frames, enabled)
         skips = [h]
         for stage in self.down_blocks:

@@ -50,14 +50,14 @@ _log = logging.getLogger(__name__)
 
 def check_frame_cond_option(value: Any, name: str = "frame_cond") -> None:
     """One of the conditioning config options of every U-Net (`frame_cond`, `frame_rate_cond`,
-    `lowres_cond`): a bool."""
+    `lowres_cond`, `self_cond`): a bool."""
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
 def check_conditioning_options(config: Any) -> None:
-    """A U-Net config's `frame_cond`, `frame_rate_cond` and `lowres_cond` options: bools."""
-    for name in ("frame_cond", "frame_rate_cond", "lowres_cond"):
+    """A U-Net config's `frame_cond`, `frame_rate_cond`, `lowres_cond` and `self_cond` options: bools."""
+    for name in ("frame_cond", "frame_rate_cond", "lowres_cond", "self_cond"):
         check_frame_cond_option(getattr(config, name), name)
 
 
@@ -226,7 +226,7 @@ def add_frame_rate(module: FrameRateEmbedding | None, emb: Tensor | None, fps: A
 
 def fill_missing(model: nn.Module, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """`state_dict` plus the zero-output start of every `FrameCondInput` /
-    `FrameRateEmbedding` (and `unets.lowres_cond` part) of `model` that it has no weights for at all (a checkpoint written
+    `FrameRateEmbedding` (and `unets.lowres_cond` / `unets.self_cond` part) of `model` that it has no weights for at all (a checkpoint written
     before them), for code that compares key sets before `load_state_dict`, such as
     `unets.io.load_weights`."""
     filled = dict(state_dict)

@@ -20,6 +20,7 @@ Added here (all optional, off by default):
   projection added after the input convolution (`unets.frame_cond`);
 - low-resolution conditioning (`lowres_cond`, a super-resolution stage): the upsampled video
   the same way, its noise-augmentation level added to the timestep embedding (`unets.lowres_cond`);
+- self-conditioning (`self_cond`): its own previous x0 estimate the same way (`unets.self_cond`);
 - per-block gradient checkpointing, and no copies of the skip tensors.
 
 An image `(B, C, H, W)` is one frame with time off; `enable_time=False` on a video runs every
@@ -48,6 +49,7 @@ from unets.frame_cond import (
     frame_cond_inputs,
 )
 from unets.lowres_cond import LowresCond, add_lowres_features, add_noise_level, lowres_cond_inputs
+from unets.self_cond import SelfCondInput, add_self_cond_features, self_cond_inputs
 
 __all__ = ["PRESETS", "SpaceTimeBlocks", "SpaceTimeUnet", "SpaceTimeUnetConfig"]
 
@@ -97,6 +99,7 @@ class SpaceTimeUnetConfig(UnetConfig):
     frame_cond: bool = False
     frame_rate_cond: bool = False
     lowres_cond: bool = False
+    self_cond: bool = False
 
     def validate(self) -> None:
         for key in ("dim", "channels", "attn_dim_head", "attn_heads", "ff_mult"):
@@ -251,6 +254,7 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
         self.frame_pos = FramePositionEmbedding(dim) if config.frame_pos_emb else None
         self.frame_cond_in = FrameCondInput(channels, dim) if config.frame_cond else None
         self.lowres = LowresCond(channels, dim, emb_dim) if config.lowres_cond else None
+        self.self_cond_in = SelfCondInput(channels, dim) if config.self_cond else None
         self.downs = nn.ModuleList()
         self.ups = nn.ModuleList()
         levels = zip(dims[:-1], dims[1:], config.self_attns, config.temporal_compression, config.resnet_block_depths)
@@ -335,6 +339,7 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
         context_mask: Tensor | None,
         frame_cond: tuple[Tensor, Tensor] | None = None,
         lowres: tuple[Tensor, Tensor] | None = None,
+        estimate: Tensor | None = None,
     ) -> Tensor:
         ck = self.checkpointed
         attn_kw = dict(context=context, context_mask=context_mask) if context is not None else {}
@@ -342,6 +347,7 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
         if self.frame_cond_in is not None and frame_cond is not None:
             x = self.frame_cond_in(x, frame_cond)
         x = add_lowres_features(self.lowres, x, lowres)
+        x = add_self_cond_features(self.self_cond_in, x, estimate)
         if self.frame_pos is not None:
             x = self.frame_pos(x, enable_time)
         # No clones: nothing below writes into a skip tensor in place.
@@ -390,12 +396,14 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
         fps: Tensor | float | int | None = None,
         lowres_cond: Tensor | None = None,
         lowres_noise_level: Tensor | float | int | None = None,
+        self_cond: Tensor | None = None,
     ) -> Float[Tensor, "b c *frames h w"]:
         config = self.config
         self.reject_unsupported(focus_present_mask=focus_present_mask, prob_focus_present=prob_focus_present)
         self.check_input(x, enable_time, config.channels)
         frame_cond = frame_cond_inputs("SpaceTimeUnet", config.frame_cond, x, cond_frames, cond_frame_mask)
         lowres = lowres_cond_inputs("SpaceTimeUnet", config.lowres_cond, x, lowres_cond, lowres_noise_level)
+        estimate = self_cond_inputs("SpaceTimeUnet", config.self_cond, x, self_cond)
         batch = x.shape[0]
 
         emb = None
@@ -427,7 +435,7 @@ class SpaceTimeUnet(UnetMixin, nn.Module):
         # samples with time on and off: run both paths and pick per sample (shape-static, so
         # it compiles; twice the cost, only for per-sample masks with temporal compression).
         if isinstance(enable_time, Tensor) and x.ndim == 5 and self.frame_multiple > 1:
-            with_time = self._run_levels(x, emb, True, context, context_mask, frame_cond, lowres)
-            without_time = self._run_levels(x, emb, False, context, context_mask, frame_cond, lowres)
+            with_time = self._run_levels(x, emb, True, context, context_mask, frame_cond, lowres, estimate)
+            without_time = self._run_levels(x, emb, False, context, context_mask, frame_cond, lowres, estimate)
             return torch.where(enable_time.view(-1, 1, 1, 1, 1), with_time, without_time)
-        return self._run_levels(x, emb, enable_time, context, context_mask, frame_cond, lowres)
+        return self._run_levels(x, emb, enable_time, context, context_mask, frame_cond, lowres, estimate)

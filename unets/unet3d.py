@@ -58,6 +58,7 @@ from unets.frame_cond import (
     frame_cond_inputs,
 )
 from unets.lowres_cond import LowresCond, add_lowres_features, add_noise_level, lowres_cond_inputs
+from unets.self_cond import SelfCondInput, add_self_cond_features, self_cond_inputs
 from unets.upgrade import load_state_dict_pre_hook
 
 __all__ = ["PRESETS", "TEXT_ENCODER_DIM", "Unet3D", "Unet3DConfig"]
@@ -113,6 +114,7 @@ class Unet3DConfig(UnetConfig):
     frame_cond: bool = False
     frame_rate_cond: bool = False
     lowres_cond: bool = False
+    self_cond: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -369,6 +371,7 @@ class Unet3D(UnetMixin, nn.Module):
         self.time_mlp = nn.Sequential(TimestepEmbedding(dim, time_dim), nn.Linear(time_dim, time_dim))
         self.fps_embed = FrameRateEmbedding(time_dim) if cfg.frame_rate_cond else None
         self.lowres = LowresCond(channels, init_dim, time_dim) if cfg.lowres_cond else None
+        self.self_cond_in = SelfCondInput(channels, init_dim) if cfg.self_cond else None
         self.null_cond_emb = nn.Parameter(torch.randn(1, self.cond_dim)) if self.has_cond else None
         emb_dim = time_dim + (self.cond_dim or 0)
         context_dim = self.cond_dim if text_cross_attn else None
@@ -440,16 +443,19 @@ class Unet3D(UnetMixin, nn.Module):
         fps: Tensor | float | int | None = None,
         lowres_cond: Tensor | None = None,
         lowres_noise_level: Tensor | float | int | None = None,
+        self_cond: Tensor | None = None,
     ) -> Float[Tensor, "b c_out *frames h w"]:
         """`focus_present_mask` `(B,)` (True = attend to the present only) or, when None,
         `prob_focus_present` draws it per sample; a focused sample, like one with
         `enable_time` False, gets no mixing across its frames at all. `cond_frames` /
         `cond_frame_mask`: known frames (`frame_cond=True`, see `unets.frame_cond`);
         `lowres_cond` / `lowres_noise_level`: a super-resolution stage's input
-        (`lowres_cond=True`, see `unets.lowres_cond`)."""
+        (`lowres_cond=True`, see `unets.lowres_cond`); `self_cond`: the previous x0 estimate,
+        `x`'s shape (`self_cond=True`, see `unets.self_cond`)."""
         self.check_input(x, enable_time, self.channels)
         frame_cond = frame_cond_inputs("Unet3D", self.config.frame_cond, x, cond_frames, cond_frame_mask)
         lowres = lowres_cond_inputs("Unet3D", self.config.lowres_cond, x, lowres_cond, lowres_noise_level)
+        estimate = self_cond_inputs("Unet3D", self.config.self_cond, x, self_cond)
         batch = x.shape[0]
         enabled = self._time_mixing(x, enable_time, focus_present_mask, prob_focus_present)
         is_image = x.ndim == 4
@@ -468,6 +474,7 @@ class Unet3D(UnetMixin, nn.Module):
         if self.frame_cond_in is not None and frame_cond is not None:
             x = self.frame_cond_in(x, frame_cond)
         x = add_lowres_features(self.lowres, x, lowres)
+        x = add_self_cond_features(self.self_cond_in, x, estimate)
         x = self.checkpointed(self.init_temporal_attn, x, pos_bias, enabled)
         first = x
 
