@@ -65,7 +65,7 @@ LONG_METHODS = ("extend", "window")
 WINDOW_WEIGHTS = ("uniform", "triangular", "cosine")
 
 # Inputs of the U-Net call convention that carry a frame axis, and which axis it is.
-_FRAME_AXIS = {"cond_frames": 2, "cond_frame_mask": 1}
+_FRAME_AXIS = {"cond_frames": 2, "cond_frame_mask": 1, "self_cond": 2}
 
 
 def window_starts(frames: int, window: int, stride: int) -> list[int]:

@@ -133,3 +133,35 @@ def test_self_cond_prob_is_checked():
     with pytest.raises(ConfigError, match="diffusion.self_cond_prob"):
         RunConfig.from_dict({"unet": "space_time_unet", "model": {"dim": 8},
                              "diffusion": {"image_size": 8, "num_frames": 2, "self_cond_prob": -0.1}})
+
+
+def _tiny_unet():
+    import unets
+
+    return unets.build("space_time_unet", dim=8, channels=1, dim_mult=(1, 2), self_attns=(False, True),
+                       temporal_compression=(False, False), resnet_block_depths=(1, 1), attn_heads=1,
+                       attn_dim_head=8, cond_dim=6, self_cond=True)
+
+
+def test_a_self_cond_unet_trains_and_samples_with_guidance():
+    torch.manual_seed(0)
+    process = GaussianDiffusion(_tiny_unet(), image_size=8, num_frames=4, channels=1, timesteps=20,
+                                objective="v", null_cond_prob=0.2)
+    assert process.self_cond
+    loss = process(torch.rand(4, 1, 4, 8, 8), cond=torch.randn(4, 6))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert process.denoise_fn.self_cond_in.weight.grad is not None
+    process.eval()
+    videos = process.sample(cond=torch.randn(2, 6), cond_scale=3.0, sampler="ddim", steps=3)
+    assert videos.shape == (2, 1, 4, 8, 8) and torch.isfinite(videos).all()
+
+
+def test_windowed_sampling_cuts_the_estimate_per_window():
+    from diffusion.long_video import sample_long
+
+    torch.manual_seed(0)
+    process = GaussianDiffusion(_tiny_unet(), image_size=8, num_frames=4, channels=1, timesteps=20, objective="v")
+    process.eval()
+    videos = sample_long(process, 10, method="window", cond=torch.randn(1, 6), sampler="ddim", steps=2)
+    assert videos.shape == (1, 1, 10, 8, 8)
