@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim.adamw import adamw as adamw_functional
 
 # The hyperparameters AdamW's constructor takes (a group also holds derived ones).
 _ADAMW_OPTIONS = tuple(inspect.signature(torch.optim.AdamW.__init__).parameters)[2:]
@@ -171,6 +172,11 @@ def _plain_adamw(group: dict[str, Any], param: Tensor, state: dict[str, Any]) ->
             and not torch.is_complex(param) and torch.is_tensor(state.get("step")))
 
 
+# Where and for which dtypes PyTorch ships the fused AdamW kernel used below.
+_FUSED_DEVICES = ("cpu", "cuda")
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _adamw_update(param: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
     """One AdamW step of one parameter (Loshchilov & Hutter 2019, Algorithm 2, decoupled weight
     decay), the arithmetic of `torch.optim.AdamW`'s single-tensor step in the same order.
@@ -178,6 +184,14 @@ def _adamw_update(param: Tensor, grad: Tensor, state: dict[str, Any], group: dic
     Python per parameter (a tenth of a tiny U-Net's train step)."""
     lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
     step_t, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
+    if param.device.type in _FUSED_DEVICES and param.dtype in _FUSED_DTYPES:
+        # PyTorch's fused AdamW kernel (the one `AdamW(fused=True)` runs): one pass over the
+        # parameter, its gradient and both moments instead of about six; on a 545M-parameter
+        # temporal stack on a CPU thread that is ~0.3 s a step instead of ~3.8 s. It counts the
+        # step itself. Equal to the plain update within float rounding (tests/test_fused_step.py).
+        adamw_functional([param], [grad], [exp_avg], [exp_avg_sq], [], [step_t], fused=True, amsgrad=False,
+                         beta1=beta1, beta2=beta2, lr=lr, weight_decay=decay, eps=eps, maximize=False)
+        return
     step_t += 1
     if decay != 0:
         param.mul_(1 - lr * decay)
