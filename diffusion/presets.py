@@ -51,10 +51,6 @@ PRESETS: dict[str, dict[str, Any]] = {
             # The mean of MiniLM's tokens hardly tells the diagonals apart (cosine 0.97-0.99
             # between them); learned attention pooling can weigh the direction words.
             "cond_pool": "attention",
-            # Self-conditioning (diffusion.self_cond): the model refines its own estimate of the
-            # clean video from step to step instead of redrawing it, which keeps the digit's shape
-            # better at the same number of steps (the ablation is in the README, "The main job").
-            "self_cond": True,
         },
         "diffusion": {
             **_DIGITS_VIDEO,
