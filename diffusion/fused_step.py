@@ -12,7 +12,8 @@ gradients alive at any moment are those of the parameters whose backward is in p
 `state`, `state_dict()` and `load_state_dict()` are AdamW's own, so a checkpoint written with
 it loads into a plain AdamW and back). A parameter's first update is made by a one-parameter
 AdamW that shares the whole optimizer's state (so AdamW creates that state itself); later ones
-apply AdamW's single-tensor arithmetic directly to that state (`_adamw_update`), with the
+call PyTorch's functional AdamW (its fused kernel where there is one) on that state
+(`_adamw_update`), with the
 group's hyperparameters (the learning rate the trainer sets each step) read when it runs. Same
 update as `AdamW.step()`, only at another time.
 
@@ -147,7 +148,7 @@ class AdamWInBackward(torch.optim.AdamW):
                 _adamw_update(param, grad, state, group)
             else:
                 # The first update (AdamW creates the state it keeps) and options the direct
-                # arithmetic does not cover go through a one-parameter AdamW.
+                # functional call does not cover go through a one-parameter AdamW.
                 single.param_groups[0].update((k, v) for k, v in group.items() if k != "params")
                 # The whole optimizer's state (also what load_state_dict replaced it with).
                 single.state = self.state
@@ -172,36 +173,24 @@ def _plain_adamw(group: dict[str, Any], param: Tensor, state: dict[str, Any]) ->
             and not torch.is_complex(param) and torch.is_tensor(state.get("step")))
 
 
-# Where and for which dtypes PyTorch ships the fused AdamW kernel used below.
+# Where and for which dtypes PyTorch ships the fused AdamW kernel `_adamw_update` uses.
 _FUSED_DEVICES = ("cpu", "cuda")
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _adamw_update(param: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-    """One AdamW step of one parameter (Loshchilov & Hutter 2019, Algorithm 2, decoupled weight
-    decay), the arithmetic of `torch.optim.AdamW`'s single-tensor step in the same order.
-    Written out because stepping a one-parameter optimizer costs tens of microseconds of
-    Python per parameter (a tenth of a tiny U-Net's train step)."""
-    lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-    step_t, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
-    if param.device.type in _FUSED_DEVICES and param.dtype in _FUSED_DTYPES:
-        # PyTorch's fused AdamW kernel (the one `AdamW(fused=True)` runs): one pass over the
-        # parameter, its gradient and both moments instead of about six; on a 545M-parameter
-        # temporal stack on a CPU thread that is ~0.3 s a step instead of ~3.8 s. It counts the
-        # step itself. Equal to the plain update within float rounding (tests/test_fused_step.py).
-        adamw_functional([param], [grad], [exp_avg], [exp_avg_sq], [], [step_t], fused=True, amsgrad=False,
-                         beta1=beta1, beta2=beta2, lr=lr, weight_decay=decay, eps=eps, maximize=False)
-        return
-    step_t += 1
-    if decay != 0:
-        param.mul_(1 - lr * decay)
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    step = step_t.item()
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
-    param.addcdiv_(exp_avg, denom, value=-(lr / bias_correction1))
+    """One AdamW step of one parameter through PyTorch's functional AdamW (decoupled weight
+    decay; it counts the step itself). Called directly because stepping a one-parameter
+    optimizer costs tens of microseconds of Python per parameter (a tenth of a tiny U-Net's
+    train step). Where PyTorch ships the fused kernel (the one `AdamW(fused=True)` runs) it is
+    used: one pass over the parameter, its gradient and both moments instead of about six; on a
+    545M-parameter temporal stack on a CPU thread ~0.3 s a step instead of ~3.8 s, equal to the
+    plain update within float rounding (tests/test_fused_step.py)."""
+    beta1, beta2 = group["betas"]
+    fused = param.device.type in _FUSED_DEVICES and param.dtype in _FUSED_DTYPES
+    adamw_functional([param], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [], [state["step"]],
+                     foreach=False, fused=fused, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+                     weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
 
 def fused_adamw(model: nn.Module, params: Sequence[nn.Parameter], **adamw_options: Any) -> AdamWInBackward:

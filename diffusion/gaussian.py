@@ -439,9 +439,7 @@ class GaussianDiffusion(SamplingMixin, nn.Module):
     def _training_x0(self, prediction: Tensor, x_t: Tensor, times: Tensor) -> Tensor:
         """x0 from the denoiser's output at integer `times` (self-conditioning's estimate),
         kept in [-1, 1] in pixel space as sampling keeps it."""
-        alpha, sigma = extract(self.sqrt_alphas_cumprod, times, x_t.ndim), extract(
-            self.sqrt_one_minus_alphas_cumprod, times, x_t.ndim
-        )
+        alpha, sigma = self._alpha_sigma(times, x_t)
         x0, _ = prediction_to_x0_eps(self.objective, prediction, x_t, alpha, sigma)
         return x0.clamp(-1.0, 1.0) if self.vae is None else x0
 
