@@ -38,6 +38,16 @@ steps after a warm-up and reports, besides the allocator peak of one step, its p
 memory over the timed steps (`VmHWM`, reset after loading and warm-up) and its resident
 memory before them (the weights, gradients and optimizer state); outputs are compared
 through a saved forward output. Only ModelScope has a 1.7B size, so only it runs separate.
+
+Separate processes do not share an allocator, and on Linux glibc's malloc hands every block
+above its mmap threshold (at most 32 MiB by default) back to the kernel when freed: the next
+one page-faults all of its pages in again. oneDNN reorders a convolution's weight into a
+fresh buffer at every call (59 MB for a 1280-channel 3x3 conv), so whether a process happens
+to have a large free block in its heap to reuse decides ~3x of that conv's time, and the
+1.7B forward's by ~15%, whichever model runs. `--malloc reuse` (the default with
+`--separate`) starts both sides' processes with the same `GLIBC_TUNABLES` raising the mmap
+and trim thresholds, so both reuse freed memory (what jemalloc / tcmalloc, which PyTorch's
+CPU tuning guide recommends, do too); `--malloc default` leaves glibc as it is.
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import subprocess
 import sys
@@ -320,11 +331,27 @@ def worker(who: str, folder: Path, result: Path, *, mode: str, batch: int, frame
     result.write_text(json.dumps(row))
 
 
+# glibc keeps freed blocks up to 1 GiB for reuse and never trims its heap (module doc).
+REUSE_TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=4294967295"
+
+
+def worker_env(malloc: str) -> dict[str, str]:
+    """The environment of both sides' processes for `--malloc` (`default` or `reuse`)."""
+    env = dict(os.environ)
+    if malloc == "reuse":
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, (env.get("GLIBC_TUNABLES"), REUSE_TUNABLES)))
+    elif malloc != "default":
+        raise ValueError(f"malloc must be 'default' or 'reuse', got {malloc!r}")
+    return env
+
+
 def run_separate(kind: str, size: str, *, batch: int, frames: int, side: int, rounds: int, repeats: int,
                  device: torch.device, dtype: torch.dtype, modes: Sequence[str],
-                 threads: int | None) -> list[dict[str, Any]]:
+                 threads: int | None, malloc: str = "reuse") -> list[dict[str, Any]]:
     """Ours and diffusers' in separate processes (module doc, `--separate`)."""
     import diffusers
+
+    env = worker_env(malloc)
 
     if kind != "modelscope":
         raise ValueError(f"--separate runs ModelScope only, got {kind!r}")
@@ -348,13 +375,13 @@ def run_separate(kind: str, size: str, *, batch: int, frames: int, side: int, ro
                     command += ["--bf16"] if dtype == torch.bfloat16 else []
                     command += ["--threads", str(threads)] if threads else []
                     logger.info("%s %s %s: %s process, pair %d of %d", kind, size, mode, who, repeat + 1, repeats)
-                    subprocess.run(command, check=True)
+                    subprocess.run(command, check=True, env=env)
                     results[who].append(json.loads(result.read_text()))
             outputs = {who: torch.load(Path(tmp) / f"{who}-{mode}-0.pt") for who in results}
             row = {"model": kind, "size": size, "mode": mode, "shape": f"{batch}x4x{frames}x{side}x{side}",
                    "dtype": str(dtype).removeprefix("torch."),
                    "max_abs_diff": float((outputs["ours"] - outputs["diffusers"]).abs().max()),
-                   "separate": True}
+                   "separate": True, "malloc": malloc}
             for who, runs in results.items():
                 times = [s for r in runs for s in r["times_s"]]
                 row[f"{who}_ms"] = statistics.median(times) * 1e3
@@ -387,8 +414,8 @@ COLUMNS = ("model", "size", "mode", "shape", "dtype", "max_abs_diff", "ours_ms",
 SEPARATE_COLUMNS = ("model", "size", "mode", "shape", "dtype", "max_abs_diff", "ours_ms", "ours_ms_min",
                     "ours_ms_max", "diffusers_ms", "diffusers_ms_min", "diffusers_ms_max", "time_ratio",
                     "ours_mem_mb", "diffusers_mem_mb", "memory_ratio", "ours_peak_rss_mb", "diffusers_peak_rss_mb",
-                    "peak_rss_ratio", "ours_rss_before_mb", "diffusers_rss_before_mb", "diffusers_side", "time_ok",
-                    "memory_ok")
+                    "peak_rss_ratio", "ours_rss_before_mb", "diffusers_rss_before_mb", "diffusers_side", "malloc",
+                    "time_ok", "memory_ok")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -411,6 +438,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="each side in its own process, loading weights saved once (ModelScope only)")
     parser.add_argument("--repeats", type=int, default=2, help="with --separate: process pairs, order alternating")
     parser.add_argument("--tag", default="", help="appended to the results' file name (e.g. fused)")
+    parser.add_argument("--malloc", choices=["reuse", "default"], default="reuse",
+                        help="with --separate: both processes keep freed memory for reuse (same GLIBC_TUNABLES), "
+                             "or glibc's defaults (module doc)")
     parser.add_argument("--worker", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     parser.add_argument("--weights", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -451,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.separate:
                 rows += run_separate(kind, size, batch=args.batch, frames=args.frames, side=args.side,
                                      rounds=args.rounds, repeats=args.repeats, device=device, dtype=dtype,
-                                     modes=args.modes, threads=args.threads)
+                                     modes=args.modes, threads=args.threads, malloc=args.malloc)
             else:
                 rows += run_case(kind, size, batch=args.batch, frames=args.frames, side=args.side,
                                  rounds=args.rounds, device=device, dtype=dtype, modes=args.modes)

@@ -109,3 +109,14 @@ def test_fused_train_step_updates_ours_like_the_plain_one():
     for (name, a), b in zip(ours.named_parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
     assert all(p.grad is None for p in twin.parameters())
+
+
+def test_both_separate_processes_get_the_same_allocator_settings(monkeypatch):
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    env = diffusers_unets.worker_env("reuse")
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:" + diffusers_unets.REUSE_TUNABLES
+    assert diffusers_unets.worker_env("default")["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    assert diffusers_unets.worker_env("reuse")["GLIBC_TUNABLES"] == diffusers_unets.REUSE_TUNABLES
+    with pytest.raises(ValueError, match="'default' or 'reuse'"):
+        diffusers_unets.worker_env("jemalloc")

@@ -338,3 +338,56 @@ def test_deeper_configs_match_too():
     model = unets.from_diffusers(unet, motion_adapter=adapter)
     assert model.mid_block.motion_modules is None
     torch.testing.assert_close(_ours(model, x, t, cond), _reference_motion(ref, x, t, cond), atol=1e-4, rtol=1e-4)
+
+
+def test_a_folder_is_loaded_without_copies_and_an_instance_with_them(tmp_path):
+    """Weights read from a file become the model's own tensors (mapped, as diffusers'
+    from_pretrained leaves them); a model passed in is copied, never shared."""
+    ref = _unet3d()
+    ref.save_pretrained(tmp_path / "ref")
+    from_folder = unets.from_diffusers(tmp_path / "ref")
+    from_instance = unets.from_diffusers(ref)
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
+    with torch.no_grad():
+        for p in from_instance.parameters():
+            p.add_(1.0)
+    for key, value in ref.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    # In-place updates (an optimizer step) stay in the process: the file is unchanged.
+    file_before = load_file(str(tmp_path / "ref" / "diffusion_pytorch_model.safetensors"))
+    with torch.no_grad():
+        for p in from_folder.parameters():
+            p.mul_(2.0)
+    file_after = load_file(str(tmp_path / "ref" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(file_before[k], file_after[k]) for k in file_before)
+    assert all(p.is_contiguous() and p.dtype == torch.float32 for p in from_folder.parameters())
+
+
+def test_half_precision_files_load_into_the_models_dtype(tmp_path):
+    ref = _unet3d()
+    ref.half().save_pretrained(tmp_path / "ref")
+    model = unets.from_diffusers(tmp_path / "ref")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    x, t, cond = _inputs()
+    expected = _reference_3d(ref.float(), x, t, cond)
+    torch.testing.assert_close(_ours(model, x, t, cond), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_saving_over_the_folder_a_model_was_loaded_from(tmp_path):
+    """The loaded weights map the old file: save_diffusers writes a new one beside it and
+    renames it into place, so the model (and the saved folder) stay whole."""
+    ref = _unet3d()
+    ref.save_pretrained(tmp_path / "ref")
+    model = unets.from_diffusers(tmp_path / "ref")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "temp" in name or "transformer_in" in name:
+                p.add_(0.01)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    model.save_diffusers(tmp_path / "ref")
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    back = unets.from_diffusers(tmp_path / "ref")
+    for key, value in back.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    assert sorted(p.name for p in (tmp_path / "ref").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]

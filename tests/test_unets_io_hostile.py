@@ -57,6 +57,41 @@ def test_round_trip_still_loads(saved):
     assert model.config.dim == unets.build("space_time_unet", preset="debug").config.dim
 
 
+def test_a_loaded_model_saves_over_its_own_folder(saved, tmp_path):
+    """`unets.load` leaves the weights mapped from the file; in-place changes stay in the
+    process, and saving over the same folder (written beside, then renamed) keeps both the
+    model and the new files whole."""
+    folder = _copy(saved, tmp_path)
+    model = unets.load(folder)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    # the file still holds the saved weights
+    assert torch.equal(next(iter(unets.load(folder).parameters())), next(iter(unets.load(saved).parameters())))
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    model.save_pretrained(folder)
+    back = unets.load(folder)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, expected[key]) and torch.equal(back.state_dict()[key], expected[key]), key
+
+
+def test_tied_weights_are_copied_into_and_stay_tied():
+    from unets.io import load_weights
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(3, 3, bias=False)
+            self.b = torch.nn.Linear(3, 3, bias=False)
+            self.b.weight = self.a.weight
+
+    model = Tied()
+    state = {"a.weight": torch.ones(3, 3), "b.weight": torch.ones(3, 3)}
+    load_weights(model, state, assign=True)
+    assert model.a.weight is model.b.weight and torch.equal(model.a.weight, torch.ones(3, 3))
+    assert model.a.weight.data_ptr() != state["a.weight"].data_ptr()
+
+
 def test_model_bytes_matches_the_built_model(saved):
     model = unets.load(saved)
     real = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])

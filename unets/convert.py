@@ -16,6 +16,7 @@ the key and its value rather than being dropped.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from unets.guards import BadFileError, read_json, regular_file
-from unets.io import check_model_size, load_weights
+from unets.io import _write_atomic, check_model_size, load_weights
 
 __all__ = ["from_diffusers", "read_diffusers_folder", "save_diffusers"]
 
@@ -330,6 +331,14 @@ def from_diffusers(source: Any, *, motion_adapter: Any = None) -> nn.Module:
     with warnings.catch_warnings():  # copying into meta tensors is the intended no-op
         warnings.simplefilter("ignore", UserWarning)
         load_weights(probe, state)
+    # Tensors read from files are nobody else's: the model takes them as they are (mapped
+    # from a safetensors file, like diffusers' from_pretrained; `load_weights`), and the
+    # meta-device model becomes it, so no randomly initialised copy is ever allocated. A
+    # model passed in keeps its own: ours gets copies.
+    if all(isinstance(s, (str, os.PathLike)) for s in (source, motion_adapter) if s is not None):
+        load_weights(probe, state, assign=True)
+        if not any(t.is_meta for t in itertools.chain(probe.parameters(), probe.buffers())):
+            return probe
     model = model_cls(**options)
     load_weights(model, state)
     return model
@@ -445,6 +454,8 @@ def save_diffusers(model: nn.Module, path: str | os.PathLike, *, part: str | Non
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"_class_name": name, "_diffusers_version": DIFFUSERS_VERSION, **config}, indent=2)
-    (folder / CONFIG_NAME).write_text(text + "\n", encoding="utf-8")
-    save_file(state, str(folder / SAFETENSORS_NAME), metadata={"format": "pt"})
+    # Written beside and renamed into place: a model loaded from this very folder maps its
+    # weights from the old file (from_diffusers), which must stay whole while it lives.
+    _write_atomic(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+    _write_atomic(folder / SAFETENSORS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     return folder

@@ -74,11 +74,22 @@ def save_pretrained(model: nn.Module, path: str | Path) -> Path:
     return folder
 
 
-def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], *, version: int | None = None) -> nn.Module:
+def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], *, version: int | None = None,
+                 assign: bool = False) -> nn.Module:
     """Copy `state_dict` into `model`, requiring exactly its keys and shapes; otherwise raise
     `ValueError` naming every missing, unexpected and mis-shaped entry. A state dict in an
     older layout of `model` (layout `version`, or any when None) is upgraded first
-    (`unets.upgrade`); the names reported are those of the current layout."""
+    (`unets.upgrade`); the names reported are those of the current layout.
+
+    `assign=True` makes the model's tensors the state dict's own (cast to the model's dtypes
+    where they differ) instead of copying them: for state dicts read from a file, whose
+    tensors nothing else holds. Weights that safetensors maps from the file then stay in the
+    page cache's pages, which the kernel may back with huge pages, as diffusers'
+    `from_pretrained` leaves them; a copy lands in small anonymous pages, and a large model's
+    matrix products then spend more time on address translation (README, "ModelScope /
+    AnimateDiff vs diffusers"). Writes stay private to the process (safetensors maps the
+    file copy-on-write). Models with tied weights are copied into, since assigning would
+    untie them."""
     state_dict = upgrade_state_dict(model, state_dict, version)
     # Weights from before frame conditioning: its projection loads as the zeros it starts at.
     state_dict = fill_missing(model, state_dict)
@@ -99,8 +110,19 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], *, version:
         problems.append(f"mismatched shapes {mismatched}")
     if problems:
         raise ValueError(f"checkpoint does not fit {type(model).__name__}: " + "; ".join(problems))
-    model.load_state_dict(dict(state_dict), strict=True)
+    if assign and not _has_tied_tensors(model):
+        state_dict = {k: v.to(expected[k].dtype).contiguous() for k, v in state_dict.items()}
+        model.load_state_dict(state_dict, strict=True, assign=True)
+    else:
+        model.load_state_dict(dict(state_dict), strict=True)
     return model
+
+
+def _has_tied_tensors(model: nn.Module) -> bool:
+    # By identity, as modules tie weights (and as the meta device allows: no storage there).
+    tensors = [t for _, t in model.named_parameters(remove_duplicate=False)]
+    tensors += [t for _, t in model.named_buffers(remove_duplicate=False) if t is not None]
+    return len({id(t) for t in tensors}) < len(tensors)
 
 
 def model_bytes(config: Mapping | object, **overrides: object) -> float | int:
@@ -154,7 +176,8 @@ def load(path: str | Path, *, map_location: str | torch.device = "cpu") -> nn.Mo
             f"U-Net weights {str(weights_path)!r} are not a readable safetensors file "
             f"(truncated or corrupt?): {err}"
         ) from None
-    load_weights(model, state, version=_saved_version(weights_path))
+    # The file's tensors become the model's (load_weights, assign): nothing else holds them.
+    load_weights(model, state, version=_saved_version(weights_path), assign=True)
     return model.to(map_location)
 
 
