@@ -177,3 +177,14 @@ def test_corrupt_weights_are_named(saved, tmp_path, data):
             unets.load(folder)
         except ValueError as err:  # BadFileError, or load_weights naming keys / shapes
             assert WEIGHTS_NAME in str(err) or "checkpoint does not fit" in str(err)
+
+
+def test_one_tensor_under_two_keys_is_not_tied_by_assigning():
+    from unets.io import load_weights
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False), torch.nn.Linear(2, 2, bias=False))
+    shared = torch.zeros(2, 2)
+    load_weights(model, {"0.weight": shared, "1.weight": shared}, assign=True)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    assert torch.equal(model[1].weight, torch.zeros(2, 2))

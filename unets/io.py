@@ -83,13 +83,12 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], *, version:
 
     `assign=True` makes the model's tensors the state dict's own (cast to the model's dtypes
     where they differ) instead of copying them: for state dicts read from a file, whose
-    tensors nothing else holds. Weights that safetensors maps from the file then stay in the
-    page cache's pages, which the kernel may back with huge pages, as diffusers'
-    `from_pretrained` leaves them; a copy lands in small anonymous pages, and a large model's
-    matrix products then spend more time on address translation (README, "ModelScope /
-    AnimateDiff vs diffusers"). Writes stay private to the process (safetensors maps the
-    file copy-on-write). Models with tied weights are copied into, since assigning would
-    untie them."""
+    tensors nothing else holds. Weights that safetensors maps from the file then stay mapped,
+    as diffusers' `from_pretrained` leaves them: no second copy, and a model built on the
+    meta device is never allocated at all. Writes stay private to the process (safetensors
+    maps the file copy-on-write). A tensor the state dict holds under two keys is cloned for
+    the second, so assigning ties nothing; models with tied weights are copied into, since
+    assigning would untie them."""
     state_dict = upgrade_state_dict(model, state_dict, version)
     # Weights from before frame conditioning: its projection loads as the zeros it starts at.
     state_dict = fill_missing(model, state_dict)
@@ -111,8 +110,13 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], *, version:
     if problems:
         raise ValueError(f"checkpoint does not fit {type(model).__name__}: " + "; ".join(problems))
     if assign and not _has_tied_tensors(model):
-        state_dict = {k: v.to(expected[k].dtype).contiguous() for k, v in state_dict.items()}
-        model.load_state_dict(state_dict, strict=True, assign=True)
+        owned: dict[str, Tensor] = {}
+        seen: set[int] = set()
+        for key, value in state_dict.items():
+            value = value.to(expected[key].dtype).contiguous()
+            owned[key] = value.clone() if id(value) in seen else value
+            seen.add(id(value))
+        model.load_state_dict(owned, strict=True, assign=True)
     else:
         model.load_state_dict(dict(state_dict), strict=True)
     return model
