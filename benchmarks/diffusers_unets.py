@@ -43,8 +43,8 @@ Separate processes do not share an allocator, and on Linux glibc's malloc hands 
 above its mmap threshold (at most 32 MiB by default) back to the kernel when freed: the next
 one page-faults all of its pages in again. oneDNN reorders a convolution's weight into a
 fresh buffer at every call (59 MB for a 1280-channel 3x3 conv), so whether a process happens
-to have a large free block in its heap to reuse decides ~3x of that conv's time, and the
-1.7B forward's by ~15%, whichever model runs. `--malloc reuse` (the default with
+to have a large free block in its heap to reuse decides much of that conv's time, whichever
+model runs (README, "ModelScope / AnimateDiff vs diffusers"). `--malloc reuse` (the default with
 `--separate`) starts both sides' processes with the same `GLIBC_TUNABLES` raising the mmap
 and trim thresholds, so both reuse freed memory (what jemalloc / tcmalloc, which PyTorch's
 CPU tuning guide recommends, do too); `--malloc default` leaves glibc as it is.
@@ -352,7 +352,6 @@ def run_separate(kind: str, size: str, *, batch: int, frames: int, side: int, ro
     import diffusers
 
     env = worker_env(malloc)
-
     if kind != "modelscope":
         raise ValueError(f"--separate runs ModelScope only, got {kind!r}")
     rows = []
