@@ -1,8 +1,6 @@
 """`python -m diffusion ...` runs the `spacetime` command line."""
 
-import sys
-
-from diffusion.cli import main
+from diffusion.cli import console
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -685,5 +685,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def console() -> None:
+    """The `spacetime` console script and `python -m diffusion`: `main`, then exit with its
+    status; a rank of a torchrun (gloo) run leaves through `distributed.exit_process`."""
+    code = main()
+    from diffusion import distributed
+
+    distributed.exit_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -245,4 +245,25 @@ def test_fsdp_units_are_the_outermost_module_list_entries():
 
 
 if __name__ == "__main__":
+    from diffusion import distributed
+
     worker(Path(sys.argv[1]))
+    distributed.exit_process(0)
+
+
+def test_exit_process_returns_outside_a_process_group():
+    """Only a rank of a gloo group leaves through os._exit; anywhere else (one process, this
+    test process) the caller's own exit runs."""
+    from diffusion import distributed
+
+    assert not torch.distributed.is_initialized()
+    assert distributed.exit_process(0) is None
+
+
+def test_the_console_script_exits_with_mains_status():
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    ok = subprocess.run([sys.executable, "-m", "diffusion", "--help"], env=env, capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "-m", "diffusion", "train", "--preset", "no-such-preset"], env=env,
+                         capture_output=True, text=True)
+    assert ok.returncode == 0 and "spacetime" in ok.stdout
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
