@@ -689,9 +689,10 @@ def console() -> None:
     """The `spacetime` console script and `python -m diffusion`: `main`, then exit with its
     status; a rank of a torchrun (gloo) run leaves through `distributed.exit_process`."""
     code = main()
-    from diffusion import distributed
-
-    distributed.exit_process(code)
+    # Only a command that imported it can have joined a process group.
+    distributed = sys.modules.get("diffusion.distributed")
+    if distributed is not None:
+        distributed.exit_process(code)
     sys.exit(code)
 
 

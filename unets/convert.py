@@ -328,17 +328,17 @@ def from_diffusers(source: Any, *, motion_adapter: Any = None) -> nn.Module:
         probe = model_cls(**options)
     if isinstance(probe, AnimateDiffUnet):
         state = _with_positions(probe, state)
-    with warnings.catch_warnings():  # copying into meta tensors is the intended no-op
+    # Tensors read from files are nobody else's: the probe takes them as they are (mapped
+    # from a safetensors file, like diffusers' from_pretrained; `load_weights`) and becomes
+    # the model, so no randomly initialised copy is ever allocated. A model passed in keeps
+    # its own: the probe only checks the keys (copying into meta tensors is a no-op) and ours
+    # gets copies.
+    from_files = all(isinstance(s, (str, os.PathLike)) for s in (source, motion_adapter) if s is not None)
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        load_weights(probe, state)
-    # Tensors read from files are nobody else's: the model takes them as they are (mapped
-    # from a safetensors file, like diffusers' from_pretrained; `load_weights`), and the
-    # meta-device model becomes it, so no randomly initialised copy is ever allocated. A
-    # model passed in keeps its own: ours gets copies.
-    if all(isinstance(s, (str, os.PathLike)) for s in (source, motion_adapter) if s is not None):
-        load_weights(probe, state, assign=True)
-        if not any(t.is_meta for t in itertools.chain(probe.parameters(), probe.buffers())):
-            return probe
+        load_weights(probe, state, assign=from_files)
+    if from_files and not any(t.is_meta for t in itertools.chain(probe.parameters(), probe.buffers())):
+        return probe
     model = model_cls(**options)
     load_weights(model, state)
     return model
