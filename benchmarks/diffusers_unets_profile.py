@@ -42,8 +42,8 @@ from benchmarks import common
 from benchmarks import diffusers_unets as pair
 
 
-def _plain_geglu_linear(hidden: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    value, gate = hidden.chunk(2, dim=-1)
+def _plain_geglu_linear(x: torch.Tensor, proj: nn.Linear, linear: nn.Linear) -> torch.Tensor:
+    value, gate = proj(x).chunk(2, dim=-1)
     return linear(value * F.gelu(gate))
 
 
@@ -164,14 +164,15 @@ def fixed_costs(calls: int) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 4, 3, padding=1).requires_grad_(False)
     trained = nn.Conv2d(4, 4, 3, padding=1)
-    norm, linear = nn.GroupNorm(2, 4), nn.Linear(8, 4)
+    norm, proj, linear = nn.GroupNorm(2, 4), nn.Linear(4, 16), nn.Linear(8, 4)
     x = torch.randn(1, 4, 4, 4, requires_grad=True)
-    hidden = torch.randn(2, 4, 16, requires_grad=True)
+    tokens = torch.randn(2, 4, 4, requires_grad=True)
     cases = {
         "lean_conv": (lambda: lean_ops.lean_conv(conv, x), lambda: PLAIN_OPS["lean_conv"](conv, x)),
         "norm_silu_conv": (lambda: lean_ops.norm_silu_conv(norm, x, trained.weight, trained.bias),
                            lambda: _plain_norm_silu_conv(norm, x, trained.weight, trained.bias)),
-        "geglu_linear": (lambda: lean_ops.geglu_linear(hidden, linear), lambda: _plain_geglu_linear(hidden, linear)),
+        "geglu_linear": (lambda: lean_ops.geglu_linear(tokens, proj, linear),
+                         lambda: _plain_geglu_linear(tokens, proj, linear)),
     }
     rows = []
     for name, (lean, plain) in cases.items():

@@ -172,23 +172,24 @@ class RMSNorm(nn.Module):
 
 
 class _GeluGate(torch.autograd.Function):
-    """`value * gelu(gate)` of the halves of the last axis, saving only the input: autograd
-    through the expression also keeps `gelu(gate)`, half as large again, which backward
-    recomputes here for one elementwise pass."""
+    """`value * gelu(gate)`, saving only `value` and `gate`: autograd through the expression
+    also keeps `gelu(gate)`, half as large again, which backward recomputes here for one
+    elementwise pass."""
 
     @staticmethod
-    def forward(ctx, hidden):  # type: ignore[override]
-        value, gate = hidden.chunk(2, dim=-1)
-        ctx.save_for_backward(hidden)
+    def forward(ctx, value, gate):  # type: ignore[override]
+        ctx.save_for_backward(value, gate)
         return value * F.gelu(gate)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        (hidden,) = ctx.saved_tensors
-        value, gate = hidden.chunk(2, dim=-1)
-        grad_value = grad_out * F.gelu(gate)
-        grad_gate = torch.ops.aten.gelu_backward(grad_out * value, gate)
-        return torch.cat((grad_value, grad_gate), dim=-1)
+        value, gate = ctx.saved_tensors
+        grad_value = grad_gate = None
+        if ctx.needs_input_grad[0]:
+            grad_value = grad_out * F.gelu(gate)
+        if ctx.needs_input_grad[1]:
+            grad_gate = torch.ops.aten.gelu_backward(grad_out * value, gate)
+        return grad_value, grad_gate
 
 
 class GEGLU(nn.Module):
@@ -201,7 +202,10 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2, bias=False)
 
     def forward(self, x: Float[Tensor, "*batch d"]) -> Float[Tensor, "*batch d_out"]:
-        return _GeluGate.apply(self.proj(x))
+        # The two halves of the projection computed apart, each contiguous: GELU and its
+        # backward on the strided half of one output run at about half the speed on CPU.
+        value_weight, gate_weight = self.proj.weight.chunk(2, dim=0)
+        return _GeluGate.apply(F.linear(x, value_weight), F.linear(x, gate_weight))
 
 
 def token_shift(t: Tensor) -> Tensor:

@@ -67,12 +67,38 @@ def test_lean_conv_gradcheck(wanted, stride):
     assert torch.autograd.gradcheck(lambda *a: _LeanConv2d.apply(*a, (stride, stride), (1, 1)), (x, w, b))
 
 
-@pytest.mark.parametrize("wanted", [m for m in itertools.product((True, False), repeat=3) if any(m)])
+@pytest.mark.parametrize("wanted", [m for m in itertools.product((True, False), repeat=4) if any(m)])
 def test_gelu_gate_linear_gradcheck(wanted):
-    h, w, b = _leaves(((2, 3, 8), wanted[0]), ((5, 4), wanted[1]), ((5,), wanted[2]))
-    assert torch.autograd.gradcheck(_GeluGateLinear.apply, (h, w, b))
-    value, gate = h.chunk(2, dim=-1)
-    torch.testing.assert_close(_GeluGateLinear.apply(h, w, b), F.linear(value * F.gelu(gate), w, b), rtol=0, atol=0)
+    value, gate, w, b = _leaves(((2, 3, 4), wanted[0]), ((2, 3, 4), wanted[1]), ((5, 4), wanted[2]),
+                                ((5,), wanted[3]))
+    assert torch.autograd.gradcheck(_GeluGateLinear.apply, (value, gate, w, b))
+    torch.testing.assert_close(_GeluGateLinear.apply(value, gate, w, b), F.linear(value * F.gelu(gate), w, b),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_geglu_linear_is_diffusers_feed_forward(frozen):
+    """Projecting the halves apart gives the one projection's output and gradients (proj's
+    weight and bias included) to float rounding."""
+    torch.manual_seed(0)
+    proj, linear = torch.nn.Linear(6, 16), torch.nn.Linear(8, 6)
+    for module in (proj, linear):
+        module.double().requires_grad_(not frozen)
+    x = torch.randn(3, 5, 6, dtype=torch.float64, requires_grad=True)
+    params = [x] + [p for p in (*proj.parameters(), *linear.parameters()) if p.requires_grad]
+
+    def plain() -> torch.Tensor:
+        value, gate = proj(x).chunk(2, dim=-1)
+        return linear(value * F.gelu(gate))
+
+    torch.testing.assert_close(geglu_linear(x, proj, linear), plain())
+    lean_grads = torch.autograd.grad(geglu_linear(x, proj, linear).square().sum(), params)
+    plain_grads = torch.autograd.grad(plain().square().sum(), params)
+    assert len(lean_grads) == (1 if frozen else 5)
+    for a, b in zip(lean_grads, plain_grads):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        torch.testing.assert_close(geglu_linear(x, proj, linear), plain())
 
 
 def test_the_lean_ops_keep_less_than_autograd():
@@ -85,10 +111,15 @@ def test_the_lean_ops_keep_less_than_autograd():
     assert lean <= plain / 2  # x only, against x, the norm's output and the conv's input
     conv.requires_grad_(False)
     assert _saved_bytes(lambda: lean_conv(conv, x * 1)) == 0  # a frozen conv keeps no activation
-    hidden = torch.randn(2, 16, 32, requires_grad=True)
-    linear = torch.nn.Linear(16, 8)
-    value, gate = hidden.chunk(2, dim=-1)
-    assert _saved_bytes(lambda: geglu_linear(hidden, linear)) < _saved_bytes(lambda: linear(value * F.gelu(gate)))
+    tokens = torch.randn(2, 16, 8, requires_grad=True)
+    proj, linear = torch.nn.Linear(8, 32), torch.nn.Linear(16, 8)
+
+    def plain_ff() -> torch.Tensor:
+        value, gate = proj(tokens).chunk(2, dim=-1)
+        return linear(value * F.gelu(gate))
+
+    # the halves and the input, against those plus gelu(gate) and the product
+    assert _saved_bytes(lambda: geglu_linear(tokens, proj, linear)) < 0.75 * _saved_bytes(plain_ff)
 
 
 @settings(max_examples=10, deadline=None)
@@ -99,19 +130,24 @@ def test_autocast_bf16_matches_autograd(frozen, groups, side):
     torch.manual_seed(0)
     norm = torch.nn.GroupNorm(groups, 8)
     conv = torch.nn.Conv2d(8, 8, 3, padding=1).requires_grad_(not frozen)
-    linear = torch.nn.Linear(4, 8)
+    proj, linear = torch.nn.Linear(8, 8), torch.nn.Linear(4, 8)
     x = torch.randn(2, 8, side, side, requires_grad=True)
 
     def run(lean: bool) -> list[torch.Tensor]:
-        for p in (x, *norm.parameters(), *conv.parameters(), *linear.parameters()):
+        for p in (x, *norm.parameters(), *conv.parameters(), *proj.parameters(), *linear.parameters()):
             p.grad = None
         with torch.autocast("cpu", dtype=torch.bfloat16):
             h = norm_silu_conv(norm, x, conv.weight, conv.bias) if lean else conv(F.silu(norm(x)))
             h = lean_conv(conv, h) if lean else conv(h)
             tokens = h.flatten(2).transpose(1, 2)
-            out = geglu_linear(tokens, linear) if lean else linear(tokens[..., :4] * F.gelu(tokens[..., 4:]))
+            if lean:
+                out = geglu_linear(tokens, proj, linear)
+            else:
+                hidden = proj(tokens)
+                out = linear(hidden[..., :4] * F.gelu(hidden[..., 4:]))
         out.float().square().mean().backward()
-        grads = [p.grad for p in (x, *norm.parameters(), *conv.parameters(), *linear.parameters())]
+        grads = [p.grad for p in (x, *norm.parameters(), *conv.parameters(), *proj.parameters(),
+                                  *linear.parameters())]
         return [out.float(), *[g for g in grads if g is not None]]
 
     lean, plain = run(True), run(False)
@@ -204,3 +240,56 @@ def test_modelscope_training_mode_with_temporal_dropout_trains():
     for a, b in zip(model.temporal_parameters(), ckpt.temporal_parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
     assert any(bool(p.grad.abs().sum() > 0) for p in model.temporal_parameters())
+
+
+def _separate_qkv(layer, x: torch.Tensor) -> torch.Tensor:
+    from einops import rearrange
+
+    q, k, v = (rearrange(p(x), "n l (h d) -> n h l d", h=layer.heads) for p in (layer.to_q, layer.to_k, layer.to_v))
+    out = F.scaled_dot_product_attention(q, k, v)
+    return layer.to_out[0](rearrange(out, "n h l d -> n l (h d)"))
+
+
+@pytest.mark.parametrize("tokens", [2, 40])
+def test_self_attention_one_matmul_for_qkv_is_three(tokens):
+    """The self-attention's q/k/v projections as one matmul (many tokens) or three (few):
+    the same output and gradients as three linears either way."""
+    from unets.diffusers_layers import AttentionLayer
+
+    torch.manual_seed(0)
+    layer = AttentionLayer(8, heads=2, dim_head=4).double()
+    x = torch.randn(3, tokens, 8, dtype=torch.float64, requires_grad=True)
+    assert layer._fusable(x) == (tokens == 40)
+    params = [x, *layer.parameters()]
+    fused = layer(x)
+    torch.testing.assert_close(fused, _separate_qkv(layer, x))
+    for a, b in zip(torch.autograd.grad(fused.square().sum(), params),
+                    torch.autograd.grad(_separate_qkv(layer, x).square().sum(), params)):
+        torch.testing.assert_close(a, b)
+
+
+def test_self_attention_calls_wrapped_or_hooked_projections():
+    """A projection that is not a plain linear (a LoRA wrapper) or has a hook is called as
+    itself, never bypassed by the one-matmul path."""
+    from unets.diffusers_layers import AttentionLayer
+
+    class Shifted(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    torch.manual_seed(0)
+    layer = AttentionLayer(8, heads=2, dim_head=4)
+    x = torch.randn(2, 40, 8)
+    assert layer._fusable(x)
+    shifted = Shifted(8, 8, bias=False)
+    shifted.weight.data.copy_(layer.to_v.weight)
+    plain_out = layer(x)
+    layer.to_v = shifted
+    assert not layer._fusable(x)
+    torch.testing.assert_close(layer(x), _separate_qkv(layer, x))
+    assert not torch.allclose(layer(x), plain_out)
+    layer.to_v = torch.nn.Linear(8, 8, bias=False)
+    calls = []
+    layer.to_k.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    layer(x)
+    assert calls == [torch.Size([2, 40, 8])]

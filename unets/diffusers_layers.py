@@ -45,6 +45,7 @@ from unets.lean_ops import (  # noqa: F401
     lean_conv,
     norm_silu,
     norm_silu_conv,
+    project_halves,
 )
 
 __all__ = [
@@ -215,10 +216,26 @@ class AttentionLayer(nn.Module):
         self.to_v = nn.Linear(context_dim or dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
 
+    def _fusable(self, x: Tensor) -> bool:
+        """Whether q, k and v can come from one matmul: plain linears (a LoRA wrapper or a
+        hook must see its own call) and at least three times as many tokens as channels.
+        With fewer (a deep level of a large U-Net on a small latent) copying the weights
+        together costs more than it saves, and backward keeps the copy."""
+        projections = (self.to_q, self.to_k, self.to_v)
+        if any(type(m) is not nn.Linear or m._forward_hooks or m._forward_pre_hooks for m in projections):
+            return False
+        return x.numel() >= sum(m.weight.numel() for m in projections)
+
     def forward(self, x: Tensor, context: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
-        context = x if context is None else context
-        q, k, v = (rearrange(t, "n l (h d) -> n h l d", h=self.heads)
-                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        if context is None and self._fusable(x):
+            # Self-attention: the three projections as one matmul (one pass over `x`, one
+            # backward node), q, k and v views of its output.
+            weights = (self.to_q.weight, self.to_k.weight, self.to_v.weight)
+            projected = F.linear(x, torch.cat(weights)).chunk(3, -1)
+        else:
+            context = x if context is None else context
+            projected = (self.to_q(x), self.to_k(context), self.to_v(context))
+        q, k, v = (rearrange(t, "n l (h d) -> n h l d", h=self.heads) for t in projected)
         # prefer_fused: these weights were trained with fused SDPA and it is what diffusers
         # runs; on CPU `auto` would otherwise pick math for some shapes (~20% slower here).
         out = attend(q, k, v, keep, backend=self.backend, prefer_fused=True)
@@ -236,7 +253,7 @@ class GEGLUFeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # value * gelu(gate) and the output projection in one op that keeps only the input
         # projection for backward (`unets.lean_ops`).
-        return geglu_linear(self.net[0].proj(x), self.net[2])
+        return geglu_linear(x, self.net[0].proj, self.net[2])
 
 
 class _GEGLU(nn.Module):
@@ -247,7 +264,7 @@ class _GEGLU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # value * gelu(gate), saving only the projection for backward (spacetime's GEGLU op):
         # plain autograd would also keep gelu(gate), the largest activation of the block.
-        return _GeluGate.apply(self.proj(x))
+        return _GeluGate.apply(*project_halves(x, self.proj))
 
 
 class TransformerBlock(nn.Module):
@@ -319,18 +336,20 @@ class CrossAttnTransformer(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor, keep: Tensor | None) -> Tensor:
         _, _, height, width = x.shape
-        h = self.norm(x)
-        if self.linear_projection:
-            h = self.proj_in(rearrange(h, "n c h w -> n (h w) c"))
-        else:
-            h = rearrange(lean_conv(self.proj_in, h), "n c h w -> n (h w) c")
+        # SD 1.x's 1x1 conv projections run as linears over the tokens (the same map): autograd
+        # keeps a linear's input only when its weight trains, a conv's always, and the tokens
+        # come out contiguous for the block's LayerNorms.
+        h = F.linear(rearrange(self.norm(x), "n c h w -> n (h w) c"), _as_linear(self.proj_in.weight),
+                     self.proj_in.bias)
         for block in self.transformer_blocks:
             h = block(h, context, keep)
-        if self.linear_projection:
-            h = rearrange(self.proj_out(h), "n (h w) c -> n c h w", h=height, w=width)
-        else:
-            h = lean_conv(self.proj_out, rearrange(h, "n (h w) c -> n c h w", h=height, w=width))
-        return x + h
+        h = F.linear(h, _as_linear(self.proj_out.weight), self.proj_out.bias)
+        return x + rearrange(h, "n (h w) c -> n c h w", h=height, w=width)
+
+
+def _as_linear(weight: Tensor) -> Tensor:
+    """A linear's weight, or a 1x1 conv's as one: `(out, in, 1, 1)` -> `(out, in)`."""
+    return weight.flatten(1) if weight.ndim == 4 else weight
 
 
 class FrameTransformer(nn.Module):

@@ -14,8 +14,9 @@ What autograd keeps, and what these keep instead:
   needs a gradient.
 - the same with dropout between SiLU and conv (ModelScope's temporal convs train with it):
   `x` and the keep mask as bools, replayed in backward.
-- `linear(value * gelu(gate))` (the GEGLU feed-forward): the projection, `gelu(gate)` or the
-  product; `_GeluGateLinear` keeps the projection only.
+- `linear(value * gelu(gate))` (the GEGLU feed-forward): the projection, `gelu(gate)` and,
+  for a trained `linear`, the product; `_GeluGateLinear` keeps the projection only (as its
+  two halves, projected apart: `project_halves`).
 
 Each falls back to plain autograd under `torch.compile` (which does its own planning) and
 when no gradient is recorded.
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["geglu_linear", "lean_conv", "norm_silu", "norm_silu_conv"]
+__all__ = ["geglu_linear", "lean_conv", "norm_silu", "norm_silu_conv", "project_halves"]
 
 
 def _recording() -> bool:
@@ -183,40 +184,38 @@ class _LeanConv2d(torch.autograd.Function):
 
 
 class _GeluGateLinear(torch.autograd.Function):
-    """`linear(value * gelu(gate), weight, bias)` of the halves of `hidden`'s last axis,
-    saving `hidden` only: backward recomputes `gelu(gate)` (and the product, when the
-    weight needs a gradient) in one elementwise pass."""
+    """`linear(value * gelu(gate), weight, bias)`, saving `value` and `gate` only: backward
+    recomputes `gelu(gate)` (and the product, when the weight needs a gradient) in one
+    elementwise pass. `value` and `gate` come as two contiguous tensors (`geglu_linear`
+    projects them apart): GELU and its backward on the strided half of one projection run at
+    about half the speed on CPU."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias):  # type: ignore[override]
-        ctx.save_for_backward(hidden, weight)
+    def forward(ctx, value, gate, weight, bias):  # type: ignore[override]
+        ctx.save_for_backward(value, gate, weight)
         ctx.has_bias = bias is not None
-        value, gate = hidden.chunk(2, dim=-1)
         return F.linear(value * F.gelu(gate), weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        hidden, weight = ctx.saved_tensors
+        value, gate, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
-        value, gate = hidden.chunk(2, dim=-1)
         gelu = F.gelu(gate)
-        grad_w = grad_b = grad_hidden = None
+        grad_value = grad_gate = grad_w = grad_b = None
         # The linear ran in its output's dtype (autocast's cast): so do its gradients.
         run = grad_out.dtype
         flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
-        if need[1]:
+        if need[2]:
             grad_w = (flat_grad.t() @ (value * gelu).reshape(-1, value.shape[-1]).to(run)).to(weight.dtype)
-        if need[2] and ctx.has_bias:
+        if need[3] and ctx.has_bias:
             grad_b = flat_grad.sum(0).to(weight.dtype)
-        if need[0]:
-            grad_mid = (grad_out @ weight.to(run)).to(hidden.dtype)
-            # Both halves written in place into one buffer: no concatenation pass.
-            grad_hidden = torch.empty_like(hidden)
-            grad_value, grad_gate = grad_hidden.chunk(2, dim=-1)
-            torch.mul(grad_mid, gelu, out=grad_value)
-            torch.mul(grad_mid, value, out=grad_gate)
-            torch.ops.aten.gelu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
-        return grad_hidden, grad_w, grad_b
+        if need[0] or need[1]:
+            grad_mid = (flat_grad @ weight.to(run)).view(*grad_out.shape[:-1], -1).to(value.dtype)
+            if need[0]:
+                grad_value = grad_mid * gelu
+            if need[1]:
+                grad_gate = torch.ops.aten.gelu_backward(grad_mid.mul_(value), gate)
+        return grad_value, grad_gate, grad_w, grad_b
 
 
 def norm_silu(norm: nn.GroupNorm, x: Tensor) -> Tensor:
@@ -248,10 +247,22 @@ def lean_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
     return conv(x)
 
 
-def geglu_linear(hidden: Tensor, linear: nn.Linear) -> Tensor:
-    """`linear(value * gelu(gate))` of `hidden`'s halves, through `_GeluGateLinear` when
-    gradients are recorded."""
+def project_halves(x: Tensor, proj: nn.Linear) -> tuple[Tensor, Tensor]:
+    """`proj(x).chunk(2, -1)` as two contiguous tensors, each from its half of the weight:
+    GELU and its backward on the strided half of one output run at about half the speed on
+    CPU, and backward gets the two gradients without concatenating them."""
+    inner = proj.weight.shape[0] // 2
+    bias = proj.bias
+    return (F.linear(x, proj.weight[:inner], None if bias is None else bias[:inner]),
+            F.linear(x, proj.weight[inner:], None if bias is None else bias[inner:]))
+
+
+def geglu_linear(x: Tensor, proj: nn.Linear, linear: nn.Linear) -> Tensor:
+    """`linear(value * gelu(gate))` where `value, gate = proj(x).chunk(2, -1)` (diffusers'
+    GEGLU feed-forward): the halves projected apart (`project_halves`), then
+    `_GeluGateLinear` when gradients are recorded (it keeps the halves only: plain autograd
+    also keeps `gelu(gate)` and, for a trained `linear`, the product)."""
+    value, gate = project_halves(x, proj)
     if _recording():
-        return _GeluGateLinear.apply(hidden, linear.weight, linear.bias)
-    value, gate = hidden.chunk(2, dim=-1)
+        return _GeluGateLinear.apply(value, gate, linear.weight, linear.bias)
     return linear(value * F.gelu(gate))
