@@ -348,39 +348,3 @@ def test_parity_with_make_a_video_layers():
     x = torch.randn(2, 6, 3, 4, 4)
     torch.testing.assert_close(norm(x), norm_ref(x))
 
-
-def test_geglu_matches_autograd_and_keeps_the_halves_only():
-    """GEGLU projects value and gate apart: the same output and gradients as autograd through
-    `value * gelu(gate)` of one projection, and backward keeps the halves, not `gelu(gate)`."""
-    from spacetime.layers import GEGLU, _GeluGate
-
-    torch.manual_seed(0)
-    layer = GEGLU(6, 5).double()
-    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
-
-    def plain() -> torch.Tensor:
-        value, gate = layer.proj(x).chunk(2, dim=-1)
-        return value * torch.nn.functional.gelu(gate)
-
-    torch.testing.assert_close(layer(x), plain())
-    params = [x, layer.proj.weight]
-    for a, b in zip(torch.autograd.grad(layer(x).square().sum(), params),
-                    torch.autograd.grad(plain().square().sum(), params)):
-        torch.testing.assert_close(a, b)
-    halves = tuple(torch.randn(2, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    assert torch.autograd.gradcheck(_GeluGate.apply, halves)
-
-    def saved(fn) -> int:
-        sizes = {}
-
-        def pack(t):
-            if not isinstance(t, torch.nn.Parameter) and not isinstance(t._base, torch.nn.Parameter):
-                sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn()
-        return sum(sizes.values())
-
-    assert saved(lambda: layer(x)) < saved(plain)
-

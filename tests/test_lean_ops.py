@@ -293,3 +293,27 @@ def test_self_attention_calls_wrapped_or_hooked_projections():
     layer.to_k.register_forward_hook(lambda module, args, out: calls.append(out.shape))
     layer(x)
     assert calls == [torch.Size([2, 40, 8])]
+
+
+def test_spacetime_geglu_matches_autograd_and_keeps_the_halves_only():
+    """spacetime's GEGLU projects value and gate apart: the same output and gradients as
+    autograd through `value * gelu(gate)` of one projection, and backward keeps the halves,
+    not `gelu(gate)`."""
+    from spacetime.layers import GEGLU, _GeluGate
+
+    torch.manual_seed(0)
+    layer = GEGLU(6, 5).double()
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+
+    def plain() -> torch.Tensor:
+        value, gate = layer.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+    torch.testing.assert_close(layer(x), plain())
+    params = [x, layer.proj.weight]
+    for a, b in zip(torch.autograd.grad(layer(x).square().sum(), params),
+                    torch.autograd.grad(plain().square().sum(), params)):
+        torch.testing.assert_close(a, b)
+    halves = tuple(torch.randn(2, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(_GeluGate.apply, halves)
+    assert _saved_bytes(lambda: layer(x)) < _saved_bytes(plain)
