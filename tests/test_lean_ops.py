@@ -317,3 +317,5 @@ def test_spacetime_geglu_matches_autograd_and_keeps_the_halves_only():
     halves = tuple(torch.randn(2, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
     assert torch.autograd.gradcheck(_GeluGate.apply, halves)
     assert _saved_bytes(lambda: layer(x)) < _saved_bytes(plain)
+    with torch.inference_mode():  # GELU and the product in place on the halves
+        torch.testing.assert_close(layer(x), plain())

@@ -265,4 +265,8 @@ def geglu_linear(x: Tensor, proj: nn.Linear, linear: nn.Linear) -> Tensor:
     value, gate = project_halves(x, proj)
     if _recording():
         return _GeluGateLinear.apply(value, gate, linear.weight, linear.bias)
+    if not torch.is_grad_enabled():
+        # Inference: both halves are this call's own temporaries, so GELU and the product
+        # overwrite them (the feed-forward's peak is the two halves, not four such tensors).
+        return linear(value.mul_(torch.ops.aten.gelu_(gate)))
     return linear(value * F.gelu(gate))
