@@ -319,3 +319,44 @@ def test_spacetime_geglu_matches_autograd_and_keeps_the_halves_only():
     assert _saved_bytes(lambda: layer(x)) < _saved_bytes(plain)
     with torch.inference_mode():  # GELU and the product in place on the halves
         torch.testing.assert_close(layer(x), plain())
+
+
+@pytest.mark.parametrize("shape, weight_shape, stride, padding", [
+    ((2, 16, 2, 2), (32, 16, 3, 3), (1, 1), (1, 1)),    # weight-heavy: one matmul
+    ((1, 8, 3, 5), (16, 8, 3, 1), (1, 1), (1, 0)),      # ModelScope's temporal 3x1 shape
+    ((2, 16, 3, 3), (16, 16, 3, 3), (2, 2), (1, 1)),    # stride 2 (a downsampler)
+    ((1, 16, 2, 3), (8, 16, 1, 1), (1, 1), (0, 0)),     # 1x1
+    ((2, 4, 16, 16), (8, 4, 3, 3), (1, 1), (1, 1)),     # activation-heavy: F.conv2d itself
+])
+def test_conv2d_without_autograd_is_f_conv2d(shape, weight_shape, stride, padding):
+    """`lean_ops.conv2d` gives F.conv2d's output whichever way it runs (a matmul over the
+    unfolded input when the weight outweighs it, without autograd), and with autograd it is
+    F.conv2d."""
+    from unets.lean_ops import conv2d
+
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(shape), torch.randn(weight_shape), torch.randn(weight_shape[0])
+    expected = F.conv2d(x, weight, bias, stride, padding)
+    with torch.inference_mode():
+        torch.testing.assert_close(conv2d(x, weight, bias, stride, padding), expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(conv2d(x, weight, None, stride, padding), F.conv2d(x, weight, None, stride, padding),
+                                   rtol=1e-5, atol=1e-5)
+    x.requires_grad_(True)
+    out = conv2d(x, weight, bias, stride, padding)
+    assert out.grad_fn is not None and "Convolution" in type(out.grad_fn).__name__
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_a_weight_heavy_conv_without_autograd_keeps_no_weight_copy():
+    """The point of the matmul path: without autograd, a 3x3 conv with a large weight on a
+    2x2 input allocates about its unfolded input and output, not a copy of the weight (oneDNN's
+    F.conv2d copies the weight into its own layout at every call: a weight-sized peak)."""
+    from benchmarks.common import peak_memory
+    from unets.lean_ops import conv2d
+
+    torch.manual_seed(0)
+    x, weight = torch.randn(4, 512, 2, 2), torch.randn(512, 512, 3, 3)  # a 9 MB weight
+    with torch.inference_mode():
+        peak = peak_memory(lambda: conv2d(x, weight, None, (1, 1), (1, 1)), torch.device("cpu"))
+    assert 0 < peak < weight.numel() * weight.element_size() / 8

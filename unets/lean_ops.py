@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["geglu_linear", "lean_conv", "norm_silu", "norm_silu_conv", "project_halves"]
+__all__ = ["conv2d", "geglu_linear", "lean_conv", "norm_silu", "norm_silu_conv", "project_halves"]
 
 
 def _recording() -> bool:
@@ -236,7 +236,7 @@ def norm_silu_conv(norm: nn.GroupNorm, x: Tensor, weight: Tensor, bias: Tensor |
     act = F.silu(norm(x))
     if dropout > 0:
         act = F.dropout(act, float(dropout), training=True)
-    return F.conv2d(act, weight, bias, stride, padding)
+    return conv2d(act, weight, bias, stride, padding)
 
 
 def lean_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
@@ -244,7 +244,29 @@ def lean_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
     when gradients are recorded and the weight is frozen (the only case it saves more)."""
     if _recording() and not conv.weight.requires_grad:
         return _LeanConv2d.apply(x, conv.weight, conv.bias, conv.stride, conv.padding)
+    if conv.groups == 1 and conv.dilation == (1, 1) and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple):
+        return conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding)
     return conv(x)
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, int] = (1, 1),
+           padding: tuple[int, int] = (0, 0)) -> Tensor:
+    """`F.conv2d` (zero padding, no dilation, one group). Without autograd on a CPU, a conv
+    whose weight holds more numbers than its unfolded input runs as one matmul over that input
+    instead: oneDNN copies a conv's weight into its own layout at every call (118 MB for a
+    2560-to-1280-channel 3x3 conv), which at the deep levels of a large U-Net on a small
+    latent is most of the call's memory and time. Same outputs to float rounding."""
+    if torch.is_grad_enabled() or x.device.type != "cpu" or x.ndim != 4 or torch.compiler.is_compiling():
+        return F.conv2d(x, weight, bias, stride, padding)
+    n, _, height, width = x.shape
+    out_channels, in_channels, kh, kw = weight.shape
+    out_h = (height + 2 * padding[0] - kh) // stride[0] + 1
+    out_w = (width + 2 * padding[1] - kw) // stride[1] + 1
+    if weight.numel() <= n * in_channels * kh * kw * out_h * out_w or out_h < 1 or out_w < 1:
+        return F.conv2d(x, weight, bias, stride, padding)
+    columns = F.unfold(x, (kh, kw), padding=padding, stride=stride)  # (n, in * kh * kw, out_h * out_w)
+    out = F.linear(columns.transpose(1, 2), weight.reshape(out_channels, -1), bias)
+    return out.transpose(1, 2).reshape(n, out_channels, out_h, out_w)
 
 
 def project_halves(x: Tensor, proj: nn.Linear) -> tuple[Tensor, Tensor]:
