@@ -204,8 +204,12 @@ class GEGLU(nn.Module):
     def forward(self, x: Float[Tensor, "*batch d"]) -> Float[Tensor, "*batch d_out"]:
         # The two halves of the projection computed apart, each contiguous: GELU and its
         # backward on the strided half of one output run at about half the speed on CPU.
-        value_weight, gate_weight = self.proj.weight.chunk(2, dim=0)
-        value, gate = F.linear(x, value_weight), F.linear(x, gate_weight)
+        proj = self.proj
+        if type(proj) is nn.Linear and not (proj._forward_hooks or proj._forward_pre_hooks):
+            value_weight, gate_weight = proj.weight.chunk(2, dim=0)
+            value, gate = F.linear(x, value_weight), F.linear(x, gate_weight)
+        else:  # a wrapped (LoRA) or hooked projection is called as itself
+            value, gate = proj(x).chunk(2, dim=-1)
         if not torch.is_grad_enabled():
             # Inference: GELU and the product overwrite this call's own temporaries.
             return value.mul_(torch.ops.aten.gelu_(gate))

@@ -360,3 +360,29 @@ def test_a_weight_heavy_conv_without_autograd_keeps_no_weight_copy():
     with torch.inference_mode():
         peak = peak_memory(lambda: conv2d(x, weight, None, (1, 1), (1, 1)), torch.device("cpu"))
     assert 0 < peak < weight.numel() * weight.element_size() / 8
+
+
+def test_geglu_calls_a_wrapped_or_hooked_projection():
+    """Projecting the halves apart reads the projection's weight: a projection that is not a
+    plain linear (a LoRA wrapper) or has a hook is called as itself instead, in both GEGLUs."""
+    from spacetime.layers import GEGLU
+    from unets.lean_ops import project_halves
+
+    class Shifted(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6)
+    shifted = Shifted(6, 8)
+    value, gate = project_halves(x, shifted)
+    torch.testing.assert_close(torch.cat((value, gate), -1), shifted(x))
+    layer = GEGLU(6, 4)
+    calls = []
+    layer.proj.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            out = layer(x)
+        hidden = layer.proj(x)
+        torch.testing.assert_close(out, hidden[..., :4] * F.gelu(hidden[..., 4:]))
+    assert len(calls) == 4  # two GEGLU calls and the two reference calls

@@ -277,7 +277,11 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, in
 def project_halves(x: Tensor, proj: nn.Linear) -> tuple[Tensor, Tensor]:
     """`proj(x).chunk(2, -1)` as two contiguous tensors, each from its half of the weight:
     GELU and its backward on the strided half of one output run at about half the speed on
-    CPU, and backward gets the two gradients without concatenating them."""
+    CPU, and backward gets the two gradients without concatenating them. A projection that
+    is not a plain `nn.Linear` (a LoRA wrapper) or has hooks is called as itself."""
+    if type(proj) is not nn.Linear or proj._forward_hooks or proj._forward_pre_hooks:
+        value, gate = proj(x).chunk(2, dim=-1)
+        return value, gate
     inner = proj.weight.shape[0] // 2
     bias = proj.bias
     return (F.linear(x, proj.weight[:inner], None if bias is None else bias[:inner]),
