@@ -31,7 +31,7 @@ from jaxtyping import Bool, Float, Real
 from torch import Tensor, nn
 
 from spacetime.attend import attend
-from spacetime.layers import _GeluGate
+from spacetime.layers import _GeluGate, is_plain_linear
 from spacetime.params import mark_temporal
 from spacetime.time import EnableTime, time_enabled
 from unets.base import UnetMixin
@@ -222,9 +222,7 @@ class AttentionLayer(nn.Module):
         With fewer (a deep level of a large U-Net on a small latent) copying the weights
         together costs more than it saves, and backward keeps the copy."""
         projections = (self.to_q, self.to_k, self.to_v)
-        if any(type(m) is not nn.Linear or m._forward_hooks or m._forward_pre_hooks for m in projections):
-            return False
-        return x.numel() >= sum(m.weight.numel() for m in projections)
+        return all(map(is_plain_linear, projections)) and x.numel() >= sum(m.weight.numel() for m in projections)
 
     def forward(self, x: Tensor, context: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
         if context is None and self._fusable(x):

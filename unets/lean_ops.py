@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spacetime.layers import project_halves
+
 __all__ = ["conv2d", "geglu_linear", "lean_conv", "norm_silu", "norm_silu_conv", "project_halves"]
 
 
@@ -272,20 +274,6 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, in
     if bias is not None:
         out += bias[:, None]
     return out.view(out_channels, n, out_h, out_w).transpose(0, 1).contiguous()
-
-
-def project_halves(x: Tensor, proj: nn.Linear) -> tuple[Tensor, Tensor]:
-    """`proj(x).chunk(2, -1)` as two contiguous tensors, each from its half of the weight:
-    GELU and its backward on the strided half of one output run at about half the speed on
-    CPU, and backward gets the two gradients without concatenating them. A projection that
-    is not a plain `nn.Linear` (a LoRA wrapper) or has hooks is called as itself."""
-    if type(proj) is not nn.Linear or proj._forward_hooks or proj._forward_pre_hooks:
-        value, gate = proj(x).chunk(2, dim=-1)
-        return value, gate
-    inner = proj.weight.shape[0] // 2
-    bias = proj.bias
-    return (F.linear(x, proj.weight[:inner], None if bias is None else bias[:inner]),
-            F.linear(x, proj.weight[inner:], None if bias is None else bias[inner:]))
 
 
 def geglu_linear(x: Tensor, proj: nn.Linear, linear: nn.Linear) -> Tensor:
