@@ -33,6 +33,7 @@ the temporal convs of the two finest levels skipped (spatiotemporal skip guidanc
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -94,10 +95,6 @@ def _joint_attention() -> None:
     attention.TemporalAttention.tokens_forward = tokens_forward
 
 
-def _conv3d_levels(count: int) -> Callable[[], None]:
-    return lambda: _conv3d(count)
-
-
 def _conv3d(count: int) -> None:
     import unets.blocks as blocks
     import unets.space_time_unet as space_time_unet
@@ -124,8 +121,8 @@ PATCHES: dict[str, Callable[[], None]] = {
     "temporal-kernel-5": _temporal_kernel_5,
     "frame-diff-loss": _frame_diff_loss,
     "joint-attention": _joint_attention,
-    "conv3d-16px": _conv3d_levels(1),
-    "conv3d-16-8px": _conv3d_levels(2),
+    "conv3d-16px": functools.partial(_conv3d, 1),
+    "conv3d-16-8px": functools.partial(_conv3d, 2),
 }
 
 
@@ -138,7 +135,7 @@ def apply_patch(name: str) -> None:
 def shape_by_lag(videos: Sequence[torch.Tensor]) -> list[float]:
     """Mean correlation of the digit crops (`diffusion.evaluate.digit_features`) of every pair of
     frames, by their distance 1..F-1 (pairs where a frame shows no digit are left out)."""
-    from diffusion.evaluate import digit_features
+    from diffusion.evaluate import crop_correlation, digit_features
 
     frames = videos[0].shape[1]
     totals, counts = np.zeros(frames), np.zeros(frames)
@@ -147,12 +144,8 @@ def shape_by_lag(videos: Sequence[torch.Tensor]) -> list[float]:
         crops = [digit_features(frame) for frame in grey]
         for i in range(frames):
             for j in range(i + 1, frames):
-                if crops[i] is None or crops[j] is None:
-                    continue
-                a, b = crops[i] - crops[i].mean(), crops[j] - crops[j].mean()
-                norm = float(np.sqrt((a * a).sum() * (b * b).sum()))
-                if norm > 1e-12:
-                    totals[j - i] += float((a * b).sum()) / norm
+                if crops[i] is not None and crops[j] is not None:
+                    totals[j - i] += crop_correlation(crops[i], crops[j])
                     counts[j - i] += 1
     return [float(totals[d] / counts[d]) if counts[d] else float("nan") for d in range(1, frames)]
 

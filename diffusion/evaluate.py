@@ -208,16 +208,18 @@ def shape_consistency(
     first = crops[0]
     if first is None or len(crops) < 2 or all(crop is None for crop in crops[1:]):
         return None
-    scores = []
-    for crop in crops[1:]:
-        if crop is None:
-            scores.append(0.0)
-            continue
-        a, b = first - first.mean(), crop - crop.mean()
-        norm = float(np.sqrt((a * a).sum() * (b * b).sum()))
-        # Two flat crops (a filled square) are the same shape; one flat and one not are not.
-        scores.append(float((a * b).sum() / norm) if norm > 1e-12 else float(np.allclose(first, crop)))
-    return float(np.mean(scores))
+    return float(np.mean([crop_correlation(first, crop) for crop in crops[1:]]))
+
+
+def crop_correlation(first: np.ndarray, crop: np.ndarray | None) -> float:
+    """Pearson correlation of two digit crops (`digit_features`), the score of one frame in
+    `shape_consistency`: 0 when the later crop is missing (the shape is gone)."""
+    if crop is None:
+        return 0.0
+    a, b = first - first.mean(), crop - crop.mean()
+    norm = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    # Two flat crops (a filled square) are the same shape; one flat and one not are not.
+    return float((a * b).sum() / norm) if norm > 1e-12 else float(np.allclose(first, crop))
 
 
 def wilson_interval(hits: int, count: int, *, z: float = 1.959964) -> tuple[float, float]:

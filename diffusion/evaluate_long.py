@@ -49,6 +49,7 @@ from diffusion.evaluate import (
     DEFAULT_THRESHOLD,
     captioned_videos,
     centroids,
+    crop_correlation,
     digit_features,
     mean_interval,
 )
@@ -150,16 +151,6 @@ def _direction(points: np.ndarray, min_speed: float) -> str | None:
     return _BY_ANGLE[round(math.atan2(-vy, vx) / (math.pi / 4)) % 8]
 
 
-def _correlation(a: np.ndarray | None, b: np.ndarray | None) -> float:
-    """Pearson correlation of two digit crops (0 when the later one is missing), as
-    `diffusion.evaluate.shape_consistency` scores one frame."""
-    if a is None or b is None:
-        return 0.0
-    a, b = a - a.mean(), b - b.mean()
-    norm = float(np.sqrt((a * a).sum() * (b * b).sum()))
-    return float((a * b).sum() / norm) if norm > 1e-12 else float(np.allclose(a, b))
-
-
 def window_scores(
     video: Float[Tensor, "c f h w"],
     caption: str,
@@ -196,9 +187,9 @@ def window_scores(
             "start": start,
             "direction": seen,
             "direction_right": seen == direction,
-            "shape_window": None if first is None else float(np.mean([_correlation(first, c) for c in crops[start + 1:stop]])),
+            "shape_window": None if first is None else float(np.mean([crop_correlation(first, c) for c in crops[start + 1:stop]])),
             "shape_drift": None if crops[0] is None else float(np.mean(
-                [_correlation(crops[0], crops[i]) for i in range(max(start, 1), stop)])),
+                [crop_correlation(crops[0], crops[i]) for i in range(max(start, 1), stop)])),
         })
     return rows
 
